@@ -1,0 +1,131 @@
+"""The `builder` command line.
+
+Imports here stay light: `builder --help` must not pay for the Docker SDK,
+httpx or Jinja2. Each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from builder import __version__
+from builder.errors import BuilderError, ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    default="builder.yaml",
+    show_default=True,
+    envvar="BUILDER_CONFIG",
+    type=click.Path(dir_okay=False),
+    help="The config file (env: BUILDER_CONFIG).",
+)
+
+
+class Group(click.Group):
+    """Turns builder's errors into one line on stderr and the right exit status."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except BuilderError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            for line in exc.lines():
+                click.echo(f"error: {line}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="builder")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Turn one YAML file into a reproducible ollama + llama.cpp serving stack
+    for huge split GGUF models."""
+    ctx.obj = {"debug": debug}
+
+
+def _load(config_path: str):
+    from builder.config import load_config
+
+    return load_config(config_path)
+
+
+def _warnings(config) -> list[str]:
+    out = []
+    if config.serve.bind not in ("127.0.0.1", "::1"):
+        out.append(
+            f"serve.bind is {config.serve.bind}: ollama's API has no authentication; "
+            "anyone who reaches this address can use and delete models"
+        )
+    if any(name == "num_gpu" and value == "auto" for name, value in config.model.parameters):
+        out.append("model.parameters.num_gpu is auto: left to ollama's own estimate, which can overshoot on large quants")
+    return out
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(preset_names()), required=True, help="The preset to start from.")
+@click.option("-o", "--output", default="builder.yaml", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(preset: str, output: str, force: bool) -> None:
+    """Write a commented config from a preset."""
+    from builder.fsutil import write_atomic
+
+    target = Path(output)
+    if target.exists() and not force:
+        raise ConfigError(f"{output} exists; pass --force to overwrite it or -o to write elsewhere")
+    write_atomic(target, (PRESETS_DIR / f"{preset}.yaml").read_bytes())
+    click.echo(f"wrote {output} (preset {preset}); edit it, then run `builder validate -c {output}`")
+
+
+@main.command()
+def schema() -> None:
+    """Print the config's JSON Schema (for editor completion)."""
+    import json
+
+    from builder.schema import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2, sort_keys=True))
+
+
+@main.command()
+@config_option
+def validate(config_path: str) -> None:
+    """Check a config, including the shard set when the storage is local."""
+    from builder.checks import check_local_shards
+
+    config = _load(config_path)
+    for warning in _warnings(config):
+        click.echo(f"warning: {warning}", err=True)
+    check_local_shards(config)
+    click.echo(f"{config_path}: ok ({config.model.name}, {config.storage.kind} storage, image {config.image})")
+
+
+@main.command()
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config].")
+def render(config_path: str, out_dir: str | None) -> None:
+    """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
+    from builder.plan import make_plan
+    from builder.render import render_context, write_context
+
+    config = _load(config_path)
+    for warning in _warnings(config):
+        click.echo(f"warning: {warning}", err=True)
+    plan = make_plan(config)
+    files = render_context(plan)
+    target = Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
+    write_context(files, target, config.source_date_epoch)
+    click.echo(str(target))

@@ -1,0 +1,184 @@
+"""Config -> Plan: every value the rendered files need, computed once.
+
+Pure: no Docker, no network, no clock. Templates stay flat because the
+choices (NFS or bind, which GPUs, which base) are made here as data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from builder import __version__
+from builder.config import Config
+from builder.modelfile import render_modelfile
+
+# Where things live inside the image and the containers.
+MODELS_DIR = "/models"
+OLLAMA_STORE = "/models/ollama"  # on the model volume, beside the merged file
+OLLAMA_PORT = 11434
+OLLAMA_PREFIX = "/usr/local"  # bin/ollama and lib/ollama/, as the release archive has them
+LLAMA_CPP_BIN = "/opt/llama.cpp/build/bin"
+SUPERVISOR_HOME = "/opt/builder"
+CONFIG_DIR = "/etc/builder"
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Where the staged release trees go in the build context.
+STAGED_OLLAMA = "staged/ollama"
+STAGED_LLAMA_CPP = "staged/llama.cpp/build/bin"
+
+# Packages the bootstrap base needs: python3 for the supervisor, the rest for
+# the binaries (llama.cpp's release is linked against libgomp and libcurl).
+BASE_PACKAGES = ("ca-certificates", "libcurl4", "libgomp1", "python3-minimal")
+
+LABEL_PREFIX = "io.builder"
+
+
+@dataclass(frozen=True)
+class BasePlan:
+    """The FROM image: a pinned registry reference, or a bootstrap built locally."""
+
+    image: str
+    bootstrap: bool
+    distro: str | None
+    suite: str | None
+    mirror: str | None
+    packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    config_digest: str
+    image: str
+    base: BasePlan
+    labels: tuple[tuple[str, str], ...]
+    image_env: tuple[tuple[str, str], ...]
+    modelfile: str
+    runtime: dict[str, Any]
+    compose: dict[str, Any]
+
+
+def mirrored(url: str, github_mirror: str) -> str:
+    """Put the GitHub mirror prefix before a GitHub URL (`https://PROXY/https://github.com/...`)."""
+    if github_mirror and url.startswith(("https://github.com/", "http://github.com/")):
+        return github_mirror.rstrip("/") + "/" + url
+    return url
+
+
+def registry_mirrored(ref: str, registry_mirror: str) -> str:
+    """Put the registry mirror before a reference, naming the registry in full
+    (`MIRROR/docker.io/library/debian@sha256:...`), the form pull-through mirrors take."""
+    if not registry_mirror:
+        return ref
+    name = ref.split("@", 1)[0]
+    first = name.split("/", 1)[0]
+    if "/" not in name or ("." not in first and ":" not in first and first != "localhost"):
+        ref = "docker.io/" + (ref if "/" in name else "library/" + ref)
+    return registry_mirror.rstrip("/") + "/" + ref
+
+
+def plan_base(config: Config) -> BasePlan:
+    base = config.base
+    if base.ref:
+        return BasePlan(registry_mirrored(base.ref, config.registry_mirror), False, None, None, None, ())
+    packages = tuple(sorted(set(BASE_PACKAGES) | set(base.packages)))
+    assert base.distro and base.suite and base.mirror
+    inputs = "\n".join([base.distro, base.suite, base.mirror, str(config.source_date_epoch), *packages])
+    digest = hashlib.sha256(inputs.encode()).hexdigest()[:12]
+    image = f"builder-base:{base.distro}-{base.suite}-{digest}"
+    return BasePlan(image, True, base.distro, base.suite, base.mirror, packages)
+
+
+def make_plan(config: Config) -> Plan:
+    """Compute everything the build context holds."""
+    model = config.model
+    digest = config.digest()
+    merged_path = str(PurePosixPath(MODELS_DIR, model.merged))
+    header = f"Rendered by builder {__version__} for {model.name}; change the config, not this file."
+    modelfile = render_modelfile(merged_path, model.parameters, model.template, model.system, header)
+    labels = (
+        ("org.opencontainers.image.title", config.image_name),
+        ("org.opencontainers.image.version", config.image_tag),
+        (f"{LABEL_PREFIX}.builder.version", __version__),
+        (f"{LABEL_PREFIX}.config.sha256", digest),
+        (f"{LABEL_PREFIX}.llama-cpp.build", config.llama_cpp.version),
+        (f"{LABEL_PREFIX}.model", model.name),
+        (f"{LABEL_PREFIX}.ollama.version", config.ollama.version),
+    )
+    image_env = (
+        ("PATH", f"{LLAMA_CPP_BIN}:{IMAGE_PATH}"),
+        # llama.cpp's release binaries carry their CI folder as RUNPATH; the
+        # supervisor drops this again for ollama, whose own libraries differ.
+        ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
+        ("OLLAMA_HOST", f"0.0.0.0:{OLLAMA_PORT}"),
+        ("OLLAMA_MODELS", OLLAMA_STORE),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("PYTHONPATH", SUPERVISOR_HOME),
+    )
+    shards = model.shards
+    runtime = {
+        "config_sha256": digest,
+        "gguf_split": f"{LLAMA_CPP_BIN}/llama-gguf-split",
+        "merged": merged_path,
+        "model": model.name,
+        "modelfile": f"{CONFIG_DIR}/Modelfile",
+        "models_dir": MODELS_DIR,
+        "ollama": f"{OLLAMA_PREFIX}/bin/ollama",
+        "ollama_store": OLLAMA_STORE,
+        "port": OLLAMA_PORT,
+        "shards": {
+            "count": shards.count,
+            "first": str(PurePosixPath(MODELS_DIR, shards.first)),
+            "prefix": shards.prefix,
+        },
+    }
+    image = config.image
+    return Plan(
+        config=config,
+        config_digest=digest,
+        image=image,
+        base=plan_base(config),
+        labels=labels,
+        image_env=image_env,
+        modelfile=modelfile,
+        runtime=runtime,
+        compose=_compose_values(config, image, digest),
+    )
+
+
+def _compose_values(config: Config, image: str, digest: str) -> dict[str, Any]:
+    storage = config.storage
+    if storage.kind == "nfs":
+        driver_opts = {
+            "type": "nfs",
+            "o": f"addr={storage.server},{storage.options}",
+            "device": f":{storage.export}",
+        }
+    else:
+        driver_opts = {"type": "none", "o": "bind", "device": storage.path}
+    gpus = config.gpus
+    if gpus.kind == "none":
+        devices: list[dict[str, Any]] = []
+    elif gpus.kind == "ids":
+        devices = [{"driver": "nvidia", "device_ids": list(gpus.ids), "capabilities": ["gpu"]}]
+    else:
+        count: Any = "all" if gpus.kind == "all" else gpus.count
+        devices = [{"driver": "nvidia", "count": count, "capabilities": ["gpu"]}]
+    return {
+        "project": config.project,
+        "image": image,
+        "labels": {f"{LABEL_PREFIX}.project": config.project, f"{LABEL_PREFIX}.config.sha256": digest},
+        "driver_opts": driver_opts,
+        "gpu_devices": devices,
+        "port": {
+            "target": OLLAMA_PORT,
+            "published": str(config.serve.port),
+            "host_ip": config.serve.bind,
+            "protocol": "tcp",
+        },
+        "serve_env": dict(config.serve.env),
+        "models_dir": MODELS_DIR,
+    }

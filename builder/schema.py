@@ -1,0 +1,233 @@
+"""The config's JSON Schema: the shape pass of validation, and `builder schema`.
+
+Only the shape lives here (types, ranges, patterns, which keys exist).
+Meaning (shard names agree, values representable in a Modelfile, ...) is
+checked in config.py once the shape is known to be right. Defaults live in
+defaults.yaml so that "unset" stays distinct from "default".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Ollama's PARAMETER names (api/types.go, Options and Runner, v0.5.7) and the
+# JSON type each takes. `ollama create` rejects any other name ("unknown
+# parameter") and a wrong type fails only when the model loads, so both are
+# config errors here. Deprecated ones (penalize_newline, f16_kv) are left out.
+OLLAMA_PARAMETERS: dict[str, str] = {
+    "num_ctx": "integer",
+    "num_batch": "integer",
+    "num_gpu": "integer",
+    "main_gpu": "integer",
+    "num_thread": "integer",
+    "num_keep": "integer",
+    "num_predict": "integer",
+    "seed": "integer",
+    "top_k": "integer",
+    "repeat_last_n": "integer",
+    "mirostat": "integer",
+    "temperature": "number",
+    "top_p": "number",
+    "min_p": "number",
+    "typical_p": "number",
+    "repeat_penalty": "number",
+    "presence_penalty": "number",
+    "frequency_penalty": "number",
+    "mirostat_tau": "number",
+    "mirostat_eta": "number",
+    "low_vram": "boolean",
+    "use_mmap": "boolean",
+    "use_mlock": "boolean",
+    "stop": "stop",
+}
+
+_HEX64 = "^[0-9a-f]{64}$"
+_URL = "^https?://[^\\s]+$"
+
+
+def _obj(properties: dict[str, Any], required: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": properties}
+    if required:
+        schema["required"] = list(required)
+    schema.update(extra)
+    return schema
+
+
+def _str(description: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", "description": description, **extra}
+
+
+def _parameter_schema(kind: str) -> dict[str, Any]:
+    if kind == "stop":
+        return {
+            "description": "Stop sequence(s): a string or a list of strings.",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
+            ],
+        }
+    if kind == "integer":
+        return {"type": "integer"}
+    if kind == "number":
+        return {"type": "number"}
+    return {"type": "boolean"}
+
+
+def _parameters() -> dict[str, Any]:
+    properties = {name: _parameter_schema(kind) for name, kind in OLLAMA_PARAMETERS.items()}
+    properties["num_gpu"] = {
+        "description": "Layers offloaded to the GPUs: a whole number, or `auto`.",
+        "oneOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}],
+    }
+    properties["num_ctx"] = {"type": "integer", "minimum": 1}
+    properties["temperature"] = {"type": "number", "minimum": 0}
+    return _obj(properties, description="Modelfile PARAMETER lines.")
+
+
+def config_schema() -> dict[str, Any]:
+    """Return the JSON Schema (draft 2020-12) of builder.yaml."""
+    release = {
+        "sha256": {
+            "description": "Expected sha256 of the archive (else builder.lock is used).",
+            "oneOf": [{"type": "string", "pattern": _HEX64}, {"type": "null"}],
+        },
+    }
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "builder.yaml",
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["version", "model", "storage"],
+        "properties": {
+            "version": {"description": "Config format version.", "const": 1},
+            "project": _str(
+                "Compose project name; also names the volume and containers.",
+                pattern="^[a-z0-9][a-z0-9_-]{0,62}$",
+            ),
+            "image": _obj(
+                {
+                    "name": _str("Image repository.", pattern="^[a-z0-9]+([._/-][a-z0-9]+)*$"),
+                    "tag": _str("Image tag.", pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+                    "source_date_epoch": {
+                        "description": "SOURCE_DATE_EPOCH for reproducible builds.",
+                        "type": "integer",
+                        "minimum": 315532800,
+                    },
+                    "base": {
+                        "description": "The base image: a registry reference pinned by digest, or a bootstrap from a mirror.",
+                        "oneOf": [
+                            _obj(
+                                {"ref": _str("Registry reference pinned by digest: NAME@sha256:HEX.")},
+                                ("ref",),
+                            ),
+                            _obj(
+                                {
+                                    "bootstrap": _obj(
+                                        {
+                                            "distro": {"enum": ["debian", "ubuntu"]},
+                                            "suite": _str("Release codename.", pattern="^[a-z]+$"),
+                                            "packages": {
+                                                "description": "Extra packages for the base.",
+                                                "type": "array",
+                                                "items": {"type": "string", "pattern": "^[a-z0-9][a-z0-9+.-]+$"},
+                                            },
+                                        }
+                                    )
+                                },
+                                ("bootstrap",),
+                            ),
+                        ],
+                    },
+                }
+            ),
+            "ollama": _obj(
+                {
+                    "version": _str("ollama release, e.g. 0.5.7.", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+(-rc[0-9]+)?$"),
+                    "url": _str("Download URL template; {version} is replaced.", pattern=_URL),
+                    **release,
+                }
+            ),
+            "llama_cpp": _obj(
+                {
+                    "build": _str("llama.cpp release build, e.g. b4610.", pattern="^b[0-9]+$"),
+                    "url": _str("Download URL template; {build} is replaced.", pattern=_URL),
+                    **release,
+                }
+            ),
+            "mirrors": _obj(
+                {
+                    "github": _str(
+                        "Prefix put before every GitHub URL (https://PROXY/https://github.com/...); empty for none.",
+                        pattern="^(|https?://[^\\s]+)$",
+                    ),
+                    "registry": _str(
+                        "Registry mirror put before image references (HOST[/PATH]); empty for none.",
+                        pattern="^(|[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*)$",
+                    ),
+                    "debian": _str("Debian mirror for the bootstrap base.", pattern=_URL),
+                    "ubuntu": _str("Ubuntu mirror for the bootstrap base.", pattern=_URL),
+                }
+            ),
+            "model": _obj(
+                {
+                    "name": _str(
+                        "The ollama model name, NAME[:TAG].",
+                        pattern="^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$",
+                    ),
+                    "shards": _str(
+                        "First shard (PREFIX-00001-of-0000N.gguf) or its folder, relative to the model storage.",
+                        minLength=1,
+                    ),
+                    "merged": _str("Merged file, relative to the model storage; derived from the shards when omitted.", minLength=1),
+                    "parameters": _parameters(),
+                    "template": _str("Modelfile TEMPLATE (Go template)."),
+                    "system": _str("Modelfile SYSTEM message."),
+                },
+                ("name", "shards"),
+            ),
+            "storage": {
+                "description": "Where the model lives: an NFS export, or a local path.",
+                "oneOf": [
+                    _obj(
+                        {
+                            "nfs": _obj(
+                                {
+                                    "server": _str("NFS server IP address (not a host name)."),
+                                    "export": _str("Exported path on the server.", pattern="^/"),
+                                    "options": _str("Mount options (addr= is added).", pattern="^[A-Za-z0-9_.=:-]+(,[A-Za-z0-9_.=:-]+)*$"),
+                                },
+                                ("server", "export"),
+                            )
+                        },
+                        ("nfs",),
+                    ),
+                    _obj({"local": _str("Host folder; relative paths are relative to the config file.", minLength=1)}, ("local",)),
+                ],
+            },
+            "gpus": {
+                "description": "GPUs for serve: all, none, a count, or a list of device ids.",
+                "oneOf": [
+                    {"enum": ["all", "none"]},
+                    {"type": "integer", "minimum": 1},
+                    {
+                        "type": "array",
+                        "items": {"type": ["string", "integer"], "pattern": "^[A-Za-z0-9-]+$", "minimum": 0},
+                        "minItems": 1,
+                        "uniqueItems": True,
+                    },
+                ],
+            },
+            "serve": _obj(
+                {
+                    "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},
+                    "bind": _str("Host address the port is published on (ollama has no authentication)."),
+                    "env": {
+                        "description": "Extra environment for ollama serve, e.g. OLLAMA_KEEP_ALIVE.",
+                        "type": "object",
+                        "propertyNames": {"pattern": "^[A-Z_][A-Z0-9_]*$"},
+                        "additionalProperties": {"type": ["string", "integer", "number", "boolean"]},
+                    },
+                }
+            ),
+        },
+    }
