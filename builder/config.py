@@ -54,6 +54,7 @@ _REPLACE_WHOLE = {("image", "base"), ("storage",)}
 # Set by builder itself inside the containers; a user value would break the stack.
 RESERVED_ENV = {"OLLAMA_HOST": "serve.port and serve.bind", "OLLAMA_MODELS": "storage"}
 
+_NEAR_SHARD = re.compile(r"-[0-9]+-of-[0-9]+\.gguf$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
 _DIGEST_REF = re.compile(r"^(?P<name>[a-z0-9]+([._/:-][a-z0-9]+)*)@sha256:[0-9a-f]{64}$")
 
@@ -190,12 +191,9 @@ def parse_config(
     if not isinstance(data, dict):
         raise ConfigError(Problem("", "must be a mapping of keys (version, model, storage, ...)", 1, source))
     locate = _Locator(source, lines)
-    overridden = _apply_env(data, env if env is not None else os.environ, locate)
+    _apply_env(data, env if env is not None else os.environ, locate)
     _check_shape(data, locate)
-    merged = _merge(defaults(), data)
-    config = _resolve(merged, locate, base_dir)
-    del overridden
-    return config
+    return _resolve(_merge(defaults(), data), locate, base_dir)
 
 
 class _Locator:
@@ -219,8 +217,7 @@ class _Locator:
         return Problem(key_path(path), message, line, self.source)
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str], locate: _Locator) -> list[str]:
-    applied = []
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], locate: _Locator) -> None:
     for var, path in ENV_OVERRIDES.items():
         if var not in env:
             continue
@@ -237,8 +234,6 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], locate: _Locator) -
             node = node[part]
         node[path[-1]] = value
         locate.env_sources[path] = var
-        applied.append(var)
-    return applied
 
 
 def _describe(value: Any) -> str:
@@ -271,44 +266,36 @@ _TYPE_WORDS = {
 }
 
 
-def _schema_at(schema: dict[str, Any], path: KeyPath) -> dict[str, Any] | None:
-    node: dict[str, Any] | None = schema
-    for part in path:
-        if node is None:
-            return None
-        if isinstance(part, int):
-            node = node.get("items")
-        elif "properties" in node and part in node["properties"]:
-            node = node["properties"][part]
-        elif isinstance(node.get("additionalProperties"), dict):
-            node = node["additionalProperties"]
-        elif "oneOf" in node:
-            options = [o for o in node["oneOf"] if part in o.get("properties", {})]
-            node = options[0]["properties"][part] if options else None
-        else:
-            return None
-    return node
-
-
 def _check_shape(data: dict[str, Any], locate: _Locator) -> None:
     from jsonschema import Draft202012Validator
 
+    if not data:
+        raise ConfigError(locate.problem((), "is empty; start from a preset: `builder init --preset tiny`"))
     schema = config_schema()
-    validator = Draft202012Validator(schema)
     problems: dict[str, Problem] = {}
-    for error in sorted(validator.iter_errors(data), key=lambda e: [str(p) for p in e.absolute_path]):
-        for problem in _explain(error, schema, locate):
+    errors = list(Draft202012Validator(schema).iter_errors(data))
+    for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
+        for problem in _explain(error, locate):
             problems.setdefault(str(problem), problem)
-    if problems:
-        raise ConfigError(sorted(problems.values(), key=lambda p: (p.line or 0, p.key)))
+    # An unknown key that is a misspelt required one says it all: drop "missing".
+    misspelt = {p.message.split("'")[1] for p in problems.values() if "did you mean" in p.message}
+    kept = [p for p in problems.values() if not (p.message.startswith("missing required key") and p.message.split("'")[1] in misspelt)]
+    if kept:
+        raise ConfigError(sorted(kept, key=lambda p: (p.line or 0, p.key)))
 
 
-def _explain(error: Any, schema: dict[str, Any], locate: _Locator) -> list[Problem]:
+def _explain(error: Any, locate: _Locator) -> list[Problem]:
+    """Word one JSON Schema error for a person, naming the key and its line."""
+    from jsonschema import Draft202012Validator
+
     path: KeyPath = tuple(error.absolute_path)
     value = error.instance
     kind = error.validator
+    schema = error.schema
+    if "propertyNames" in error.schema_path:
+        return [locate.problem(path + (value,), "is not an environment variable name: use A-Z, 0-9 and _ only")]
     if kind == "additionalProperties":
-        allowed = sorted((error.schema.get("properties") or {}).keys())
+        allowed = sorted((schema.get("properties") or {}).keys())
         out = []
         for key in sorted(set(value) - set(allowed)):
             hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
@@ -319,42 +306,60 @@ def _explain(error: Any, schema: dict[str, Any], locate: _Locator) -> list[Probl
         missing = re.findall(r"'([^']+)' is a required property", error.message)
         name = missing[0] if missing else error.message
         return [locate.problem(path, f"missing required key '{name}'")]
-    if kind == "propertyNames":
-        return [locate.problem(path + (value,), "names an environment variable: use A-Z, 0-9 and _ only")]
-    described = _schema_at(schema, path) or error.schema
-    description = described.get("description", "")
+    if kind == "oneOf":
+        choices = [next(iter(o["properties"])) for o in schema["oneOf"] if o.get("type") == "object" and o.get("required")]
+        if choices and isinstance(value, dict):
+            given = sorted(set(value) & set(choices))
+            if len(given) != 1:
+                found = f" (found {', '.join(given)})" if given else ""
+                return [locate.problem(path, f"give exactly one of {', '.join(choices)}{found}")]
+            return []  # the chosen branch's own errors are reported on their own
+        # When the value's type fits exactly one branch, that branch's error says most.
+        fitting = [o for o in schema["oneOf"] if _type_fits(o, value)]
+        if len(fitting) == 1:
+            inner = list(Draft202012Validator(fitting[0]).iter_errors(value))
+            if inner:
+                for sub in inner:
+                    sub.path.extendleft(reversed(path))
+                return [p for sub in inner for p in _explain(sub, locate)]
     if kind in ("type", "oneOf", "const", "enum"):
-        expected = _expected(described)
+        expected = _expected(schema)
         hint = ""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and "string" in expected:
             hint = f'; quote it: "{value}"'
-        message = f"expected {expected}, got {_describe(value)}{hint}"
-        if kind == "oneOf" and isinstance(value, dict) and described.get("oneOf"):
-            choices = [next(iter(o.get("properties", {"?": 0}))) for o in described["oneOf"] if o.get("type") == "object"]
-            if choices and len(set(value) & set(choices)) != 1:
-                given = sorted(set(value) & set(choices))
-                if given:
-                    message = f"give exactly one of {', '.join(choices)} (found {', '.join(given)})"
-                else:
-                    message = f"give one of {', '.join(choices)}"
-            else:
-                return []  # the inner errors say it better; they come on their own
-        return [locate.problem(path, message)]
+        return [locate.problem(path, f"expected {expected}, got {_describe(value)}{hint}")]
     if kind in ("minimum", "maximum"):
-        low, high = described.get("minimum"), described.get("maximum")
+        low, high = schema.get("minimum"), schema.get("maximum")
         if low is not None and high is not None:
             return [locate.problem(path, f"must be between {low} and {high}, got {value}")]
         if low is not None:
             return [locate.problem(path, f"must be at least {low}, got {value}")]
         return [locate.problem(path, f"must be at most {high}, got {value}")]
     if kind == "pattern":
-        what = description.rstrip(".") or "the allowed pattern"
-        return [locate.problem(path, f"{_describe(value)} is not valid here: expected {what[0].lower() + what[1:]}")]
+        expect = schema.get("x-expect") or schema.get("description", "a valid value")
+        return [locate.problem(path, f"{_describe(value)} is not valid here: expected {expect}")]
     if kind in ("minLength", "minItems"):
         return [locate.problem(path, "must not be empty")]
     if kind == "uniqueItems":
         return [locate.problem(path, "lists the same item twice")]
     return [locate.problem(path, error.message)]
+
+
+def _type_fits(schema: dict[str, Any], value: Any) -> bool:
+    if "const" in schema or "enum" in schema:
+        return False
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    checks = {
+        "string": lambda v: isinstance(v, str),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "boolean": lambda v: isinstance(v, bool),
+        "array": lambda v: isinstance(v, list),
+        "object": lambda v: isinstance(v, dict),
+        "null": lambda v: v is None,
+    }
+    return any(checks[k](value) for k in kinds if k in checks)
 
 
 def _expected(schema: dict[str, Any]) -> str:
@@ -521,6 +526,9 @@ def _resolve_shards(value: str, storage: dict[str, Any], base_dir: Path, fail: A
     if value.endswith(".gguf"):
         parsed = parse_shard_name(path.name)
         if parsed is None:
+            if _NEAR_SHARD.search(path.name):
+                fail(("model", "shards"), f"'{path.name}' looks like a shard but shard names have five digits: NAME-00001-of-0000N.gguf")
+                return None
             return Shards(folder, path.name[: -len(".gguf")], 0)
         if parsed.count < 1 or not 1 <= parsed.number <= parsed.count:
             fail(("model", "shards"), f"'{path.name}' has an impossible shard number; expected NAME-00001-of-0000N.gguf")

@@ -53,8 +53,12 @@ def _obj(properties: dict[str, Any], required: tuple[str, ...] = (), **extra: An
     return schema
 
 
-def _str(description: str, **extra: Any) -> dict[str, Any]:
-    return {"type": "string", "description": description, **extra}
+def _str(description: str, expect: str | None = None, **extra: Any) -> dict[str, Any]:
+    """A string key; `expect` words what a valid value looks like, for errors."""
+    schema = {"type": "string", "description": description, **extra}
+    if expect:
+        schema["x-expect"] = expect
+    return schema
 
 
 def _parameter_schema(kind: str) -> dict[str, Any]:
@@ -89,7 +93,7 @@ def config_schema() -> dict[str, Any]:
     release = {
         "sha256": {
             "description": "Expected sha256 of the archive (else builder.lock is used).",
-            "oneOf": [{"type": "string", "pattern": _HEX64}, {"type": "null"}],
+            "oneOf": [{"type": "string", "pattern": _HEX64, "x-expect": "64 lowercase hex digits"}, {"type": "null"}],
         },
     }
     return {
@@ -102,12 +106,13 @@ def config_schema() -> dict[str, Any]:
             "version": {"description": "Config format version.", "const": 1},
             "project": _str(
                 "Compose project name; also names the volume and containers.",
+                expect="lowercase letters, digits, - and _ (a Compose project name)",
                 pattern="^[a-z0-9][a-z0-9_-]{0,62}$",
             ),
             "image": _obj(
                 {
-                    "name": _str("Image repository.", pattern="^[a-z0-9]+([._/-][a-z0-9]+)*$"),
-                    "tag": _str("Image tag.", pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+                    "name": _str("Image repository.", "a lowercase image name such as builder-tiny or registry.example/team/name", pattern="^[a-z0-9]+([._/-][a-z0-9]+)*$"),
+                    "tag": _str("Image tag.", "letters, digits, _ . - (an image tag)", pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
                     "source_date_epoch": {
                         "description": "SOURCE_DATE_EPOCH for reproducible builds.",
                         "type": "integer",
@@ -125,11 +130,11 @@ def config_schema() -> dict[str, Any]:
                                     "bootstrap": _obj(
                                         {
                                             "distro": {"enum": ["debian", "ubuntu"]},
-                                            "suite": _str("Release codename.", pattern="^[a-z]+$"),
+                                            "suite": _str("Release codename.", "a codename such as bookworm or jammy", pattern="^[a-z]+$"),
                                             "packages": {
                                                 "description": "Extra packages for the base.",
                                                 "type": "array",
-                                                "items": {"type": "string", "pattern": "^[a-z0-9][a-z0-9+.-]+$"},
+                                                "items": {"type": "string", "pattern": "^[a-z0-9][a-z0-9+.-]+$", "x-expect": "a package name"},
                                             },
                                         }
                                     )
@@ -142,15 +147,15 @@ def config_schema() -> dict[str, Any]:
             ),
             "ollama": _obj(
                 {
-                    "version": _str("ollama release, e.g. 0.5.7.", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+(-rc[0-9]+)?$"),
-                    "url": _str("Download URL template; {version} is replaced.", pattern=_URL),
+                    "version": _str("ollama release, e.g. 0.5.7.", "a release number such as 0.5.7", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+(-rc[0-9]+)?$"),
+                    "url": _str("Download URL template; {version} is replaced.", "an http(s):// URL", pattern=_URL),
                     **release,
                 }
             ),
             "llama_cpp": _obj(
                 {
-                    "build": _str("llama.cpp release build, e.g. b4610.", pattern="^b[0-9]+$"),
-                    "url": _str("Download URL template; {build} is replaced.", pattern=_URL),
+                    "build": _str("llama.cpp release build, e.g. b4610.", "a build name such as b4610", pattern="^b[0-9]+$"),
+                    "url": _str("Download URL template; {build} is replaced.", "an http(s):// URL", pattern=_URL),
                     **release,
                 }
             ),
@@ -158,20 +163,23 @@ def config_schema() -> dict[str, Any]:
                 {
                     "github": _str(
                         "Prefix put before every GitHub URL (https://PROXY/https://github.com/...); empty for none.",
+                        "an http(s):// prefix such as https://ghproxy.example/ (or empty)",
                         pattern="^(|https?://[^\\s]+)$",
                     ),
                     "registry": _str(
                         "Registry mirror put before image references (HOST[/PATH]); empty for none.",
+                        "HOST[:PORT][/PATH] such as registry.example.cn (or empty)",
                         pattern="^(|[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*)$",
                     ),
-                    "debian": _str("Debian mirror for the bootstrap base.", pattern=_URL),
-                    "ubuntu": _str("Ubuntu mirror for the bootstrap base.", pattern=_URL),
+                    "debian": _str("Debian mirror for the bootstrap base.", "an http(s):// URL", pattern=_URL),
+                    "ubuntu": _str("Ubuntu mirror for the bootstrap base.", "an http(s):// URL", pattern=_URL),
                 }
             ),
             "model": _obj(
                 {
                     "name": _str(
                         "The ollama model name, NAME[:TAG].",
+                        "NAME[:TAG] in lowercase, such as deepseek-r1:671b-ud-iq1_m",
                         pattern="^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)?(:[A-Za-z0-9_][A-Za-z0-9._-]{0,127})?$",
                     ),
                     "shards": _str(
@@ -193,8 +201,8 @@ def config_schema() -> dict[str, Any]:
                             "nfs": _obj(
                                 {
                                     "server": _str("NFS server IP address (not a host name)."),
-                                    "export": _str("Exported path on the server.", pattern="^/"),
-                                    "options": _str("Mount options (addr= is added).", pattern="^[A-Za-z0-9_.=:-]+(,[A-Za-z0-9_.=:-]+)*$"),
+                                    "export": _str("Exported path on the server.", "an absolute path such as /export/models", pattern="^/"),
+                                    "options": _str("Mount options (addr= is added).", "comma-separated options such as rw,nfsvers=4.1,hard", pattern="^[A-Za-z0-9_.=:-]+(,[A-Za-z0-9_.=:-]+)*$"),
                                 },
                                 ("server", "export"),
                             )
@@ -211,7 +219,12 @@ def config_schema() -> dict[str, Any]:
                     {"type": "integer", "minimum": 1},
                     {
                         "type": "array",
-                        "items": {"type": ["string", "integer"], "pattern": "^[A-Za-z0-9-]+$", "minimum": 0},
+                        "items": {
+                            "type": ["string", "integer"],
+                            "pattern": "^[A-Za-z0-9-]+$",
+                            "minimum": 0,
+                            "x-expect": "a device index or UUID",
+                        },
                         "minItems": 1,
                         "uniqueItems": True,
                     },

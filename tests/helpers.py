@@ -1,0 +1,27 @@
+"""Helpers the tests share: running the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_builder(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `builder ARGS` in a subprocess, the way a user's shell does."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("BUILDER_")}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "builder", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tree_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` and its bytes, to prove nothing was touched."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

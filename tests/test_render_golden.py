@@ -1,0 +1,88 @@
+"""Every preset's rendered context, compared byte for byte with tests/golden.
+
+After an intended change: `make golden` (pytest --update-golden), then read
+the diff before committing it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from builder.cli import PRESETS_DIR, preset_names
+from builder.config import parse_config
+from builder.plan import make_plan
+from builder.render import render_context, supervisor_files
+
+GOLDEN = Path(__file__).parent / "golden"
+# Local storage paths resolve against the config's folder; fix it so the
+# golden files do not depend on where the tests run.
+CONFIG_DIR = Path("/srv/builder")
+
+
+def render_preset(name: str, env: dict[str, str] | None = None) -> dict[str, bytes]:
+    text = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+    config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env=env or {})
+    return render_context(make_plan(config))
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_golden(preset: str, update_golden: bool) -> None:
+    files = {k: v for k, v in render_preset(preset).items() if not k.startswith("supervisor/")}
+    folder = GOLDEN / preset
+    if update_golden:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.iterdir():
+            old.unlink()
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+    expected = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    assert sorted(files) == sorted(expected)
+    for name, data in files.items():
+        assert data == expected[name], f"{preset}/{name} differs from tests/golden; run `make golden` if intended"
+
+
+def test_supervisor_is_staged_verbatim() -> None:
+    files = render_preset("tiny")
+    staged = {k: v for k, v in files.items() if k.startswith("supervisor/")}
+    assert staged == supervisor_files()
+    assert "supervisor/__main__.py" in staged and "supervisor/shards.py" in staged
+
+
+def test_render_is_byte_stable() -> None:
+    assert render_preset("deepseek-r1-ud-iq1_m") == render_preset("deepseek-r1-ud-iq1_m")
+
+
+def test_env_overrides_mirrors_and_tag() -> None:
+    env = {
+        "BUILDER_IMAGE_TAG": "v9",
+        "BUILDER_MIRROR_REGISTRY": "registry.example.cn",
+        "BUILDER_MIRROR_DEBIAN": "http://mirrors.example.cn/debian",
+    }
+    files = render_preset("tiny", env)
+    compose = files["compose.yaml"].decode()
+    assert 'image: "builder-tiny:v9"' in compose
+    dockerfile = files["Dockerfile"].decode()
+    plain = render_preset("tiny")["Dockerfile"].decode()
+    # The Debian mirror is an input of the bootstrap base, so its name changes.
+    base = next(line for line in dockerfile.splitlines() if line.startswith("FROM "))
+    assert base != next(line for line in plain.splitlines() if line.startswith("FROM "))
+
+
+def test_deepseek_preset_has_nfs_gpus_and_order() -> None:
+    import yaml
+
+    compose = yaml.safe_load(render_preset("deepseek-r1-ud-iq1_m")["compose.yaml"])
+    opts = compose["volumes"]["models"]["driver_opts"]
+    assert opts == {"type": "nfs", "o": "addr=192.0.2.10,rw,nfsvers=4.1,hard", "device": ":/export/models"}
+    services = compose["services"]
+    assert services["create"]["depends_on"] == {"merge": {"condition": "service_completed_successfully"}}
+    assert services["serve"]["depends_on"] == {"create": {"condition": "service_completed_successfully"}}
+    devices = services["serve"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert services["serve"]["ports"][0]["host_ip"] == "127.0.0.1"
+    modelfile = render_preset("deepseek-r1-ud-iq1_m")["Modelfile"].decode()
+    assert "FROM /models/DeepSeek-R1-UD-IQ1_M/DeepSeek-R1-UD-IQ1_M.gguf\n" in modelfile
+    assert 'TEMPLATE """<｜User｜>{{ .Prompt }}<｜Assistant｜>"""' in modelfile
+    assert "PARAMETER num_gpu 14\n" in modelfile
