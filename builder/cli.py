@@ -129,3 +129,26 @@ def render(config_path: str, out_dir: str | None) -> None:
     target = Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
     write_context(files, target, config.source_date_epoch)
     click.echo(str(target))
+
+
+def cache_dir() -> Path:
+    """Where downloads and scratch files live (env: BUILDER_CACHE_DIR)."""
+    import os
+
+    if os.environ.get("BUILDER_CACHE_DIR"):
+        return Path(os.environ["BUILDER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder"
+
+
+@main.command()
+@config_option
+def base(config_path: str) -> None:
+    """Make sure the base image exists (bootstrap it from the mirror, or pull it) and print it."""
+    from builder.base import ensure_base
+    from builder.engine import DockerEngine
+    from builder.plan import make_plan
+
+    config = _load(config_path)
+    plan = make_plan(config)
+    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), lambda m: click.echo(m, err=True), cache_dir())
+    click.echo(f"{plan.base.image} {image_id}")

@@ -29,9 +29,10 @@ IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAGED_OLLAMA = "staged/ollama"
 STAGED_LLAMA_CPP = "staged/llama.cpp/build/bin"
 
-# Packages the bootstrap base needs: python3 for the supervisor, the rest for
-# the binaries (llama.cpp's release is linked against libgomp and libcurl).
-BASE_PACKAGES = ("ca-certificates", "libcurl4", "libgomp1", "python3-minimal")
+# Packages the bootstrap base needs: python3 for the supervisor (python3-minimal
+# lacks json and http.server), the rest for the binaries (llama.cpp's release
+# is linked against libgomp and libcurl).
+BASE_PACKAGES = ("ca-certificates", "libcurl4", "libgomp1", "python3")
 
 LABEL_PREFIX = "io.builder"
 

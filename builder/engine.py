@@ -1,0 +1,79 @@
+"""The container engine behind one small interface.
+
+Everything builder asks of Docker goes through here: the Docker SDK for
+images, the `docker buildx` and `docker compose` CLIs for builds and stacks.
+A second engine plugs in by offering the same methods.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from builder.errors import BuilderError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_command(argv: Sequence[str], env: dict[str, str] | None = None, stream: bool = False) -> CommandResult:
+    """Run one command; with `stream`, its output goes straight to the terminal."""
+    if shutil.which(argv[0]) is None:
+        raise BuilderError(f"`{argv[0]}` is not installed or not on PATH (needed for: {' '.join(argv[:3])})")
+    if stream:
+        completed = subprocess.run(list(argv), env=env, text=True)
+        return CommandResult(tuple(argv), completed.returncode, "", "")
+    completed = subprocess.run(list(argv), env=env, capture_output=True, text=True)
+    return CommandResult(tuple(argv), completed.returncode, completed.stdout, completed.stderr)
+
+
+class DockerEngine:
+    """The Docker engine: SDK for image queries and loads, CLIs for the rest."""
+
+    def __init__(self) -> None:
+        import docker
+        from docker.errors import DockerException
+
+        try:
+            self._client = docker.from_env()
+            self._client.ping()
+        except DockerException as exc:
+            raise BuilderError(
+                f"cannot reach the Docker engine ({exc.__class__.__name__}); start it, or set DOCKER_HOST"
+            ) from None
+
+    def image_id(self, ref: str) -> str | None:
+        """The ID of image `ref`, or None when the engine does not have it."""
+        from docker.errors import ImageNotFound
+
+        try:
+            return self._client.images.get(ref).id
+        except ImageNotFound:
+            return None
+
+    def load(self, archive: Path) -> None:
+        """Load a `docker load` archive."""
+        with archive.open("rb") as handle:
+            self._client.images.load(handle)
+
+    def pull(self, ref: str) -> str:
+        """Pull `ref` (a reference pinned by digest) and return its image ID."""
+        from docker.errors import APIError
+
+        try:
+            return self._client.images.pull(ref).id
+        except APIError as exc:
+            raise BuilderError(
+                f"cannot pull {ref}: {exc.explanation or exc}; check mirrors.registry or load the image by hand"
+            ) from None
+
+    def compose(self, compose_file: Path, *args: str, stream: bool = False) -> CommandResult:
+        return run_command(["docker", "compose", "-f", str(compose_file), *args], stream=stream)
