@@ -27,6 +27,8 @@ class Problem:
     source: str | None = None
 
     def __str__(self) -> str:
+        if not self.source and not self.key:
+            return self.message
         where = self.source or "config"
         if self.line is not None:
             where = f"{where}:{self.line}"

@@ -17,6 +17,7 @@ import pytest
 from builder.cli import PRESETS_DIR
 from tests.helpers import run_builder
 
+NASTY_VALUE = 'a$b ${HOME} "q" `x` {{ y }} \\z'
 DOUBLE = Path(__file__).resolve().parent.parent / "doubles" / "ollama_double.py"
 
 
@@ -42,6 +43,9 @@ class TinyStack:
         self.port = free_port()
         self.image_tag = self.project
         text = (PRESETS_DIR / "tiny.yaml").read_text(encoding="utf-8").replace("gpus: none", f"gpus: {gpus}")
+        # serve is the preset's last block: give ollama a value that every
+        # layer (YAML, Compose interpolation, the shell) would like to mangle.
+        text += "  env:\n    BUILDER_TEST_NASTY: " + json.dumps(NASTY_VALUE) + "\n"
         self.config = root / "builder.yaml"
         self.config.write_text(text, encoding="utf-8")
         (root / "models" / "tiny").mkdir(parents=True)

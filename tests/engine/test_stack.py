@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from builder.cli import preset_names
-from tests.engine.conftest import docker
+from tests.engine.conftest import NASTY_VALUE, docker
 from tests.helpers import run_builder
 
 pytestmark = pytest.mark.engine
@@ -49,6 +49,7 @@ def test_merge_then_create_then_serve(tiny_stack) -> None:
     for one_shot in (merge, create):
         assert one_shot["State"]["Status"] == "exited" and one_shot["State"]["ExitCode"] == 0
     assert serve["State"]["Running"] and serve["State"]["Health"]["Status"] == "healthy"
+    assert f"BUILDER_TEST_NASTY={NASTY_VALUE}" in serve["Config"]["Env"]
     assert _time(merge["State"]["FinishedAt"]) <= _time(create["State"]["StartedAt"])
     assert _time(create["State"]["FinishedAt"]) <= _time(serve["State"]["StartedAt"])
     logs = tiny_stack.compose("logs", "--no-color", "merge", "create").stdout

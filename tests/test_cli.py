@@ -1,0 +1,149 @@
+"""The command line as a user meets it: help, version, init, schema, exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from builder.cli import preset_names
+from tests.helpers import run_builder, tree_snapshot
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\n"
+        "from builder.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('docker', 'httpx', 'jinja2', 'jsonschema', 'gguf', 'numpy') if m in sys.modules)\n"
+        "print('heavy:' + ','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "heavy:"
+
+
+@pytest.mark.parametrize("command", ["init", "schema", "validate", "render", "base"])
+def test_every_command_has_help(command: str) -> None:
+    result = run_builder(command, "--help")
+    assert result.returncode == 0
+    assert "Usage: " in result.stdout
+
+
+def test_version() -> None:
+    from builder import __version__
+
+    result = run_builder("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    result = run_builder("deploy")
+    assert result.returncode == 2
+    assert "No such command 'deploy'" in result.stderr
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_init_writes_a_valid_config(preset: str, tmp_path: Path) -> None:
+    result = run_builder("init", "--preset", preset, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "builder.yaml").read_text(encoding="utf-8")
+    assert text.startswith("# builder.yaml")
+    render = run_builder("render", cwd=tmp_path)
+    assert render.returncode == 0, render.stderr
+    assert (tmp_path / "context" / "Dockerfile").is_file()
+
+
+def test_init_refuses_to_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "builder.yaml").write_text("mine\n")
+    result = run_builder("init", "--preset", "tiny", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: builder.yaml exists; pass --force to overwrite it or -o to write elsewhere"
+    assert (tmp_path / "builder.yaml").read_text() == "mine\n"
+    forced = run_builder("init", "--preset", "tiny", "--force", cwd=tmp_path)
+    assert forced.returncode == 0
+    assert (tmp_path / "builder.yaml").read_text() != "mine\n"
+
+
+def test_init_unknown_preset(tmp_path: Path) -> None:
+    result = run_builder("init", "--preset", "deepseek", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "'deepseek' is not one of" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    result = run_builder("validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: builder.yaml: no such file; create one with `builder init --preset tiny -o builder.yaml`"
+    )
+
+
+def test_schema_is_json_schema_and_accepts_presets(tmp_path: Path) -> None:
+    import yaml
+    from jsonschema import Draft202012Validator
+
+    result = run_builder("schema")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    Draft202012Validator.check_schema(schema)
+    from builder.cli import PRESETS_DIR
+
+    for preset in preset_names():
+        data = yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8"))
+        assert list(Draft202012Validator(schema).iter_errors(data)) == [], preset
+
+
+def test_validate_reports_missing_shards_then_passes(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    result = run_builder("validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "3 of 3 shard(s) missing in" in result.stderr and "tiny-00001-of-00003.gguf" in result.stderr
+    folder = tmp_path / "models" / "tiny"
+    folder.mkdir(parents=True)
+    for n in (1, 2, 3):
+        (folder / f"tiny-{n:05d}-of-00003.gguf").write_bytes(b"GGUF")
+    result = run_builder("validate", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ok (tiny:latest, local storage, image builder-tiny:latest)" in result.stdout
+
+
+def test_shard_folder_is_resolved_on_local_storage(tmp_path: Path) -> None:
+    folder = tmp_path / "models" / "M"
+    folder.mkdir(parents=True)
+    for n in (1, 2):
+        (folder / f"M-{n:05d}-of-00002.gguf").write_bytes(b"GGUF")
+    text = (
+        "version: 1\nmodel:\n  name: m\n  shards: M/\nstorage:\n  local: models\ngpus: none\n"
+    )
+    (tmp_path / "builder.yaml").write_text(text)
+    result = run_builder("render", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    modelfile = (tmp_path / "context" / "Modelfile").read_text()
+    assert "FROM /models/M/M.gguf\n" in modelfile
+
+
+def test_env_override_error_names_the_variable(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    result = run_builder("render", cwd=tmp_path, env={"BUILDER_SERVE_PORT": "99999"})
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: $BUILDER_SERVE_PORT: serve.port: must be between 1 and 65535, got 99999"
+
+
+def test_public_bind_warns(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    result = run_builder("render", cwd=tmp_path, env={"BUILDER_SERVE_BIND": "0.0.0.0"})
+    assert result.returncode == 0
+    assert "ollama's API has no authentication" in result.stderr
+
+
+def test_render_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "deepseek-r1-ud-q2_k_xl", cwd=tmp_path).returncode == 0
+    assert run_builder("render", cwd=tmp_path).returncode == 0
+    first = tree_snapshot(tmp_path / "context")
+    assert run_builder("render", cwd=tmp_path).returncode == 0
+    assert tree_snapshot(tmp_path / "context") == first

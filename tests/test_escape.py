@@ -1,0 +1,63 @@
+"""Values reach each file escaped for its language, or are refused."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from builder.config import parse_config
+from builder.escape import Unrepresentable, compose_block, compose_scalar, dockerfile_quote
+from builder.modelfile import check_modelfile_text, check_stop, render_modelfile
+from builder.plan import make_plan
+from builder.render import render_context
+from tests.doubles.modelfile_parser import parse_modelfile
+from tests.test_render_golden import CONFIG_DIR
+
+NASTY = ['plain', 'say "hi"', "$HOME and ${PATH}", "`rm -rf /`", "{{ .Prompt }}", "back\\slash", "tab\there", "<｜User｜>"]
+
+
+@pytest.mark.parametrize("value", NASTY)
+def test_compose_values_survive_yaml_and_interpolation(value: str) -> None:
+    scalar = yaml.safe_load(compose_scalar(value))
+    assert scalar.replace("$$", "$") == value
+    block = yaml.safe_load(compose_block({"KEY": value}, 2))
+    assert block["KEY"].replace("$$", "$") == value
+
+
+def test_dockerfile_quote() -> None:
+    assert dockerfile_quote('a "b" $c \\d') == '"a \\"b\\" \\$c \\\\d"'
+    with pytest.raises(Unrepresentable):
+        dockerfile_quote("two\nlines")
+
+
+@pytest.mark.parametrize("template", NASTY + ["line one\nline two", '"quoted at both ends"', 'ends with "', "  padded  "])
+def test_modelfile_text_round_trips_through_ollamas_parser(template: str) -> None:
+    assert check_modelfile_text(template) is None
+    text = render_modelfile("/models/m.gguf", [("stop", ("<|end|>", 'a "b"')), ("temperature", 0.6)], template, template, "header")
+    commands = parse_modelfile(text)
+    assert ("from", "/models/m.gguf") in commands
+    assert ("template", template) in commands and ("system", template) in commands
+    assert ("parameter", "stop <|end|>") in commands and ('parameter', 'stop a "b"') in commands
+    assert ("parameter", "temperature 0.6") in commands
+
+
+@pytest.mark.parametrize("bad", ['has """ inside', "bell\x07", 'ends """'])
+def test_unrepresentable_templates_are_refused(bad: str) -> None:
+    assert check_modelfile_text(bad)
+
+
+@pytest.mark.parametrize("bad", ["a\nb", '""x', "nul\x00"])
+def test_unrepresentable_stops_are_refused(bad: str) -> None:
+    assert check_stop(bad)
+
+
+def test_nasty_env_values_render_into_compose() -> None:
+    text = (
+        "version: 1\nmodel:\n  name: m\n  shards: m-00001-of-00002.gguf\nstorage:\n  local: /srv/m\n"
+        "serve:\n  env:\n"
+        + "".join(f"    V{i}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n" for i, v in enumerate(NASTY))
+    )
+    config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
+    compose = yaml.safe_load(render_context(make_plan(config))["compose.yaml"])
+    env = compose["services"]["serve"]["environment"]
+    assert {k: v.replace("$$", "$") for k, v in env.items()} == {f"V{i}": v for i, v in enumerate(NASTY)}
