@@ -131,12 +131,15 @@ def render(config_path: str, out_dir: str | None) -> None:
     click.echo(str(target))
 
 
-def cache_dir() -> Path:
-    """Where downloads and scratch files live (env: BUILDER_CACHE_DIR)."""
+def cache_dir(config=None) -> Path:
+    """Where downloads and scratch files live: $BUILDER_CACHE_DIR, the config's
+    cache_dir, else ~/.cache/builder."""
     import os
 
     if os.environ.get("BUILDER_CACHE_DIR"):
         return Path(os.environ["BUILDER_CACHE_DIR"])
+    if config is not None and config.cache_dir:
+        return Path(config.cache_dir)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder"
 
 
@@ -150,5 +153,68 @@ def base(config_path: str) -> None:
 
     config = _load(config_path)
     plan = make_plan(config)
-    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), lambda m: click.echo(m, err=True), cache_dir())
+    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), lambda m: click.echo(m, err=True), cache_dir(config))
     click.echo(f"{plan.base.image} {image_id}")
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+offline_options = [
+    click.option("--offline", is_flag=True, envvar="BUILDER_OFFLINE", help="Fetch nothing: use the cache and --from only (env: BUILDER_OFFLINE)."),
+    click.option(
+        "--from",
+        "carried_dir",
+        type=click.Path(file_okay=False, exists=True),
+        help="A folder of release archives carried in by hand (named as released).",
+    ),
+]
+
+
+def _with_offline_options(function):
+    for option in reversed(offline_options):
+        function = option(function)
+    return function
+
+
+def fetch_artifacts(config_path: str, config, offline: bool, carried_dir: str | None, ignore_lock: bool = False):
+    """Fetch every artifact, check it against the lock, and write the lock."""
+    from builder.fetch import FetchSettings, fetch_all, plan_artifacts
+    from builder.lock import lock_path, read_lock, write_lock
+
+    path = lock_path(config_path)
+    locked = {} if ignore_lock else read_lock(path)
+    settings = FetchSettings.from_env(
+        cache_dir(config), offline=offline, carried_dir=Path(carried_dir) if carried_dir else None, echo=_echo_err
+    )
+    artifacts = plan_artifacts(config)
+    entries = fetch_all(artifacts, locked, settings)
+    if entries != (locked if not ignore_lock else read_lock(path)):
+        write_lock(path, entries)
+        click.echo(f"wrote {path}", err=True)
+    return artifacts, entries, settings
+
+
+@main.command()
+@config_option
+@_with_offline_options
+def fetch(config_path: str, offline: bool, carried_dir: str | None) -> None:
+    """Download the ollama and llama.cpp release archives into the cache, verified."""
+    from builder.fetch import ArtifactCache
+
+    config = _load(config_path)
+    artifacts, entries, settings = fetch_artifacts(config_path, config, offline, carried_dir)
+    cache = ArtifactCache(settings.cache_dir)
+    for artifact in artifacts:
+        entry = entries[artifact.key]
+        click.echo(f"{artifact.key} {entry.sha256} {cache.path(entry.sha256)}")
+
+
+@main.command()
+@config_option
+@_with_offline_options
+def lock(config_path: str, offline: bool, carried_dir: str | None) -> None:
+    """Write builder.lock: the sha256 of each artifact as fetched now (trust on first use)."""
+    config = _load(config_path)
+    fetch_artifacts(config_path, config, offline, carried_dir, ignore_lock=True)

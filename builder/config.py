@@ -146,6 +146,7 @@ class Config:
     storage: Storage
     gpus: Gpus
     serve: Serve
+    cache_dir: str | None
     source: str
 
     @property
@@ -156,6 +157,7 @@ class Config:
         """sha256 of the config's meaning (not of where the file lies)."""
         data = asdict(self)
         data.pop("source")
+        data.pop("cache_dir")  # where downloads sit does not change the image
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -448,6 +450,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         storage=storage,
         gpus=gpus,
         serve=serve,
+        cache_dir=os.path.normpath(str(base_dir / data["cache_dir"])) if data["cache_dir"] else None,
         source=locate.source,
     )
 

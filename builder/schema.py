@@ -109,6 +109,10 @@ def config_schema() -> dict[str, Any]:
                 expect="lowercase letters, digits, - and _ (a Compose project name)",
                 pattern="^[a-z0-9][a-z0-9_-]{0,62}$",
             ),
+            "cache_dir": {
+                "description": "Where downloads are cached (relative to the config file); default ~/.cache/builder.",
+                "oneOf": [{"type": "string", "minLength": 1}, {"type": "null"}],
+            },
             "image": _obj(
                 {
                     "name": _str("Image repository.", "a lowercase image name such as builder-tiny or registry.example/team/name", pattern="^[a-z0-9]+([._/-][a-z0-9]+)*$"),
