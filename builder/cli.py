@@ -218,3 +218,50 @@ def lock(config_path: str, offline: bool, carried_dir: str | None) -> None:
     """Write builder.lock: the sha256 of each artifact as fetched now (trust on first use)."""
     config = _load(config_path)
     fetch_artifacts(config_path, config, offline, carried_dir, ignore_lock=True)
+
+
+@main.command()
+@config_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config].")
+@click.option("--no-cache", is_flag=True, help="Build every layer again.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_with_offline_options
+def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, offline: bool, carried_dir: str | None) -> None:
+    """Render, fetch, stage and build the image; print its reference and ID."""
+    import json
+
+    from builder.base import ensure_base
+    from builder.build import build_image, build_labels
+    from builder.engine import DockerEngine
+    from builder.fetch import ArtifactCache
+    from builder.lock import lock_digest
+    from builder.plan import make_plan
+    from builder.render import render_context, write_context
+    from builder.stage import stage
+
+    config = _load(config_path)
+    for warning in _warnings(config):
+        _echo_err(f"warning: {warning}")
+    plan = make_plan(config)
+    context = Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
+    write_context(render_context(plan), context, config.source_date_epoch)
+    engine = DockerEngine()
+    _artifacts, entries, settings = fetch_artifacts(config_path, config, offline, carried_dir)
+    cache = ArtifactCache(settings.cache_dir)
+    staged = stage(
+        context,
+        cache.path(entries["ollama"].sha256),
+        entries["ollama"].sha256,
+        cache.path(entries["llama_cpp"].sha256),
+        entries["llama_cpp"].sha256,
+        config.llama_cpp.binaries,
+        config.source_date_epoch,
+    )
+    if staged:
+        _echo_err(f"staged {', '.join(staged)} into {context / 'staged'}")
+    ensure_base(plan.base, config.source_date_epoch, engine, _echo_err, cache_dir(config))
+    result = build_image(plan, context, build_labels(lock_digest(entries)), no_cache, engine, _echo_err)
+    if as_json:
+        click.echo(json.dumps({"image": result.image, "id": result.image_id, "reproducible": result.reproducible, "context": result.context}, sort_keys=True))
+    else:
+        click.echo(f"{result.image} {result.image_id}")

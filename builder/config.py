@@ -66,6 +66,7 @@ class Release:
     version: str
     url: str
     sha256: str | None
+    binaries: tuple[str, ...] = ()  # llama.cpp only: the programs to stage
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             url = section["url"]
         else:
             url = section["url"].replace("{" + field + "}", section[field])
-        releases[key] = Release(section[field], url, section["sha256"])
+        releases[key] = Release(section[field], url, section["sha256"], tuple(section.get("binaries", ())))
 
     model = _resolve_model(data["model"], data["storage"], base_dir, fail)
     storage = _resolve_storage(data["storage"], base_dir, fail)

@@ -75,5 +75,29 @@ class DockerEngine:
                 f"cannot pull {ref}: {exc.explanation or exc}; check mirrors.registry or load the image by hand"
             ) from None
 
+    def has_buildx(self) -> bool:
+        return shutil.which("docker") is not None and run_command(["docker", "buildx", "version"]).returncode == 0
+
+    def classic_build(self, context: Path, tag: str, labels: dict[str, str], buildargs: dict[str, str], no_cache: bool, echo) -> str:
+        """The SDK's classic build, streamed line by line; returns the image ID."""
+        from docker.errors import APIError, BuildError
+
+        try:
+            stream = self._client.api.build(
+                path=str(context), tag=tag, labels=labels, buildargs=buildargs, nocache=no_cache, rm=True, decode=True
+            )
+            for chunk in stream:
+                if "error" in chunk:
+                    raise BuilderError(f"docker build failed: {chunk['error'].strip()}")
+                text = chunk.get("stream", "").rstrip()
+                if text:
+                    echo(text)
+        except (APIError, BuildError) as exc:
+            raise BuilderError(f"docker build failed: {exc}") from None
+        image_id = self.image_id(tag)
+        if image_id is None:
+            raise BuilderError(f"docker build finished but {tag} is not in the engine")
+        return image_id
+
     def compose(self, compose_file: Path, *args: str, stream: bool = False) -> CommandResult:
         return run_command(["docker", "compose", "-f", str(compose_file), *args], stream=stream)

@@ -25,9 +25,14 @@ SUPERVISOR_HOME = "/opt/builder"
 CONFIG_DIR = "/etc/builder"
 IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Where the staged release trees go in the build context.
-STAGED_OLLAMA = "staged/ollama"
-STAGED_LLAMA_CPP = "staged/llama.cpp/build/bin"
+# The build context holds three trees, each copied onto a folder that every
+# Debian/Ubuntu base already has. A COPY that had to create its destination's
+# parents would stamp them with the build's clock, and the image ID would
+# change from build to build.
+STAGED_OLLAMA = "staged/ollama"  # -> /usr/local/ (bin/ollama, lib/ollama/)
+STAGED_LLAMA_CPP = "staged/llama.cpp"  # -> /opt/ (llama.cpp/build/bin/)
+ROOTFS = "rootfs"  # -> / (the supervisor, the Modelfile, runtime.json)
+COPIES = ((STAGED_OLLAMA, OLLAMA_PREFIX + "/"), (STAGED_LLAMA_CPP, "/opt/"), (ROOTFS, "/"))
 
 # Packages the bootstrap base needs: python3 for the supervisor (python3-minimal
 # lacks json and http.server), the rest for the binaries (llama.cpp's release

@@ -14,16 +14,7 @@ from pathlib import Path
 from builder import __version__
 from builder.fsutil import write_atomic
 from builder.escape import compose_block, compose_scalar, dockerfile_quote
-from builder.plan import (
-    CONFIG_DIR,
-    LLAMA_CPP_BIN,
-    OLLAMA_PORT,
-    OLLAMA_PREFIX,
-    STAGED_LLAMA_CPP,
-    STAGED_OLLAMA,
-    SUPERVISOR_HOME,
-    Plan,
-)
+from builder.plan import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Plan
 from builder.templates import template_dirs
 
 
@@ -48,7 +39,7 @@ def supervisor_files() -> dict[str, bytes]:
     """The supervisor package's sources, as they go into the image."""
     package = resources.files("builder.supervisor")
     return {
-        f"supervisor/{entry.name}": entry.read_bytes()
+        f"{ROOTFS}{SUPERVISOR_HOME}/supervisor/{entry.name}": entry.read_bytes()
         for entry in sorted(package.iterdir(), key=lambda e: e.name)
         if entry.name.endswith(".py")
     }
@@ -62,12 +53,7 @@ def render_context(plan: Plan) -> dict[str, bytes]:
         base_image=plan.base.image,
         ollama_version=plan.config.ollama.version,
         llama_cpp_build=plan.config.llama_cpp.version,
-        staged_ollama=STAGED_OLLAMA,
-        staged_llama_cpp=STAGED_LLAMA_CPP,
-        ollama_prefix=OLLAMA_PREFIX,
-        llama_cpp_bin=LLAMA_CPP_BIN,
-        supervisor_home=SUPERVISOR_HOME,
-        config_dir=CONFIG_DIR,
+        copies=COPIES,
         image_env=plan.image_env,
         port=OLLAMA_PORT,
         labels=plan.labels,
@@ -77,9 +63,9 @@ def render_context(plan: Plan) -> dict[str, bytes]:
     files = {
         "Dockerfile": dockerfile.encode(),
         "compose.yaml": compose.encode(),
-        "Modelfile": plan.modelfile.encode(),
-        "runtime.json": runtime.encode(),
-        ".dockerignore": b"# Only what the Dockerfile copies.\n*\n!staged/\n!supervisor/\n!Modelfile\n!runtime.json\n",
+        f"{ROOTFS}{CONFIG_DIR}/Modelfile": plan.modelfile.encode(),
+        f"{ROOTFS}{CONFIG_DIR}/runtime.json": runtime.encode(),
+        ".dockerignore": ("# Only what the Dockerfile copies.\n*\n" + "".join(f"!{src}/\n" for src, _ in COPIES)).encode(),
     }
     files.update(supervisor_files())
     return dict(sorted(files.items()))
@@ -93,6 +79,8 @@ def write_context(files: dict[str, bytes], out_dir: Path, mtime: int) -> Path:
     """
     for name, data in files.items():
         write_atomic(out_dir / name, data, mtime=mtime)
-    for directory in {(out_dir / name).parent for name in files}:
-        os.utime(directory, (mtime, mtime))
+    # Every folder a COPY reads, up to the context itself, gets the fixed mtime.
+    for name in files:
+        for parent in (out_dir / name).relative_to(out_dir).parents:
+            os.utime(out_dir / parent, (mtime, mtime))
     return out_dir

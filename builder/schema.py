@@ -161,6 +161,13 @@ def config_schema() -> dict[str, Any]:
                     "build": _str("llama.cpp release build, e.g. b4610.", "a build name such as b4610", pattern="^b[0-9]+$"),
                     "url": _str("Download URL template; {build} is replaced.", "an http(s):// URL", pattern=_URL),
                     **release,
+                    "binaries": {
+                        "description": "llama.cpp programs to put in the image, with the libraries they load.",
+                        "type": "array",
+                        "items": {"type": "string", "pattern": "^llama-[a-z0-9-]+$", "x-expect": "a program name such as llama-server"},
+                        "minItems": 1,
+                        "uniqueItems": True,
+                    },
                 }
             ),
             "mirrors": _obj(

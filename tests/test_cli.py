@@ -123,7 +123,7 @@ def test_shard_folder_is_resolved_on_local_storage(tmp_path: Path) -> None:
     (tmp_path / "builder.yaml").write_text(text)
     result = run_builder("render", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    modelfile = (tmp_path / "context" / "Modelfile").read_text()
+    modelfile = (tmp_path / "context" / "rootfs" / "etc" / "builder" / "Modelfile").read_text()
     assert "FROM /models/M/M.gguf\n" in modelfile
 
 

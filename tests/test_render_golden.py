@@ -6,6 +6,7 @@ the diff before committing it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,14 @@ def render_preset(name: str, env: dict[str, str] | None = None) -> dict[str, byt
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_golden(preset: str, update_golden: bool) -> None:
-    files = {k: v for k, v in render_preset(preset).items() if not k.startswith("supervisor/")}
+    files = {k: v for k, v in render_preset(preset).items() if "/supervisor/" not in k}
     folder = GOLDEN / preset
     if update_golden:
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.iterdir():
-            old.unlink()
+        shutil.rmtree(folder, ignore_errors=True)
         for name, data in files.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_bytes(data)
-    expected = {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    expected = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
     assert sorted(files) == sorted(expected)
     for name, data in files.items():
         assert data == expected[name], f"{preset}/{name} differs from tests/golden; run `make golden` if intended"
@@ -45,9 +45,9 @@ def test_golden(preset: str, update_golden: bool) -> None:
 
 def test_supervisor_is_staged_verbatim() -> None:
     files = render_preset("tiny")
-    staged = {k: v for k, v in files.items() if k.startswith("supervisor/")}
+    staged = {k: v for k, v in files.items() if "/supervisor/" in k}
     assert staged == supervisor_files()
-    assert "supervisor/__main__.py" in staged and "supervisor/shards.py" in staged
+    assert "rootfs/opt/builder/supervisor/__main__.py" in staged and "rootfs/opt/builder/supervisor/shards.py" in staged
 
 
 def test_render_is_byte_stable() -> None:
@@ -82,7 +82,7 @@ def test_deepseek_preset_has_nfs_gpus_and_order() -> None:
     devices = services["serve"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
     assert services["serve"]["ports"][0]["host_ip"] == "127.0.0.1"
-    modelfile = render_preset("deepseek-r1-ud-iq1_m")["Modelfile"].decode()
+    modelfile = render_preset("deepseek-r1-ud-iq1_m")["rootfs/etc/builder/Modelfile"].decode()
     assert "FROM /models/DeepSeek-R1-UD-IQ1_M/DeepSeek-R1-UD-IQ1_M.gguf\n" in modelfile
     assert 'TEMPLATE """<｜User｜>{{ .Prompt }}<｜Assistant｜>"""' in modelfile
     assert "PARAMETER num_gpu 14\n" in modelfile

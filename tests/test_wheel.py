@@ -36,6 +36,6 @@ def test_wheel_renders_from_anywhere(tmp_path: Path) -> None:
         result = subprocess.run(argv, cwd=work, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
     golden = REPO / "tests" / "golden" / "deepseek-r1-ud-iq1_m"
-    for name in ("Dockerfile", "compose.yaml", "Modelfile"):
+    for name in ("Dockerfile", "compose.yaml", "rootfs/etc/builder/Modelfile"):
         assert (work / "context" / name).read_bytes() == (golden / name).read_bytes()
-    assert (work / "context" / "supervisor" / "__main__.py").is_file()
+    assert (work / "context" / "rootfs" / "opt" / "builder" / "supervisor" / "__main__.py").is_file()

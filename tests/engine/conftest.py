@@ -91,7 +91,7 @@ def stage_stand_ins(context: Path) -> None:
     (ollama / "lib" / "ollama" / "README.double").write_text("ollama's libraries would be here\n")
     shutil.copy(DOUBLE, ollama / "bin" / "ollama")
     (ollama / "bin" / "ollama").chmod(0o755)
-    bin_dir = context / "staged" / "llama.cpp" / "build" / "bin"
+    bin_dir = context / "staged" / "llama.cpp" / "llama.cpp" / "build" / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     split = bin_dir / "llama-gguf-split"
     split.write_text('#!/bin/sh\necho "llama-gguf-split placeholder: $*"\n')
