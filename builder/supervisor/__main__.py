@@ -1,8 +1,9 @@
 """`python3 -m supervisor ROLE`: the image's entrypoint.
 
-Roles: merge, create, serve, all, health. This is the first cut: merge and
-create only announce themselves (the runtime issue makes them real); serve
-runs `ollama serve` in the foreground; health asks ollama's API.
+Roles: merge (join the shards), create (register the model with ollama),
+serve (run ollama serve, restarting it a bounded number of times), all
+(merge, create, then serve, for platforms that run one container), health
+(exit 0 when ollama's API answers; the container healthcheck).
 """
 
 from __future__ import annotations
@@ -12,64 +13,80 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import time
+
+from .common import StepError, log
+from .create import create
+from .merge import merge
+from .ollama import ollama_env, request
 
 RUNTIME_JSON = "/etc/builder/runtime.json"
 ROLES = ("merge", "create", "serve", "all", "health")
+MAX_RESTARTS = 5
+STABLE_SECONDS = 60.0  # a run this long resets the restart budget
 
 
-def log(message: str) -> None:
-    print(f"supervisor: {message}", flush=True)
-
-
-def load_runtime(path: str = RUNTIME_JSON) -> dict:
+def load_runtime(path: str) -> dict:
     with open(path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
-def ollama_env() -> dict[str, str]:
-    """ollama's environment: without llama.cpp's LD_LIBRARY_PATH, whose
-    libggml would shadow the one ollama's runners expect."""
-    env = dict(os.environ)
-    env.pop("LD_LIBRARY_PATH", None)
-    return env
-
-
-def role_merge(runtime: dict) -> int:
-    log(f"merge: {runtime['shards']['first']} -> {runtime['merged']} (not yet implemented: nothing done)")
-    return 0
-
-
-def role_create(runtime: dict) -> int:
-    log(f"create: {runtime['model']} from {runtime['modelfile']} (not yet implemented: nothing done)")
-    return 0
-
-
-def role_serve(runtime: dict) -> int:
+def serve(runtime: dict) -> int:
+    """Run `ollama serve` in the foreground; restart it with back-off when it
+    dies, at most MAX_RESTARTS times in a row, then exit non-zero so the
+    container's restart policy takes over. Signals are forwarded."""
     binary = runtime["ollama"]
     if not os.access(binary, os.X_OK):
-        log(f"serve: {binary} is missing or not executable; rebuild the image with `builder build`")
-        return 1
-    log(f"serve: starting {binary} serve on {os.environ.get('OLLAMA_HOST', '127.0.0.1:11434')}")
-    child = subprocess.Popen([binary, "serve"], env=ollama_env())
+        raise StepError(f"serve: {binary} is missing or not executable; rebuild the image with `builder build`")
+    stopping = {"signal": 0}
+    child: dict[str, subprocess.Popen | None] = {"process": None}
 
     def forward(signum, _frame):
-        child.send_signal(signum)
+        stopping["signal"] = signum
+        process = child["process"]
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    return child.wait()
+    failures = 0
+    while True:
+        started = time.monotonic()
+        log(f"serve: starting {binary} serve on {os.environ.get('OLLAMA_HOST', '127.0.0.1:11434')}")
+        child["process"] = subprocess.Popen([binary, "serve"], env=ollama_env())
+        code = child["process"].wait()
+        _reap()
+        if stopping["signal"]:
+            log(f"serve: stopped by signal {stopping['signal']}")
+            return 0
+        failures = 1 if time.monotonic() - started > STABLE_SECONDS else failures + 1
+        if failures > MAX_RESTARTS:
+            log(f"serve: ollama serve died {failures} times in a row (last exit {code}); giving up")
+            return 1
+        delay = min(30.0, 0.5 * 2 ** (failures - 1))
+        log(f"serve: ollama serve exited with status {code}; restart {failures} of {MAX_RESTARTS} in {delay:.1f} s")
+        time.sleep(delay)
 
 
-def role_health(runtime: dict) -> int:
-    url = f"http://127.0.0.1:{runtime['port']}/"
+def _reap() -> None:
+    """As PID 1, collect any orphaned children so none stay zombies."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def health(runtime: dict) -> int:
+    base = f"http://127.0.0.1:{runtime['port']}"
     try:
-        with urllib.request.urlopen(url, timeout=4) as response:
-            return 0 if response.status == 200 else 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"health: {url} does not answer: {exc}", file=sys.stderr)
+        status, _ = request(base, "GET", "/", timeout=4)
+    except OSError as exc:
+        print(f"health: {base}/ does not answer: {exc}", file=sys.stderr)
         return 1
+    return 0 if status == 200 else 1
 
 
 def main(argv: list[str]) -> int:
@@ -77,18 +94,25 @@ def main(argv: list[str]) -> int:
         print(f"usage: python3 -m supervisor {{{','.join(ROLES)}}}", file=sys.stderr)
         return 2
     role = argv[0]
+    path = os.environ.get("BUILDER_RUNTIME", RUNTIME_JSON)
     try:
-        runtime = load_runtime(os.environ.get("BUILDER_RUNTIME", RUNTIME_JSON))
+        runtime = load_runtime(path)
     except (OSError, ValueError) as exc:
-        print(f"supervisor: cannot read the runtime plan: {exc}", file=sys.stderr)
+        print(f"supervisor: cannot read the runtime plan {path}: {exc}", file=sys.stderr)
         return 2
-    if role == "all":
-        for step in (role_merge, role_create):
-            code = step(runtime)
-            if code:
-                return code
-        return role_serve(runtime)
-    return {"merge": role_merge, "create": role_create, "serve": role_serve, "health": role_health}[role](runtime)
+    try:
+        if role == "health":
+            return health(runtime)
+        if role in ("merge", "all"):
+            merge(runtime)
+        if role in ("create", "all"):
+            create(runtime)
+        if role in ("serve", "all"):
+            return serve(runtime)
+        return 0
+    except StepError as exc:
+        log(f"error: {exc}")
+        return exc.code
 
 
 if __name__ == "__main__":

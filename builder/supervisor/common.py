@@ -1,0 +1,93 @@
+"""Logging, progress and small file helpers shared by the supervisor's roles."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+
+class StepError(Exception):
+    """A role failed: one line naming the file or step, then a non-zero exit."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def log(message: str) -> None:
+    print(f"supervisor: {message}", flush=True)
+
+
+def human_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+class Progress:
+    """A redrawn line on a terminal; a line every 10% otherwise (container logs)."""
+
+    def __init__(self, label: str, total: int):
+        self.label = label
+        self.total = max(total, 1)
+        self.tty = sys.stdout.isatty()
+        self.next_step = 10
+        self.began = time.monotonic()
+
+    def update(self, done: int) -> None:
+        share = min(100.0, done * 100.0 / self.total)
+        if self.tty:
+            sys.stdout.write(f"\rsupervisor: {self.label} {share:5.1f}% ({human_bytes(done)} of {human_bytes(self.total)})")
+            sys.stdout.flush()
+        elif share >= self.next_step:
+            log(f"{self.label} {int(share)}% ({human_bytes(done)} of {human_bytes(self.total)})")
+            while self.next_step <= share:
+                self.next_step += 10
+
+    def finish(self) -> float:
+        seconds = time.monotonic() - self.began
+        if self.tty:
+            sys.stdout.write("\n")
+        return seconds
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write `data` as JSON through a temporary file, fsync and rename."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,257 @@
+"""The `merge` role: check every shard, join them with llama-gguf-split into a
+temporary file, verify it, then rename it into place.
+
+Facts it is built on (llama.cpp b4610): `--merge` refuses an existing output,
+leaves a 0-byte or truncated output when it fails or is killed, and accepts a
+truncated later shard (exit 0, corrupt output). So: the output is a temporary
+name beside the target, every shard is checked against its own header first,
+the result is checked again, and only then renamed. A record of what was
+merged lets the next run skip in well under a second.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+
+from .common import Progress, StepError, fsync_dir, human_bytes, log, read_json, write_json_atomic
+from .gguf import GGUFError, GGUFHeader, check_file
+from .shards import shard_file_names
+
+RECORD_SUFFIX = ".merge.json"
+TEMP_MARK = ".merging-"
+FREE_SPACE_MARGIN = 64 << 20
+
+
+@dataclass(frozen=True)
+class ShardState:
+    name: str
+    size: int
+    mtime_ns: int
+
+
+def record_path(merged: str) -> str:
+    return merged + RECORD_SUFFIX
+
+
+def temp_path(merged: str) -> str:
+    folder, name = os.path.split(merged)
+    return os.path.join(folder, f".{name}{TEMP_MARK}{os.getpid()}")
+
+
+def remove_leftovers(merged: str) -> list[str]:
+    """Delete temporary outputs of earlier, killed runs (never the user's files)."""
+    folder, name = os.path.split(merged)
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}{TEMP_MARK}*")):
+        os.unlink(path)
+        removed.append(os.path.basename(path))
+    return removed
+
+
+def shard_states(folder: str, names: list[str]) -> list[ShardState]:
+    states = []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise StepError(f"merge: shard {path} is missing; copy it there (all {len(names)} shards are needed)") from None
+        states.append(ShardState(name, info.st_size, info.st_mtime_ns))
+    return states
+
+
+def _record(states: list[ShardState], merged: str, header: GGUFHeader) -> dict:
+    info = os.stat(merged)
+    return {
+        "shards": [{"name": s.name, "size": s.size, "mtime_ns": s.mtime_ns} for s in states],
+        "merged": {"name": os.path.basename(merged), "size": info.st_size, "mtime_ns": info.st_mtime_ns},
+        "tensors": header.tensor_count,
+    }
+
+
+def up_to_date(states: list[ShardState], merged: str) -> bool:
+    """True when the record matches the shards and the merged file as they are now."""
+    record = read_json(record_path(merged))
+    if not record:
+        return False
+    try:
+        info = os.stat(merged)
+    except FileNotFoundError:
+        return False
+    expected = {"name": os.path.basename(merged), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    shards = [{"name": s.name, "size": s.size, "mtime_ns": s.mtime_ns} for s in states]
+    return record.get("shards") == shards and record.get("merged") == expected
+
+
+def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[GGUFHeader, int]:
+    """Every shard parses, is whole, and belongs to this split; return shard 1's header and the tensor total."""
+    first: GGUFHeader | None = None
+    total = 0
+    for index, state in enumerate(states):
+        path = os.path.join(folder, state.name)
+        try:
+            header = check_file(path, state.size)
+        except GGUFError as exc:
+            raise StepError(f"merge: shard {path} {exc}; copy it again from the source") from None
+        except OSError as exc:
+            raise StepError(f"merge: shard {path} cannot be read: {exc.strerror}") from None
+        if header.split_no != index or header.split_count != count:
+            raise StepError(
+                f"merge: shard {path} says it is part {_part(header)}, expected part {index + 1} of {count}; "
+                "it belongs to another split model"
+            )
+        if index == 0:
+            first = header
+        total += header.tensor_count
+    assert first is not None
+    declared = first.metadata.get("split.tensors.count")
+    if declared is not None and declared != total:
+        raise StepError(
+            f"merge: the shards in {folder} hold {total} tensors but shard 1 declares {declared}; "
+            "a shard belongs to another model"
+        )
+    return first, total
+
+
+def _part(header: GGUFHeader) -> str:
+    if header.split_count is None:
+        return "of no split (an unsplit file)"
+    return f"{(header.split_no or 0) + 1} of {header.split_count}"
+
+
+def check_space(folder: str, needed: int) -> None:
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if free < needed + FREE_SPACE_MARGIN:
+        raise StepError(
+            f"merge: {folder} has {human_bytes(free)} free, the merged file needs {human_bytes(needed)}; free some space"
+        )
+
+
+def verify_merged(path: str, tensors: int) -> GGUFHeader:
+    try:
+        header = check_file(path, os.path.getsize(path))
+    except GGUFError as exc:
+        raise StepError(f"merge: the merged file {path} {exc}") from None
+    if header.tensor_count != tensors:
+        raise StepError(f"merge: the merged file {path} holds {header.tensor_count} tensors, the shards {tensors}")
+    return header
+
+
+def run_gguf_split(binary: str, first: str, out: str, total: int) -> None:
+    """Run `llama-gguf-split --merge`, showing progress from the output's growth."""
+    env = dict(os.environ)
+    process = subprocess.Popen([binary, "--merge", first, out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def stop(signum, _frame):
+        process.kill()
+        process.wait()
+        _unlink(out)
+        log(f"merge: stopped by signal {signum}; removed the partial {out}")
+        os._exit(128 + signum)
+
+    for sig in previous:
+        signal.signal(sig, stop)
+    progress = Progress("merging", total)
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            try:
+                progress.update(os.path.getsize(out))
+            except OSError:
+                pass
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        output = process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
+        code = process.wait()
+    finally:
+        done.set()
+        watcher.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    seconds = progress.finish()
+    if code != 0:
+        tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
+        raise StepError(f"merge: llama-gguf-split failed (exit {code}): {tail}")
+    log(f"merge: joined {human_bytes(total)} in {seconds:.1f} s")
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def merge(runtime: dict) -> int:
+    """Run the merge role; raise StepError on failure."""
+    shards = runtime["shards"]
+    first = shards["first"]
+    merged = runtime["merged"]
+    folder = os.path.dirname(first)
+    if not os.path.isdir(folder):
+        raise StepError(f"merge: the folder {folder} does not exist on the model storage; put the shards there")
+    count = shards["count"]
+    if count == 0:  # one unsplit file: nothing to join, only to check
+        size = _size(first)
+        try:
+            check_file(first, size)
+        except GGUFError as exc:
+            raise StepError(f"merge: {first} {exc}") from None
+        log(f"merge: {first} is a single whole GGUF file; nothing to merge")
+        return 0
+    for leftover in remove_leftovers(merged):
+        log(f"merge: removed {leftover}, left by a run that was stopped")
+    names = shard_file_names(shards["prefix"], count)
+    states = shard_states(folder, names)
+    if up_to_date(states, merged):
+        log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
+        return 0
+    _header, tensors = check_shards(folder, states, count)
+    data = sum(s.size for s in states)
+    if os.path.exists(merged) and read_json(record_path(merged)) is None:
+        # A merged file without our record (merged by hand, say): adopt it when
+        # it is whole, holds every tensor and is newer than every shard;
+        # merging 150 GB again would waste an hour.
+        try:
+            existing = verify_merged(merged, tensors)
+            newer = os.stat(merged).st_mtime_ns >= max(s.mtime_ns for s in states)
+            if newer and existing.split_count in (None, 0):  # llama-gguf-split's output keeps split.count 0
+                write_json_atomic(record_path(merged), _record(states, merged, existing))
+                log(f"merge: {merged} already holds all {tensors} tensors; recorded it")
+                return 0
+        except StepError as exc:
+            log(f"{exc}; merging again")
+    check_space(folder, data)
+    out = temp_path(merged)
+    _unlink(out)
+    log(f"merge: joining {count} shards ({human_bytes(data)}) into {merged}")
+    try:
+        run_gguf_split(runtime["gguf_split"], first, out, data)
+        result = verify_merged(out, tensors)
+        with open(out, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(out, merged)
+        fsync_dir(folder)
+    except BaseException:
+        _unlink(out)
+        raise
+    write_json_atomic(record_path(merged), _record(states, merged, result))
+    log(f"merge: wrote {merged} ({human_bytes(_size(merged))}, {tensors} tensors)")
+    return 0
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        raise StepError(f"merge: {path} is missing; copy it there") from None

@@ -1,0 +1,98 @@
+"""Talking to ollama: start a private server, wait for it, ask its API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+from .common import StepError
+
+
+def ollama_env(host: str | None = None) -> dict[str, str]:
+    """ollama's environment: without llama.cpp's LD_LIBRARY_PATH (whose libggml
+    would shadow the one ollama's runners expect) and with pruning off, so a
+    blob builder placed is never deleted before a manifest names it."""
+    env = dict(os.environ)
+    env.pop("LD_LIBRARY_PATH", None)
+    env.setdefault("OLLAMA_NOPRUNE", "1")
+    if host:
+        env["OLLAMA_HOST"] = host
+    return env
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def request(base: str, method: str, path: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def wait_until_up(base: str, process: subprocess.Popen | None, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        if process is not None and process.poll() is not None:
+            raise StepError(f"ollama serve exited with status {process.returncode} before it answered")
+        try:
+            status, body = request(base, "GET", "/", timeout=2)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise StepError(f"ollama serve did not answer at {base} within {seconds:.0f} s")
+        time.sleep(0.2)
+
+
+class PrivateServer:
+    """`ollama serve` on a free loopback port, for the create step only."""
+
+    def __init__(self, binary: str):
+        self.binary = binary
+        self.port = free_loopback_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.base = f"http://{self.host}"
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> "PrivateServer":
+        self.process = subprocess.Popen([self.binary, "serve"], env=ollama_env(self.host))
+        try:
+            wait_until_up(self.base, self.process, 120)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def manifest_path(store: str, model: str) -> str:
+    """Where ollama keeps a model's manifest: manifests/registry.ollama.ai/NAMESPACE/NAME/TAG."""
+    name, _, tag = model.partition(":")
+    namespace, _, repo = name.rpartition("/")
+    return os.path.join(store, "manifests", "registry.ollama.ai", namespace or "library", repo, tag or "latest")

@@ -1,0 +1,142 @@
+"""The supervisor's merge role on the host, with the real llama-gguf-split
+(compiled from llama.cpp's source by the fixture) and shards written by gguf-py."""
+
+from __future__ import annotations
+
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import gguf
+import pytest
+
+from builder.supervisor.common import StepError
+from builder.supervisor.merge import merge, record_path
+from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
+from tests.fixtures.models import write_split_model
+from tests.helpers import tree_snapshot
+
+
+@pytest.fixture(scope="session")
+def gguf_split(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("llama")
+    with zipfile.ZipFile(llama_cpp_release_zip()) as archive:
+        archive.extractall(folder)
+    binary = folder / "build" / "bin" / "llama-gguf-split"
+    binary.chmod(0o755)
+    os.environ["LD_LIBRARY_PATH"] = str(binary.parent)  # as the image's ENV does
+    return str(binary)
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    write_split_model(tmp_path / "tiny", "tiny", 3)
+    return tmp_path
+
+
+def runtime_for(models: Path, gguf_split: str, count: int = 3) -> dict:
+    return {
+        "shards": {"first": str(models / "tiny" / f"tiny-00001-of-{count:05d}.gguf"), "count": count, "prefix": "tiny"},
+        "merged": str(models / "tiny" / "tiny.gguf"),
+        "gguf_split": gguf_split,
+    }
+
+
+def test_merge_joins_verifies_and_records(models: Path, gguf_split: str, capsys) -> None:
+    runtime = runtime_for(models, gguf_split)
+    assert merge(runtime) == 0
+    merged = Path(runtime["merged"])
+    reader = gguf.GGUFReader(merged)
+    assert len(reader.tensors) == 17
+    assert Path(record_path(runtime["merged"])).is_file()
+    assert [p.name for p in (models / "tiny").iterdir() if p.name.startswith(".")] == []
+    # Nothing changed: the second run only reads its record.
+    started = time.monotonic()
+    assert merge(runtime) == 0
+    assert time.monotonic() - started < 0.5
+    assert "is up to date" in capsys.readouterr().out
+
+
+def test_changed_shard_merges_again(models: Path, gguf_split: str, capsys) -> None:
+    runtime = runtime_for(models, gguf_split)
+    merge(runtime)
+    write_split_model(models / "tiny", "tiny", 3, seed=1)  # same names, new bytes
+    capsys.readouterr()
+    merge(runtime)
+    assert "joining 3 shards" in capsys.readouterr().out
+    reader = gguf.GGUFReader(runtime["merged"])
+    assert len(reader.tensors) == 17
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "other-model", "bad-magic"])
+def test_bad_shard_stops_before_anything_is_written(models: Path, gguf_split: str, damage: str) -> None:
+    folder = models / "tiny"
+    second = folder / "tiny-00002-of-00003.gguf"
+    if damage == "missing":
+        second.unlink()
+    elif damage == "truncated":
+        data = second.read_bytes()
+        second.write_bytes(data[: len(data) - 4096])
+    elif damage == "other-model":
+        other = write_split_model(models / "other", "tiny", 3, blocks=5)
+        second.write_bytes(other[1].read_bytes())
+    else:
+        data = second.read_bytes()
+        second.write_bytes(b"GGUX" + data[4:])
+    before = tree_snapshot(folder)
+    with pytest.raises(StepError) as error:
+        merge(runtime_for(models, gguf_split))
+    message = str(error.value)
+    expected = {
+        "missing": f"merge: shard {second} is missing",
+        "truncated": f"merge: shard {second} is truncated",
+        "other-model": "a shard belongs to another model",
+        "bad-magic": f"merge: shard {second} is not a GGUF file (bad magic)",
+    }[damage]
+    assert expected in message
+    assert tree_snapshot(folder) == before, "a failed check must not touch the user's files"
+
+
+def test_shard_from_another_split(models: Path, gguf_split: str) -> None:
+    other = write_split_model(models / "four", "tiny", 4)
+    target = models / "tiny" / "tiny-00003-of-00003.gguf"
+    target.write_bytes(other[2].read_bytes())
+    with pytest.raises(StepError, match=r"says it is part 3 of 4, expected part 3 of 3; it belongs to another split model"):
+        merge(runtime_for(models, gguf_split))
+
+
+def test_leftovers_and_broken_merged_file_are_replaced(models: Path, gguf_split: str, capsys) -> None:
+    runtime = runtime_for(models, gguf_split)
+    folder = models / "tiny"
+    # What a killed run leaves: our temporary file, and (from a hand-run
+    # llama-gguf-split) a 0-byte file under the final name.
+    (folder / ".tiny.gguf.merging-12345").write_bytes(b"GGUF partial")
+    (folder / "tiny.gguf").write_bytes(b"")
+    assert merge(runtime) == 0
+    out = capsys.readouterr().out
+    assert "removed .tiny.gguf.merging-12345" in out
+    assert "merging again" in out
+    assert len(gguf.GGUFReader(runtime["merged"]).tensors) == 17
+    assert not (folder / ".tiny.gguf.merging-12345").exists()
+
+
+def test_failed_tool_leaves_no_output(models: Path, tmp_path: Path, capsys) -> None:
+    fake = tmp_path / "fake-split"
+    fake.write_text('#!/bin/sh\nhead -c 1000 /dev/zero > "$3"\necho "gguf_merge: failed to load input GGUF" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    runtime = runtime_for(models, str(fake))
+    with pytest.raises(StepError, match=r"llama-gguf-split failed \(exit 1\): gguf_merge: failed to load input GGUF"):
+        merge(runtime)
+    assert sorted(p.name for p in (models / "tiny").iterdir()) == [f"tiny-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+
+
+def test_hand_merged_file_is_adopted_not_merged_again(models: Path, gguf_split: str, capsys) -> None:
+    import subprocess
+
+    runtime = runtime_for(models, gguf_split)
+    subprocess.run([gguf_split, "--merge", runtime["shards"]["first"], runtime["merged"]], check=True, capture_output=True)
+    before = Path(runtime["merged"]).stat().st_mtime_ns
+    assert merge(runtime) == 0
+    assert "already holds all 17 tensors; recorded it" in capsys.readouterr().out
+    assert Path(runtime["merged"]).stat().st_mtime_ns == before
