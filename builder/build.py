@@ -58,3 +58,26 @@ def build_image(plan: Plan, context: Path, labels: dict[str, str], no_cache: boo
     echo("warning: docker buildx is missing: using the classic builder, whose images are NOT reproducible")
     image_id = engine.classic_build(context, plan.image, labels, {"SOURCE_DATE_EPOCH": str(plan.config.source_date_epoch)}, no_cache, echo)
     return BuildResult(plan.image, image_id, False, str(context))
+
+
+def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_cache: bool, echo) -> BuildResult:
+    """Render, fetch, stage, make sure of the base, then build."""
+    from builder.base import ensure_base
+    from builder.fetch import ArtifactCache, fetch_and_lock
+    from builder.lock import lock_digest
+    from builder.render import render_context, write_context
+    from builder.stage import stage
+
+    config = plan.config
+    write_context(render_context(plan), context, config.source_date_epoch)
+    _artifacts, entries = fetch_and_lock(config_path, config, settings)
+    cache = ArtifactCache(settings.cache_dir)
+    ollama, llama = entries["ollama"], entries["llama_cpp"]
+    staged = stage(
+        context, cache.path(ollama.sha256), ollama.sha256, cache.path(llama.sha256), llama.sha256,
+        config.llama_cpp.binaries, config.source_date_epoch,
+    )
+    if staged:
+        echo(f"staged {', '.join(staged)} into {context / 'staged'}")
+    ensure_base(plan.base, config.source_date_epoch, engine, echo, settings.cache_dir)
+    return build_image(plan, context, build_labels(lock_digest(entries)), no_cache, engine, echo)

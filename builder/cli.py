@@ -126,21 +126,9 @@ def render(config_path: str, out_dir: str | None) -> None:
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(config)
     files = render_context(plan)
-    target = Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
+    target = _context_dir(config_path, out_dir)
     write_context(files, target, config.source_date_epoch)
     click.echo(str(target))
-
-
-def cache_dir(config=None) -> Path:
-    """Where downloads and scratch files live: $BUILDER_CACHE_DIR, the config's
-    cache_dir, else ~/.cache/builder."""
-    import os
-
-    if os.environ.get("BUILDER_CACHE_DIR"):
-        return Path(os.environ["BUILDER_CACHE_DIR"])
-    if config is not None and config.cache_dir:
-        return Path(config.cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder"
 
 
 @main.command()
@@ -149,11 +137,12 @@ def base(config_path: str) -> None:
     """Make sure the base image exists (bootstrap it from the mirror, or pull it) and print it."""
     from builder.base import ensure_base
     from builder.engine import DockerEngine
+    from builder.fetch import cache_root
     from builder.plan import make_plan
 
     config = _load(config_path)
     plan = make_plan(config)
-    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), lambda m: click.echo(m, err=True), cache_dir(config))
+    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), _echo_err, cache_root(config))
     click.echo(f"{plan.base.image} {image_id}")
 
 
@@ -172,28 +161,22 @@ offline_options = [
 ]
 
 
+def _fetch_settings(config, offline: bool, carried_dir: str | None):
+    from builder.fetch import FetchSettings, cache_root
+
+    return FetchSettings.from_env(
+        cache_root(config), offline=offline, carried_dir=Path(carried_dir) if carried_dir else None, echo=_echo_err
+    )
+
+
+def _context_dir(config_path: str, out_dir: str | None) -> Path:
+    return Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
+
+
 def _with_offline_options(function):
     for option in reversed(offline_options):
         function = option(function)
     return function
-
-
-def fetch_artifacts(config_path: str, config, offline: bool, carried_dir: str | None, ignore_lock: bool = False):
-    """Fetch every artifact, check it against the lock, and write the lock."""
-    from builder.fetch import FetchSettings, fetch_all, plan_artifacts
-    from builder.lock import lock_path, read_lock, write_lock
-
-    path = lock_path(config_path)
-    locked = {} if ignore_lock else read_lock(path)
-    settings = FetchSettings.from_env(
-        cache_dir(config), offline=offline, carried_dir=Path(carried_dir) if carried_dir else None, echo=_echo_err
-    )
-    artifacts = plan_artifacts(config)
-    entries = fetch_all(artifacts, locked, settings)
-    if entries != (locked if not ignore_lock else read_lock(path)):
-        write_lock(path, entries)
-        click.echo(f"wrote {path}", err=True)
-    return artifacts, entries, settings
 
 
 @main.command()
@@ -201,10 +184,11 @@ def fetch_artifacts(config_path: str, config, offline: bool, carried_dir: str | 
 @_with_offline_options
 def fetch(config_path: str, offline: bool, carried_dir: str | None) -> None:
     """Download the ollama and llama.cpp release archives into the cache, verified."""
-    from builder.fetch import ArtifactCache
+    from builder.fetch import ArtifactCache, fetch_and_lock
 
     config = _load(config_path)
-    artifacts, entries, settings = fetch_artifacts(config_path, config, offline, carried_dir)
+    settings = _fetch_settings(config, offline, carried_dir)
+    artifacts, entries = fetch_and_lock(config_path, config, settings)
     cache = ArtifactCache(settings.cache_dir)
     for artifact in artifacts:
         entry = entries[artifact.key]
@@ -216,8 +200,10 @@ def fetch(config_path: str, offline: bool, carried_dir: str | None) -> None:
 @_with_offline_options
 def lock(config_path: str, offline: bool, carried_dir: str | None) -> None:
     """Write builder.lock: the sha256 of each artifact as fetched now (trust on first use)."""
+    from builder.fetch import fetch_and_lock
+
     config = _load(config_path)
-    fetch_artifacts(config_path, config, offline, carried_dir, ignore_lock=True)
+    fetch_and_lock(config_path, config, _fetch_settings(config, offline, carried_dir), ignore_lock=True)
 
 
 @main.command()
@@ -230,37 +216,16 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
     """Render, fetch, stage and build the image; print its reference and ID."""
     import json
 
-    from builder.base import ensure_base
-    from builder.build import build_image, build_labels
+    from builder.build import build_all
     from builder.engine import DockerEngine
-    from builder.fetch import ArtifactCache
-    from builder.lock import lock_digest
     from builder.plan import make_plan
-    from builder.render import render_context, write_context
-    from builder.stage import stage
 
     config = _load(config_path)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     plan = make_plan(config)
-    context = Path(out_dir) if out_dir else Path(config_path).resolve().parent / "context"
-    write_context(render_context(plan), context, config.source_date_epoch)
-    engine = DockerEngine()
-    _artifacts, entries, settings = fetch_artifacts(config_path, config, offline, carried_dir)
-    cache = ArtifactCache(settings.cache_dir)
-    staged = stage(
-        context,
-        cache.path(entries["ollama"].sha256),
-        entries["ollama"].sha256,
-        cache.path(entries["llama_cpp"].sha256),
-        entries["llama_cpp"].sha256,
-        config.llama_cpp.binaries,
-        config.source_date_epoch,
-    )
-    if staged:
-        _echo_err(f"staged {', '.join(staged)} into {context / 'staged'}")
-    ensure_base(plan.base, config.source_date_epoch, engine, _echo_err, cache_dir(config))
-    result = build_image(plan, context, build_labels(lock_digest(entries)), no_cache, engine, _echo_err)
+    context = _context_dir(config_path, out_dir)
+    result = build_all(config_path, plan, context, DockerEngine(), _fetch_settings(config, offline, carried_dir), no_cache, _echo_err)
     if as_json:
         click.echo(json.dumps({"image": result.image, "id": result.image_id, "reproducible": result.reproducible, "context": result.context}, sort_keys=True))
     else:

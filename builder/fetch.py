@@ -253,3 +253,29 @@ def fetch_all(
     for artifact in artifacts:
         entries[artifact.key] = ensure_artifact(artifact, resolve_expected(artifact, locked.get(artifact.key)), settings)
     return entries
+
+
+def cache_root(config: Config | None = None) -> Path:
+    """Where downloads and scratch files live: $BUILDER_CACHE_DIR, the config's
+    cache_dir, else ~/.cache/builder."""
+    if os.environ.get("BUILDER_CACHE_DIR"):
+        return Path(os.environ["BUILDER_CACHE_DIR"])
+    if config is not None and config.cache_dir:
+        return Path(config.cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder"
+
+
+def fetch_and_lock(
+    config_path: str, config: Config, settings: FetchSettings, ignore_lock: bool = False
+) -> tuple[list[Artifact], dict[str, LockEntry]]:
+    """Fetch every artifact, check it against builder.lock, and (re)write the lock."""
+    from builder.lock import lock_path, read_lock, write_lock
+
+    path = lock_path(config_path)
+    current = read_lock(path)
+    artifacts = plan_artifacts(config)
+    entries = fetch_all(artifacts, {} if ignore_lock else current, settings)
+    if entries != current:
+        write_lock(path, entries)
+        settings.echo(f"wrote {path}")
+    return artifacts, entries
