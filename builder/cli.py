@@ -230,3 +230,102 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
         click.echo(json.dumps({"image": result.image, "id": result.image_id, "reproducible": result.reproducible, "context": result.context}, sort_keys=True))
     else:
         click.echo(f"{result.image} {result.image_id}")
+
+
+def _prepare_stack(config_path: str, out_dir: str | None):
+    """Load, plan and render: what every stack command starts from."""
+    from builder.plan import make_plan
+    from builder.render import render_context, write_context
+
+    config = _load(config_path)
+    plan = make_plan(config)
+    context = _context_dir(config_path, out_dir)
+    write_context(render_context(plan), context, config.source_date_epoch)
+    return config, plan, context
+
+
+context_option = click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config]."
+)
+
+
+@main.command()
+@config_option
+@context_option
+@click.option("--build", "force_build", is_flag=True, help="Build the image first even if it exists.")
+@_with_offline_options
+def up(config_path: str, out_dir: str | None, force_build: bool, offline: bool, carried_dir: str | None) -> None:
+    """Merge, create, serve: bring the stack up and wait until the model is listed."""
+    from builder.build import build_all
+    from builder.engine import DockerEngine
+    from builder.stack import up as stack_up
+
+    config, plan, context = _prepare_stack(config_path, out_dir)
+    for warning in _warnings(config):
+        _echo_err(f"warning: {warning}")
+    engine = DockerEngine()
+    if force_build or engine.image_id(plan.image) is None:
+        result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
+        _echo_err(f"built {result.image} {result.image_id}")
+    endpoint = stack_up(plan, context, engine, _echo_err)
+    click.echo(f"{endpoint.url} serves {endpoint.model}")
+
+
+@main.command()
+@config_option
+@context_option
+@click.option("--volumes", is_flag=True, help="Also remove the volume definition (the model files stay where they are).")
+def down(config_path: str, out_dir: str | None, volumes: bool) -> None:
+    """Stop and remove the stack's containers."""
+    from builder.engine import DockerEngine
+
+    _config, _plan, context = _prepare_stack(config_path, out_dir)
+    args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
+    result = DockerEngine().compose(context / "compose.yaml", *args)
+    if result.returncode != 0:
+        raise BuilderError(f"docker compose down failed: {result.stderr.strip()}")
+    click.echo("stack removed" + (" (volume definition too; model files untouched)" if volumes else ""))
+
+
+@main.command()
+@config_option
+@context_option
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
+    """Each service's state, the model, the endpoint, the image."""
+    import json
+
+    from builder.engine import DockerEngine
+    from builder.stack import status as stack_status
+
+    _config, plan, context = _prepare_stack(config_path, out_dir)
+    report = stack_status(plan, context, DockerEngine())
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        return
+    click.echo(f"image     {report['image']} ({report['image_id'] or 'not built'})")
+    for name, service in report["services"].items():
+        state = service.get("state")
+        extra = f", exit {service['exit_code']}" if state == "exited" else ""
+        health = f", {service['health']}" if service.get("health") else ""
+        click.echo(f"{name:<9} {state}{extra}{health}")
+    listed = {True: "listed", False: "not listed", None: "endpoint not answering"}[report["model_listed"]]
+    click.echo(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
+
+
+@main.command()
+@config_option
+@context_option
+@click.argument("service", required=False, type=click.Choice(["merge", "create", "serve"]))
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--tail", default="all", show_default=True, help="Lines from the end of each log.")
+def logs(config_path: str, out_dir: str | None, service: str | None, follow: bool, tail: str) -> None:
+    """Show the logs of one service or all."""
+    from builder.engine import run_command
+    from builder.stack import compose_argv
+
+    _config, _plan, context = _prepare_stack(config_path, out_dir)
+    argv = compose_argv(context, "logs", "--no-color", "--tail", tail) + (["-f"] if follow else []) + ([service] if service else [])
+    result = run_command(argv, stream=True)
+    if result.returncode != 0:
+        raise BuilderError(f"docker compose logs failed (exit {result.returncode})")

@@ -127,6 +127,7 @@ class Serve:
     port: int
     bind: str
     env: tuple[tuple[str, str], ...]
+    ready_timeout: int = 1800
 
 
 @dataclass(frozen=True)
@@ -623,4 +624,4 @@ def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
             fail(("serve", "env", name), "must be one line (no newline or NUL characters)")
             continue
         env.append((name, text))
-    return Serve(serve["port"], bind, tuple(env))
+    return Serve(serve["port"], bind, tuple(env), serve["ready_timeout"])

@@ -99,5 +99,17 @@ class DockerEngine:
             raise BuilderError(f"docker build finished but {tag} is not in the engine")
         return image_id
 
+    def volume_options(self, name: str) -> dict[str, str] | None:
+        """The driver options of volume `name`, or None when there is none."""
+        from docker.errors import NotFound
+
+        try:
+            return dict(self._client.volumes.get(name).attrs.get("Options") or {})
+        except NotFound:
+            return None
+
+    def remove_volume(self, name: str) -> None:
+        self._client.volumes.get(name).remove()
+
     def compose(self, compose_file: Path, *args: str, stream: bool = False) -> CommandResult:
-        return run_command(["docker", "compose", "-f", str(compose_file), *args], stream=stream)
+        return run_command(["docker", "compose", "--ansi", "never", "-f", str(compose_file), *args], stream=stream)

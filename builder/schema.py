@@ -245,6 +245,11 @@ def config_schema() -> dict[str, Any]:
                 {
                     "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},
                     "bind": _str("Host address the port is published on (ollama has no authentication)."),
+                    "ready_timeout": {
+                        "description": "Seconds `builder up` waits for the endpoint (loading a 150 GB model takes a while).",
+                        "type": "integer",
+                        "minimum": 1,
+                    },
                     "env": {
                         "description": "Extra environment for ollama serve, e.g. OLLAMA_KEEP_ALIVE.",
                         "type": "object",
