@@ -156,10 +156,12 @@ class Config:
         return f"{self.image_name}:{self.image_tag}"
 
     def digest(self) -> str:
-        """sha256 of the config's meaning (not of where the file lies)."""
+        """sha256 of what in the config shapes the image: not where the model
+        lies, which GPUs serve it or on which port, so the same config gives
+        the same image on every machine."""
         data = asdict(self)
-        data.pop("source")
-        data.pop("cache_dir")  # where downloads sit does not change the image
+        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project"):
+            data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 

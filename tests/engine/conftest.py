@@ -1,24 +1,32 @@
-"""Fixtures for tests on the real engine: a base image bootstrapped from the
-Debian mirror by builder itself, and a product image built from a rendered
-context whose release trees are stand-ins (the ollama double and a
-placeholder llama-gguf-split) until the artifacts issue stages real ones."""
+"""Fixtures for tests on the real engine.
+
+Everything is real but ollama: release archives served from 127.0.0.1 (a
+llama.cpp zip holding llama-gguf-split compiled from source, an ollama tgz
+holding the ollama double), a base image bootstrapped from the Debian mirror
+by builder itself, shards written by gguf-py, Compose v2 running the stack.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from builder.cli import PRESETS_DIR
+from tests.fixtures.artifact_server import ArtifactServer
+from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
+from tests.fixtures.models import write_split_model
+from tests.fixtures.ollama_release import ollama_release_tgz
 from tests.helpers import run_builder
 
+OLLAMA_PATH = "/ollama/ollama/releases/download/v0.5.7/ollama-linux-amd64.tgz"
+LLAMA_PATH = "/ggml-org/llama.cpp/releases/download/b4610/llama-b4610-bin-ubuntu-x64.zip"
 NASTY_VALUE = 'a$b ${HOME} "q" `x` {{ y }} \\z'
-DOUBLE = Path(__file__).resolve().parent.parent / "doubles" / "ollama_double.py"
 
 
 def free_port() -> int:
@@ -34,90 +42,92 @@ def docker(*args: str, check: bool = True, timeout: int = 600) -> subprocess.Com
     return result
 
 
-class TinyStack:
-    """A tiny-preset project in a temporary folder, with its own name and port."""
+@pytest.fixture(scope="session")
+def release_server(docker_engine):
+    server = ArtifactServer(files={OLLAMA_PATH: ollama_release_tgz(), LLAMA_PATH: llama_cpp_release_zip().read_bytes()}).start()
+    yield server
+    server.stop()
 
-    def __init__(self, root: Path, gpus: str = "none"):
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+class TinyStack:
+    """A tiny-preset project in a temporary folder, with its own name, port and image tag."""
+
+    def __init__(self, root: Path, server: ArtifactServer, cache: Path, gpus: str = "none"):
         self.root = root
         self.project = f"bt-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
-        self.image_tag = self.project
         text = (PRESETS_DIR / "tiny.yaml").read_text(encoding="utf-8").replace("gpus: none", f"gpus: {gpus}")
         # serve is the preset's last block: give ollama a value that every
         # layer (YAML, Compose interpolation, the shell) would like to mangle.
         text += "  env:\n    BUILDER_TEST_NASTY: " + json.dumps(NASTY_VALUE) + "\n"
+        text += (
+            f"ollama:\n  url: {server.url}/ollama/ollama/releases/download/v{{version}}/ollama-linux-amd64.tgz\n"
+            f"llama_cpp:\n  url: {server.url}/ggml-org/llama.cpp/releases/download/{{build}}/llama-{{build}}-bin-ubuntu-x64.zip\n"
+        )
         self.config = root / "builder.yaml"
         self.config.write_text(text, encoding="utf-8")
-        (root / "models" / "tiny").mkdir(parents=True)
+        self.models = root / "models" / "tiny"
         self.env = {
             "BUILDER_PROJECT": self.project,
             "BUILDER_SERVE_PORT": str(self.port),
-            "BUILDER_IMAGE_TAG": self.image_tag,
+            "BUILDER_IMAGE_TAG": self.project,
+            "BUILDER_CACHE_DIR": str(cache),
+            "NO_PROXY": "127.0.0.1",
         }
         self.context = root / "context"
 
-    def builder(self, *args: str) -> subprocess.CompletedProcess:
-        return run_builder(*args, "-c", str(self.config), cwd=self.root, env=self.env)
+    def write_model(self, **kwargs) -> list[Path]:
+        return write_split_model(self.models, "tiny", 3, **kwargs)
+
+    def builder(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        return run_builder(*args, "-c", str(self.config), cwd=self.root, env=self.env, timeout=timeout)
 
     @property
     def image(self) -> str:
-        return f"builder-tiny:{self.image_tag}"
+        return f"builder-tiny:{self.project}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def compose(self, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
         return docker("compose", "-f", str(self.context / "compose.yaml"), *args, check=check, timeout=timeout)
 
-    def render_and_build(self) -> None:
-        result = self.builder("render")
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == str(self.context)
-        stage_stand_ins(self.context)
-        docker("buildx", "build", "--provenance=false", "-t", self.image, str(self.context))
+    def container(self, service: str) -> str | None:
+        ids = self.compose("ps", "-a", "-q", service).stdout.split()
+        return ids[0] if ids else None
 
     def inspect(self, service: str) -> dict:
-        ids = self.compose("ps", "-a", "-q", service).stdout.split()
-        assert len(ids) == 1, f"expected one {service} container, found {ids}"
-        return json.loads(docker("inspect", ids[0]).stdout)[0]
+        container = self.container(service)
+        assert container, f"no {service} container"
+        return json.loads(docker("inspect", container).stdout)[0]
+
+    def wait_for(self, predicate, seconds: float = 60, what: str = "condition") -> None:
+        deadline = time.time() + seconds
+        while not predicate():
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.2)
 
     def down(self) -> None:
         self.compose("down", "--volumes", "--remove-orphans", check=False)
         docker("image", "rm", "-f", self.image, check=False)
 
 
-def stage_stand_ins(context: Path) -> None:
-    """Put the ollama double and a placeholder llama-gguf-split where staging will."""
-    ollama = context / "staged" / "ollama"
-    (ollama / "bin").mkdir(parents=True, exist_ok=True)
-    (ollama / "lib" / "ollama").mkdir(parents=True, exist_ok=True)
-    (ollama / "lib" / "ollama" / "README.double").write_text("ollama's libraries would be here\n")
-    shutil.copy(DOUBLE, ollama / "bin" / "ollama")
-    (ollama / "bin" / "ollama").chmod(0o755)
-    bin_dir = context / "staged" / "llama.cpp" / "llama.cpp" / "build" / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    split = bin_dir / "llama-gguf-split"
-    split.write_text('#!/bin/sh\necho "llama-gguf-split placeholder: $*"\n')
-    split.chmod(0o755)
-
-
-@pytest.fixture(scope="session")
-def base_image(docker_engine, tmp_path_factory) -> str:
-    """The tiny preset's bootstrap base, built by `builder base` (cached by the engine)."""
-    root = tmp_path_factory.mktemp("base")
-    config = root / "builder.yaml"
-    shutil.copy(PRESETS_DIR / "tiny.yaml", config)
-    result = run_builder("base", "-c", str(config), cwd=root, timeout=900)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.split()[0]
-
-
 @pytest.fixture
-def tiny_stack(base_image, tmp_path):
-    stack = TinyStack(tmp_path)
+def tiny_stack(release_server, shared_cache, tmp_path):
+    stack = TinyStack(tmp_path, release_server, shared_cache)
     yield stack
     stack.down()
 
 
 @pytest.fixture
-def gpu_stack(base_image, tmp_path):
-    stack = TinyStack(tmp_path, gpus="all")
+def gpu_stack(release_server, shared_cache, tmp_path):
+    stack = TinyStack(tmp_path, release_server, shared_cache, gpus="all")
     yield stack
     stack.down()

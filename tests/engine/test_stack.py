@@ -1,8 +1,10 @@
-"""The rendered stack on the real engine and Compose v2."""
+"""The stack on the real engine: merge -> create -> serve, and what goes wrong."""
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -10,8 +12,8 @@ import pytest
 import yaml
 
 from builder.cli import preset_names
-from tests.engine.conftest import NASTY_VALUE, docker
-from tests.helpers import run_builder
+from tests.engine.conftest import NASTY_VALUE, TinyStack, docker
+from tests.helpers import run_builder, tree_snapshot
 
 pytestmark = pytest.mark.engine
 
@@ -22,13 +24,18 @@ def _time(value: str) -> datetime:
     return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}")
 
 
+def _get(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=10) as response:
+        return json.loads(response.read())
+
+
 @pytest.mark.parametrize("preset", preset_names())
 def test_compose_accepts_every_preset(preset: str, tmp_path: Path, docker_engine) -> None:
     assert run_builder("init", "--preset", preset, cwd=tmp_path).returncode == 0
     result = run_builder("render", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    config = docker("compose", "-f", str(tmp_path / "context" / "compose.yaml"), "config").stdout
-    resolved = yaml.safe_load(config)
+    resolved = yaml.safe_load(docker("compose", "-f", str(tmp_path / "context" / "compose.yaml"), "config").stdout)
     serve = resolved["services"]["serve"]
     assert resolved["services"]["create"]["depends_on"]["merge"]["condition"] == "service_completed_successfully"
     assert serve["depends_on"]["create"]["condition"] == "service_completed_successfully"
@@ -41,61 +48,124 @@ def test_compose_accepts_every_preset(preset: str, tmp_path: Path, docker_engine
         assert "deploy" not in serve
 
 
-def test_merge_then_create_then_serve(tiny_stack) -> None:
-    tiny_stack.render_and_build()
-    result = tiny_stack.compose("up", "-d", "--wait", "--wait-timeout", "120", check=False, timeout=300)
+def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None:
+    shards = tiny_stack.write_model()
+    result = tiny_stack.builder("up")
     assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{tiny_stack.url} serves tiny:latest"
     merge, create, serve = (tiny_stack.inspect(s) for s in ("merge", "create", "serve"))
     for one_shot in (merge, create):
         assert one_shot["State"]["Status"] == "exited" and one_shot["State"]["ExitCode"] == 0
-    assert serve["State"]["Running"] and serve["State"]["Health"]["Status"] == "healthy"
-    assert f"BUILDER_TEST_NASTY={NASTY_VALUE}" in serve["Config"]["Env"]
     assert _time(merge["State"]["FinishedAt"]) <= _time(create["State"]["StartedAt"])
     assert _time(create["State"]["FinishedAt"]) <= _time(serve["State"]["StartedAt"])
-    logs = tiny_stack.compose("logs", "--no-color", "merge", "create").stdout
-    assert "supervisor: merge:" in logs and "supervisor: create:" in logs
-    # The API is published on the loopback address only, at the configured port.
-    ports = serve["NetworkSettings"]["Ports"]["11434/tcp"]
-    assert ports == [{"HostIp": "127.0.0.1", "HostPort": str(tiny_stack.port)}]
-    import urllib.request
+    assert serve["State"]["Health"]["Status"] == "healthy"
+    assert f"BUILDER_TEST_NASTY={NASTY_VALUE}" in serve["Config"]["Env"]
+    assert serve["NetworkSettings"]["Ports"]["11434/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(tiny_stack.port)}]
+    # The merged file is beside the shards; ollama's store is on the same volume.
+    assert (tiny_stack.models / "tiny.gguf").is_file()
+    assert (tiny_stack.root / "models" / "ollama" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest").is_file()
+    tags = _get(f"{tiny_stack.url}/api/tags")
+    assert [m["name"] for m in tags["models"]] == ["tiny:latest"]
+    answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "hello", "stream": False})
+    assert "hello" in answer["response"] and answer["done"] is True
 
+    status = json.loads(tiny_stack.builder("status", "--json").stdout)
+    assert status["services"]["serve"]["state"] == "running" and status["model_listed"] is True
+    assert status["services"]["merge"]["exit_code"] == 0
+
+    started = time.monotonic()
+    again = tiny_stack.builder("up")
+    seconds = time.monotonic() - started
+    assert again.returncode == 0, again.stderr
+    assert "is up to date with its 3 shards; nothing to do" in again.stderr
+    assert "is up to date with /models/tiny/tiny.gguf and the Modelfile; nothing to do" in again.stderr
+    assert seconds < 20, f"a no-op up took {seconds:.1f} s"
+    assert tiny_stack.inspect("serve")["State"]["StartedAt"] == serve["State"]["StartedAt"], "serve must keep running"
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted(tiny_stack.models.glob("tiny-*"))]
+
+    logs = tiny_stack.builder("logs", "merge")
+    assert logs.returncode == 0 and "joining 3 shards" in logs.stdout
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "other-model"])
+def test_bad_shard_stops_the_stack_before_serve(tiny_stack: TinyStack, damage: str, tmp_path: Path) -> None:
+    from tests.fixtures.models import write_split_model
+
+    tiny_stack.write_model()
+    second = tiny_stack.models / "tiny-00002-of-00003.gguf"
+    if damage == "missing":
+        second.unlink()
+    elif damage == "truncated":
+        second.write_bytes(second.read_bytes()[:-4096])
+    else:
+        other = write_split_model(tmp_path / "other", "tiny", 3, blocks=6)
+        second.write_bytes(other[1].read_bytes())
+    before = tree_snapshot(tiny_stack.models)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: merge failed (exit 1): merge: ")
+    expected = {
+        "missing": "shard /models/tiny/tiny-00002-of-00003.gguf is missing",
+        "truncated": "shard /models/tiny/tiny-00002-of-00003.gguf is truncated",
+        "other-model": "a shard belongs to another model",
+    }[damage]
+    assert expected in last and "serve was not started" in last
+    assert tiny_stack.container("serve") is None and tiny_stack.container("create") is None
+    assert tree_snapshot(tiny_stack.models) == before
+
+
+def test_killed_merge_leaves_no_file_under_the_final_name(tiny_stack: TinyStack) -> None:
+    # Big enough that the merge takes a moment to kill.
+    tiny_stack.write_model(blocks=8, width=2048)
+    assert tiny_stack.builder("build").returncode == 0
+    tiny_stack.compose("up", "-d", "--no-deps", "merge")
+    tiny_stack.wait_for(
+        lambda: any(p.stat().st_size > 0 for p in tiny_stack.models.glob(".tiny.gguf.merging-*")), 120, "a partial merge"
+    )
+    docker("kill", tiny_stack.container("merge"))
+    assert not (tiny_stack.models / "tiny.gguf").exists()
+    assert list(tiny_stack.models.glob(".tiny.gguf.merging-*")), "the kill should have left the temporary file"
+    result = tiny_stack.builder("up")
+    assert result.returncode == 0, result.stderr
+    assert "removed .tiny.gguf.merging-" in result.stderr
+    assert list(tiny_stack.models.glob(".tiny.gguf.merging-*")) == []
+    assert (tiny_stack.models / "tiny.gguf").is_file()
+
+
+def test_killed_ollama_comes_back(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    container = tiny_stack.container("serve")
+    kill = (
+        "import os, signal\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "    if cmd[:1] == [b'/usr/local/bin/ollama'] or (len(cmd) > 1 and cmd[1].endswith(b'/usr/local/bin/ollama')):\n"
+        "        os.kill(int(pid), signal.SIGKILL); print('killed', pid)\n"
+    )
+    out = docker("exec", container, "python3", "-c", kill).stdout
+    assert out.startswith("killed")
     deadline = time.time() + 30
     while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{tiny_stack.port}/", timeout=5) as response:
-                assert response.read() == b"Ollama is running"
+            if [m["name"] for m in _get(f"{tiny_stack.url}/api/tags")["models"]] == ["tiny:latest"]:
                 break
         except OSError:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
+            pass
+        assert time.time() < deadline, "ollama did not come back within 30 s"
+        time.sleep(0.5)
+    logs = tiny_stack.compose("logs", "serve").stdout
+    assert "restart 1 of 5" in logs
+    assert tiny_stack.inspect("serve")["RestartCount"] == 0, "the supervisor, not Docker, restarted it"
 
 
-def test_image_carries_labels_and_env(tiny_stack) -> None:
-    tiny_stack.render_and_build()
-    info = docker("image", "inspect", tiny_stack.image).stdout
-    import json
-
-    config = json.loads(info)[0]["Config"]
-    labels = config["Labels"]
-    assert labels["io.builder.ollama.version"] == "0.5.7"
-    assert labels["io.builder.llama-cpp.build"] == "b4610"
-    assert len(labels["io.builder.config.sha256"]) == 64
-    env = dict(item.split("=", 1) for item in config["Env"])
-    assert env["LD_LIBRARY_PATH"] == "/opt/llama.cpp/build/bin"
-    assert env["OLLAMA_MODELS"] == "/models/ollama"
-    assert config["Entrypoint"] == ["python3", "-m", "supervisor"]
-    # The placeholder llama-gguf-split is on PATH; the double answers --version.
-    out = docker("run", "--rm", "--entrypoint", "llama-gguf-split", tiny_stack.image, "--help").stdout
-    assert "placeholder" in out
-    out = docker("run", "--rm", "--entrypoint", "ollama", tiny_stack.image, "--version").stdout
-    assert "0.5.7" in out
-
-
-def test_gpu_request_reaches_the_engine(gpu_stack) -> None:
-    gpu_stack.render_and_build()
-    result = gpu_stack.compose("up", "-d", check=False, timeout=300)
-    assert result.returncode != 0
-    assert 'could not select device driver "nvidia" with capabilities: [[gpu]]' in result.stderr
-    # merge and create, which ask for no GPU, still ran to completion first.
+def test_gpu_request_reaches_the_engine(gpu_stack: TinyStack) -> None:
+    gpu_stack.write_model()
+    result = gpu_stack.builder("up")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: serve did not start: ")
+    assert 'could not select device driver "nvidia" with capabilities: [[gpu]]' in last
+    assert last.endswith("the NVIDIA container toolkit is missing on this host (or set gpus: none)")
     assert gpu_stack.inspect("create")["State"]["ExitCode"] == 0
