@@ -1,66 +1,2201 @@
 #!/usr/bin/env python3
-"""A DOUBLE of the ollama binary, for tests only: no ollama binary can be had here.
+"""A DOUBLE of the ollama v0.5.7 binary, for tests only: it is NOT ollama.
 
-It stands in for `ollama` v0.5.7 where builder touches it, following ollama's
-documented HTTP API. This first cut answers `--version` and runs `serve`
-with `GET|HEAD /` ("Ollama is running") and `GET /api/version`; the artifacts
-issue grows it into the full double (blobs, create, tags, show, generate).
-Standard library only: it runs inside the test image.
+No ollama binary can be had where builder's tests run, so this one file stands
+in for `/usr/local/bin/ollama` in the test image. It copies ollama v0.5.7's
+behaviour where builder touches it, as read from ollama's source at tag v0.5.7
+(cmd/cmd.go, api/, parser/parser.go, server/create.go, routes.go, images.go,
+manifest.go, layer.go, envconfig/):
+
+* `ollama serve` (alias `start`) binds OLLAMA_HOST, keeps models under
+  OLLAMA_MODELS in ollama's layout (blobs/sha256-HEX and
+  manifests/registry.ollama.ai/library/NAME/TAG), renames `sha256:HEX` blobs
+  at start and, unless OLLAMA_NOPRUNE is set, prunes unreferenced or
+  misnamed blobs. HTTP: / , /api/version, /api/tags, /api/ps, /api/show,
+  HEAD|POST /api/blobs/:digest, /api/create, /api/generate, /api/delete.
+* The client: `create NAME [-f Modelfile] [-q TYPE]`, `list|ls [PREFIX]`,
+  `show NAME [--modelfile|--parameters|--template|--system|--license]`,
+  `rm NAME...`, `-v|--version`. It talks to the server over HTTP as the real
+  client does (HEAD / first; blobs are POSTed with no HEAD before them) and
+  parses Modelfiles with a port of ollama's parser state machine.
+
+Where it knowingly differs from ollama:
+* It runs no model: /api/generate answers "[ollama double] NAME heard: PROMPT".
+* A GGUF blob only needs the b"GGUF" magic. The header (key/values, tensor
+  shapes) is decoded when it can be, else left empty: real ollama refuses a
+  file that does not decode. No chat template is autodetected from the GGUF,
+  TEMPLATE text is not checked as a Go template, nothing is pulled from a
+  registry (a FROM naming a model that is not local fails with a
+  "pull model manifest" error), quantizing is refused, safetensors are not
+  converted.
+* Maps ollama iterates in random order (parameters in `show`) come sorted.
+* Request lines go to stderr (gin writes its [GIN] lines to stdout), and each
+  pruned blob is logged by name (ollama logs only the counts).
+* `--version` adds a line saying this is the double. No key pair is written.
+* Unimplemented ollama commands and routes (run, pull, push, cp, ps, stop;
+  /api/chat, /api/embed, /api/pull, /api/push, /api/copy, /v1/...) fail.
+Standard library only, Python 3.10+: it runs inside the test image.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
+import hashlib
+import http.client
 import json
 import os
+import re
+import select
+import signal
+import socket
+import struct
 import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import urllib.parse
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 VERSION = "0.5.7"
+DOUBLE_NOTE = "ollama double: a test stand-in for ollama 0.5.7, not the real ollama"
+CHUNK = 1 << 20  # 1 MiB: files are hashed and streamed in pieces this size
+
+MT_MODEL = "application/vnd.ollama.image.model"
+MT_ADAPTER = "application/vnd.ollama.image.adapter"
+MT_PROJECTOR = "application/vnd.ollama.image.projector"
+MT_TEMPLATE = "application/vnd.ollama.image.template"
+MT_PROMPT = "application/vnd.ollama.image.prompt"  # legacy name of template
+MT_SYSTEM = "application/vnd.ollama.image.system"
+MT_LICENSE = "application/vnd.ollama.image.license"
+MT_PARAMS = "application/vnd.ollama.image.params"
+MT_MESSAGES = "application/vnd.ollama.image.messages"
+MT_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+DEFAULT_TEMPLATE = "{{ .Prompt }}"
+DIGEST_RE = re.compile(r"^sha256[:-][0-9a-fA-F]{64}$")
+
+
+class OllamaError(Exception):
+    """An error with ollama's message and, for the server, an HTTP status."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+# --------------------------------------------------------------------------
+# Environment (envconfig/config.go)
+
+
+def env_var(key: str) -> str:
+    """envconfig.Var: the value, spaces and surrounding quotes trimmed."""
+    return os.environ.get(key, "").strip().strip("\"'")
+
+
+def env_bool(key: str) -> bool:
+    """envconfig.Bool: unset or empty is false; a value ParseBool cannot read is true."""
+    value = env_var(key)
+    if not value:
+        return False
+    parsed = parse_go_bool(value)
+    return True if parsed is None else parsed
+
+
+def ollama_host() -> tuple[str, str, int]:
+    """envconfig.Host: (scheme, host, port) from OLLAMA_HOST."""
+    default_port = "11434"
+    value = env_var("OLLAMA_HOST")
+    scheme, sep, hostport = value.partition("://")
+    if not sep:
+        scheme, hostport = "http", value
+    elif scheme == "http":
+        default_port = "80"
+    elif scheme == "https":
+        default_port = "443"
+    hostport = hostport.split("/", 1)[0]
+    split = split_host_port(hostport)
+    if split is None:
+        host, port = "127.0.0.1", default_port
+        if hostport:
+            host = hostport.strip("[]") if ":" in hostport else hostport
+    else:
+        host, port = split
+    if not re.fullmatch(r"[+-]?[0-9]+", port) or not 0 <= int(port) <= 65535:
+        port = default_port
+    return scheme, host, int(port)
+
+
+def split_host_port(hostport: str) -> tuple[str, str] | None:
+    """net.SplitHostPort, or None where it fails."""
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0 or hostport[end + 1 : end + 2] != ":":
+            return None
+        return hostport[1:end], hostport[end + 2 :]
+    if hostport.count(":") != 1:
+        return None
+    host, _, port = hostport.partition(":")
+    return host, port
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def models_dir() -> str:
+    return env_var("OLLAMA_MODELS") or os.path.join(os.path.expanduser("~"), ".ollama", "models")
+
+
+# --------------------------------------------------------------------------
+# Go formatting: JSON numbers, %v, %#v, times, human sizes
+
+
+class F32(float):
+    """A float32 value (api.FormatParams types them so): JSON gets float32's shortest digits."""
+
+
+def parse_go_bool(text: str) -> bool | None:
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    return None
+
+
+def _to_f32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _shortest(value: float, bits: int) -> tuple[str, int]:
+    """(digits, dp) with value == 0.DIGITS * 10**dp, shortest digits that round-trip."""
+    if bits == 32:
+        target = _to_f32(value)
+        text = repr(target)
+        for precision in range(1, 10):
+            candidate = f"{target:.{precision}e}"
+            if _to_f32(float(candidate)) == target:
+                text = candidate
+                break
+    else:
+        text = repr(value)
+    _sign, digit_tuple, exponent = decimal.Decimal(text).as_tuple()
+    digits = "".join(map(str, digit_tuple)).lstrip("0")  # leading zeros do not move the point
+    while digits.endswith("0"):
+        digits = digits[:-1]
+        exponent += 1
+    return digits or "0", len(digits) + exponent if digits else 1
+
+
+def _fmt_f(digits: str, dp: int) -> str:
+    if dp <= 0:
+        return "0." + "0" * (-dp) + digits
+    if dp >= len(digits):
+        return digits + "0" * (dp - len(digits))
+    return digits[:dp] + "." + digits[dp:]
+
+
+def _fmt_e(digits: str, dp: int) -> str:
+    exp = dp - 1
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{mantissa}e{'-' if exp < 0 else '+'}{abs(exp):02d}"
+
+
+def go_json_float(value: float, bits: int = 64) -> str:
+    """encoding/json's float encoding: shortest digits, 'e' only below 1e-6 or from 1e21."""
+    if value != value or value in (float("inf"), float("-inf")):
+        raise OllamaError(f"json: unsupported value: {go_v_float(value)}")
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    magnitude = abs(_to_f32(value) if bits == 32 else value)
+    digits, dp = _shortest(magnitude, bits)
+    if magnitude < 1e-6 or magnitude >= 1e21:
+        text = _fmt_e(digits, dp)
+        if len(text) >= 4 and text[-4] == "e" and text[-3] == "-" and text[-2] == "0":
+            text = text[:-2] + text[-1]
+        return sign + text
+    return sign + _fmt_f(digits, dp)
+
+
+def go_v_float(value: float) -> str:
+    """fmt's %v of a float64: strconv 'g' with the shortest digits (1e+06 from a million)."""
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "0"
+    sign = "-" if value < 0 else ""
+    digits, dp = _shortest(abs(value), 64)
+    exp = dp - 1
+    if exp < -4 or exp >= 6:
+        return sign + _fmt_e(digits, dp)
+    return sign + _fmt_f(digits, dp)
+
+
+def go_is_print(char: str) -> bool:
+    """strconv.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space."""
+    return char == " " or unicodedata.category(char)[0] in "LMNPS"
+
+
+def go_quote(text: str) -> str:
+    """strconv.Quote (what %#v prints for a string)."""
+    escapes = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t", "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+    out = []
+    for char in text:
+        if char in escapes:
+            out.append(escapes[char])
+        elif go_is_print(char):
+            out.append(char)
+        elif ord(char) < 0x80:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return '"' + "".join(out) + '"'
+
+
+def go_v(value) -> str:
+    """fmt's %v of a JSON-decoded value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return go_v_float(float(value))
+    if value is None:
+        return "<nil>"
+    if isinstance(value, list):
+        return "[" + " ".join(go_v(v) for v in value) + "]"
+    return str(value)
+
+
+def go_sharp_v(value) -> str:
+    """fmt's %#v of a JSON-decoded scalar."""
+    if isinstance(value, str):
+        return go_quote(value)
+    return go_v(value)
+
+
+def _go_json_string(text: str) -> str:
+    out = json.dumps(text, ensure_ascii=False)
+    # encoding/json escapes HTML characters and the JavaScript line separators.
+    return (
+        out.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+    )
+
+
+def go_json(value) -> str:
+    """encoding/json's compact output. Dicts keep their order (pass maps sorted)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, F32):
+        return go_json_float(value, 32)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return go_json_float(value, 64)
+    if isinstance(value, str):
+        return _go_json_string(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{_go_json_string(str(k))}:{go_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(go_json(v) for v in value) + "]"
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def go_map(value: dict) -> dict:
+    """A Go map as encoding/json writes it: keys sorted."""
+    return {k: value[k] for k in sorted(value)}
+
+
+def go_time(seconds: int, nanos: int, utc: bool = False) -> str:
+    """time.Time in JSON (RFC 3339 with trimmed nanoseconds), local time unless utc."""
+    moment = _dt.datetime.fromtimestamp(seconds, tz=_dt.timezone.utc)
+    if not utc:
+        moment = moment.astimezone()
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    if nanos:
+        text += "." + f"{nanos:09d}".rstrip("0")
+    offset = moment.utcoffset() or _dt.timedelta(0)
+    if offset == _dt.timedelta(0):
+        return text + "Z"
+    total = int(offset.total_seconds()) // 60
+    sign = "-" if total < 0 else "+"
+    return f"{text}{sign}{abs(total) // 60:02d}:{abs(total) % 60:02d}"
+
+
+def now_go_time() -> str:
+    ns = time.time_ns()
+    return go_time(ns // 1_000_000_000, ns % 1_000_000_000, utc=True)
+
+
+def mtime_go_time(path: str) -> str:
+    ns = os.stat(path).st_mtime_ns
+    return go_time(ns // 1_000_000_000, ns % 1_000_000_000)
+
+
+def parse_go_time(text: str) -> float:
+    """Seconds since the epoch from an RFC 3339 time as ollama writes it."""
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", text)
+    if not match:
+        return 0.0
+    base, frac, zone = match.groups()
+    zone = "+00:00" if zone == "Z" else zone
+    moment = _dt.datetime.fromisoformat(base + zone)
+    return moment.timestamp() + (float("0." + frac) if frac else 0.0)
+
+
+def go_duration(ns: int) -> str:
+    """time.Duration's String, as gin prints latencies."""
+    if ns < 1000:
+        return f"{ns}ns"
+    for unit, size in (("µs", 1_000), ("ms", 1_000_000)):
+        if ns < size * 1000:
+            return f"{ns / size:.6f}".rstrip("0").rstrip(".") + unit
+    return f"{ns / 1e9:.9f}".rstrip("0").rstrip(".") + "s"
+
+
+def human_bytes(size: int) -> str:
+    """format.HumanBytes (decimal units)."""
+    for unit, scale in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= scale:
+            value = size / scale
+            if value >= 10 or value == int(value):
+                return f"{int(value)} {unit}"
+            return f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+def human_number(count: int) -> str:
+    """format.HumanNumber (8.0B style parameter sizes)."""
+    for suffix, scale, decimals in (("B", 10**9, 1), ("M", 10**6, 2)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.0f}{suffix}" if value == int(value) else f"{value:.{decimals}f}{suffix}"
+    if count >= 1000:
+        return f"{count / 1000:.0f}K"
+    return str(count)
+
+
+def human_time(seconds_since_epoch: float, zero: str = "Never") -> str:
+    """format.HumanTime ("2 minutes ago")."""
+    if not seconds_since_epoch:
+        return zero
+    delta = time.time() - seconds_since_epoch
+    if delta < 0:
+        return _human_duration(-delta) + " from now"
+    return _human_duration(delta) + " ago"
+
+
+def _human_duration(seconds_f: float) -> str:
+    seconds = int(seconds_f)
+    if seconds < 1:
+        return "Less than a second"
+    if seconds == 1:
+        return "1 second"
+    if seconds < 60:
+        return f"{seconds} seconds"
+    minutes = int(seconds_f / 60)
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(seconds_f / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds_f / 3600) // 24 // 365} years"
+
+
+# --------------------------------------------------------------------------
+# Model names (types/model/name.go)
+
+
+class Name:
+    def __init__(self, host: str = "", namespace: str = "", model: str = "", tag: str = ""):
+        self.host, self.namespace, self.model, self.tag = host, namespace, model, tag
+
+    @classmethod
+    def parse(cls, text: str) -> "Name":
+        """model.ParseName: the bare parts merged with the defaults."""
+        name = cls()
+
+        def cut(s: str, sep: str) -> tuple[str, str, bool]:
+            index = s.rfind(sep)
+            if index < 0:
+                return s, "", False
+            return s[:index] or "!MISSING!", s[index + len(sep) :] or "!MISSING!", True
+
+        s = text
+        if s.rfind(":") > s.rfind("/"):
+            s, name.tag, _ = cut(s, ":")
+        s, name.model, promised = cut(s, "/")
+        if not promised:
+            name.model = s
+        else:
+            s, name.namespace, promised = cut(s, "/")
+            if not promised:
+                name.namespace = s
+            else:
+                scheme, sep, host = s.partition("://")
+                name.host = host if sep else scheme
+        name.host = name.host or DEFAULT_HOST
+        name.namespace = name.namespace or DEFAULT_NAMESPACE
+        name.tag = name.tag or DEFAULT_TAG
+        return name
+
+    @staticmethod
+    def _valid_part(kind: str, part: str) -> bool:
+        if not 1 <= len(part) <= (350 if kind == "host" else 80):
+            return False
+        for index, char in enumerate(part):
+            word = char.isascii() and (char.isalnum() or char == "_")
+            if index == 0:
+                if not word:
+                    return False
+            elif char in "_-":
+                continue
+            elif char == ".":
+                if kind == "namespace":
+                    return False
+            elif char == ":":
+                if kind != "host":
+                    return False
+            elif not word:
+                return False
+        return True
+
+    def is_valid(self) -> bool:
+        return all(
+            self._valid_part(kind, part)
+            for kind, part in (("host", self.host), ("namespace", self.namespace), ("model", self.model), ("tag", self.tag))
+        )
+
+    def filepath(self) -> str:
+        return os.path.join(self.host, self.namespace, self.model, self.tag)
+
+    def display_shortest(self) -> str:
+        if self.host.lower() != DEFAULT_HOST:
+            prefix = f"{self.host}/{self.namespace}/"
+        elif self.namespace.lower() != DEFAULT_NAMESPACE:
+            prefix = f"{self.namespace}/"
+        else:
+            prefix = ""
+        return f"{prefix}{self.model}:{self.tag}"
+
+    def short_tagname(self) -> str:
+        """ModelPath.GetShortTagname (the `# FROM` hint in show's Modelfile)."""
+        if self.host == DEFAULT_HOST:
+            if self.namespace == DEFAULT_NAMESPACE:
+                return f"{self.model}:{self.tag}"
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.host, self.namespace, self.model, self.tag)
+
+
+# --------------------------------------------------------------------------
+# The store: blobs, layers and manifests (server/modelpath.go, layer.go, manifest.go, images.go)
+
+
+def blobs_dir() -> str:
+    path = os.path.join(models_dir(), "blobs")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def manifests_dir() -> str:
+    path = os.path.join(models_dir(), "manifests")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def blob_path(digest: str) -> str:
+    """GetBlobsPath: only sha256[:-]HEX digests; `:` becomes `-` on disk."""
+    if not DIGEST_RE.match(digest):
+        raise OllamaError("invalid digest format", 400)
+    return os.path.join(blobs_dir(), digest.replace(":", "-"))
+
+
+def new_layer(chunks, media_type: str) -> dict:
+    """NewLayer: stream into a temp file in blobs/ while hashing, then rename it to its digest."""
+    fd, temp = tempfile.mkstemp(prefix="sha256-", dir=blobs_dir())
+    sha = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            for chunk in chunks:
+                sha.update(chunk)
+                handle.write(chunk)
+                size += len(chunk)
+        digest = "sha256:" + sha.hexdigest()
+        path = blob_path(digest)
+        status = "using existing layer"
+        if not os.path.exists(path):
+            status = "creating new layer"
+            os.replace(temp, path)
+            os.chmod(path, 0o644)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return {"mediaType": media_type, "digest": digest, "size": size, "status": f"{status} {digest}"}
+
+
+def go_os_error(exc: OSError) -> str:
+    """An OSError as Go's os package words it ("open /x: no such file or directory")."""
+    reason = (exc.strerror or str(exc))
+    reason = reason[:1].lower() + reason[1:]
+    return f"open {exc.filename}: {reason}" if exc.filename else reason
+
+
+def new_layer_from_bytes(data: bytes, media_type: str) -> dict:
+    return new_layer([data], media_type)
+
+
+def new_layer_from_layer(digest: str, media_type: str, origin: str) -> dict:
+    path = blob_path(digest)
+    size = os.stat(path).st_size
+    layer = {"mediaType": media_type, "digest": digest, "size": size}
+    if origin:
+        layer["from"] = origin
+    layer["status"] = f"using existing layer {digest}"
+    return layer
+
+
+def layer_json(layer: dict) -> dict:
+    out = {"mediaType": layer["mediaType"], "digest": layer["digest"], "size": layer["size"]}
+    if layer.get("from"):
+        out["from"] = layer["from"]
+    return out
+
+
+class Manifest:
+    def __init__(self, name: Name, path: str, data: dict, digest: str):
+        self.name, self.path, self.data, self.digest = name, path, data, digest
+
+    @property
+    def layers(self) -> list[dict]:
+        return list(self.data.get("layers") or [])
+
+    @property
+    def config(self) -> dict:
+        return self.data.get("config") or {}
+
+    def all_layers(self) -> list[dict]:
+        return self.layers + [self.config]
+
+    def size(self) -> int:
+        return sum(int(layer.get("size") or 0) for layer in self.all_layers())
+
+    def mtime(self) -> float:
+        return os.stat(self.path).st_mtime
+
+
+def read_manifest(name: Name) -> Manifest:
+    """ParseNamedManifest: FileNotFoundError when the model is absent."""
+    path = os.path.join(manifests_dir(), name.filepath())
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError(f"json: cannot unmarshal {type(data).__name__} into Go value of type server.Manifest")
+    return Manifest(name, path, data, hashlib.sha256(raw).hexdigest())
+
+
+def list_manifests(continue_on_error: bool) -> dict[tuple, Manifest]:
+    """Manifests(): every manifests/*/*/*/* file."""
+    root = manifests_dir()
+    found: dict[tuple, Manifest] = {}
+    for host in sorted(os.listdir(root)):
+        for level1 in _subdirs(os.path.join(root, host)):
+            for level2 in _subdirs(os.path.join(root, host, level1)):
+                base = os.path.join(root, host, level1, level2)
+                for tag in sorted(os.listdir(base)):
+                    if os.path.isdir(os.path.join(base, tag)):
+                        continue
+                    name = Name(host, level1, level2, tag)
+                    if not name.is_valid():
+                        if not continue_on_error:
+                            raise OllamaError(f"{os.path.join(host, level1, level2, tag)} is not a valid model name")
+                        log("WARN", "bad manifest name", path=os.path.join(host, level1, level2, tag))
+                        continue
+                    try:
+                        found[name.key()] = read_manifest(name)
+                    except (OSError, ValueError) as exc:
+                        if not continue_on_error:
+                            raise OllamaError(f"{name.display_shortest()} {exc}") from exc
+                        log("WARN", "bad manifest", name=name.display_shortest(), error=str(exc))
+    return found
+
+
+def _subdirs(path: str) -> list[str]:
+    if not os.path.isdir(path):
+        return []
+    return sorted(entry for entry in os.listdir(path) if os.path.isdir(os.path.join(path, entry)))
+
+
+def existing_name(name: Name) -> Name:
+    """getExistingName: adopt the case of parts that match a stored model's."""
+    result = Name(*name.key())
+    for key in list_manifests(True):
+        host, namespace, model, tag = key
+        if host.lower() == result.host.lower():
+            result.host = host
+        if namespace.lower() == result.namespace.lower():
+            result.namespace = namespace
+        if model.lower() == result.model.lower():
+            result.model = model
+        if tag.lower() == result.tag.lower():
+            result.tag = tag
+    return result
+
+
+def write_manifest(name: Name, config: dict, layers: list[dict]) -> None:
+    path = os.path.join(manifests_dir(), name.filepath())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    body = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": layer_json(config), "layers": [layer_json(l) for l in layers]}
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(go_json(body) + "\n")
+
+
+def remove_layer_blob(digest: str) -> None:
+    """Layer.Remove: delete the blob unless some manifest still uses it."""
+    if not digest:
+        return
+    for manifest in list_manifests(True).values():
+        if any(layer.get("digest") == digest for layer in manifest.all_layers()):
+            return
+    os.remove(blob_path(digest))
+
+
+def remove_manifest_layers(manifest: Manifest) -> None:
+    for layer in manifest.all_layers():
+        if layer.get("digest"):
+            try:
+                remove_layer_blob(layer["digest"])
+            except FileNotFoundError:
+                pass
+
+
+def prune_directory(path: str) -> None:
+    """PruneDirectory: remove empty directories, bottom up (the root too)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        for entry in os.listdir(path):
+            prune_directory(os.path.join(path, entry))
+        if not os.listdir(path):
+            os.rmdir(path)
+
+
+def fix_blobs(directory: str) -> None:
+    """fixBlobs: rename sha256:HEX to sha256-HEX anywhere under blobs/."""
+    for parent, dirs, files in os.walk(directory):
+        for entry in files + dirs:
+            kind, sep, rest = entry.partition(":")
+            if sep and kind == "sha256":
+                os.rename(os.path.join(parent, entry), os.path.join(parent, f"sha256-{rest}"))
+
+
+def prune_layers() -> None:
+    """PruneLayers: drop blobs/ entries that are not digests, then blobs no manifest uses."""
+    directory = blobs_dir()
+    candidates: dict[str, str] = {}
+    for entry in sorted(os.listdir(directory)):
+        digest = entry.replace("-", ":")
+        if not DIGEST_RE.match(digest):
+            try:
+                os.remove(os.path.join(directory, entry))
+                log("INFO", "ollama double: removed invalid blob", blob=entry)
+            except OSError as exc:
+                log("ERROR", "couldn't remove blob", blob=entry, error=str(exc))
+            continue
+        candidates[digest] = entry
+    log("INFO", f"total blobs: {len(candidates)}")
+    for manifest in list_manifests(True).values():
+        for layer in manifest.layers:
+            candidates.pop(layer.get("digest", ""), None)
+        candidates.pop(manifest.config.get("digest", ""), None)
+    for digest, entry in sorted(candidates.items()):
+        try:
+            os.remove(os.path.join(directory, entry))
+            log("INFO", "ollama double: removed unused blob", blob=entry)
+        except OSError as exc:
+            log("INFO", f"couldn't remove file '{os.path.join(directory, entry)}': {exc}")
+    log("INFO", f"total unused blobs removed: {len(candidates)}")
+
+
+# --------------------------------------------------------------------------
+# GGUF headers (llm/gguf.go), read leniently
+
+
+FILE_TYPES = [
+    "F32", "F16", "Q4_0", "Q4_1", "Q4_1_F16", "Q4_2", "Q4_3", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M",
+    "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "IQ2_XXS", "IQ2_XS", "Q2_K_S", "IQ3_XS", "IQ3_XXS",
+    "IQ1_S", "IQ4_NL", "IQ3_S", "IQ3_M", "IQ2_S", "IQ2_M", "IQ4_XS", "IQ1_M", "BF16",
+]
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def is_gguf(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"GGUF"
+
+
+def read_gguf_kv(path: str, max_array: int = 5) -> dict:
+    """The header's key/values plus general.parameter_count from the tensor shapes.
+
+    Arrays longer than max_array come back empty (show does the same when not
+    verbose). Whatever cannot be decoded is left out: a file need only start
+    with b"GGUF" here, where ollama would refuse it.
+    """
+    kv: dict = {}
+    try:
+        with open(path, "rb") as handle:
+            reader = _GGUFReader(handle)
+            if handle.read(4) != b"GGUF":
+                return kv
+            version = reader.scalar("<I")
+            if version not in (1, 2, 3):
+                return kv
+            reader.v1 = version == 1
+            count_fmt = "<I" if version == 1 else "<Q"
+            tensors = reader.scalar(count_fmt)
+            entries = reader.scalar(count_fmt)
+            if entries > 1 << 20 or tensors > 1 << 24:
+                return kv
+            for _ in range(entries):
+                key = reader.string()
+                kv[key] = reader.value(reader.scalar("<I"), max_array)
+            parameters = 0
+            for _ in range(tensors):
+                reader.string()
+                dims = reader.scalar("<I")
+                if dims > 8:
+                    raise ValueError("too many dimensions")
+                count = 1
+                for _ in range(dims):
+                    count *= reader.scalar("<Q")
+                reader.scalar("<I")
+                reader.scalar("<Q")
+                parameters += count
+            kv["general.parameter_count"] = parameters
+    except (OSError, ValueError, struct.error, UnicodeDecodeError):
+        pass
+    return kv
+
+
+class _GGUFReader:
+    def __init__(self, handle):
+        self.handle = handle
+        self.v1 = False
+
+    def scalar(self, fmt: str):
+        size = struct.calcsize(fmt)
+        data = self.handle.read(size)
+        if len(data) != size:
+            raise ValueError("short read")
+        return struct.unpack(fmt, data)[0]
+
+    def string(self) -> str:
+        length = self.scalar("<I" if self.v1 else "<Q")
+        if length > 1 << 26:
+            raise ValueError("string too long")
+        data = self.handle.read(length)
+        if len(data) != length:
+            raise ValueError("short read")
+        return data.decode("utf-8", errors="replace")
+
+    def value(self, kind: int, max_array: int):
+        if kind == 6:
+            return F32(self.scalar("<f"))  # KV keeps float32s; JSON writes their shortest digits
+        if kind in _GGUF_SCALARS:
+            return self.scalar(_GGUF_SCALARS[kind])
+        if kind == 8:
+            return self.string()
+        if kind == 9:
+            item_kind = self.scalar("<I")
+            count = self.scalar("<I" if self.v1 else "<Q")
+            if count > max_array:
+                if item_kind in _GGUF_SCALARS:
+                    self.handle.seek(count * struct.calcsize(_GGUF_SCALARS[item_kind]), os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        self.value(item_kind, 0)
+                return []
+            return [self.value(item_kind, max_array) for _ in range(count)]
+        raise ValueError(f"invalid type {kind}")
+
+
+def kv_architecture(kv: dict) -> str:
+    value = kv.get("general.architecture")
+    return value if isinstance(value, str) else "unknown"
+
+
+def kv_u64(kv: dict, key: str) -> int:
+    value = kv.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def kv_file_type(kv: dict) -> str:
+    number = kv_u64(kv, "general.file_type") & 0xFFFFFFFF
+    if 0 < number < len(FILE_TYPES):
+        return FILE_TYPES[number]
+    return "unknown"
+
+
+def kv_media_type(kv: dict) -> str:
+    kind = kv.get("general.type")
+    if kind == "adapter":
+        return MT_ADAPTER
+    if f"{kv_architecture(kv)}.vision.block_count" in kv or kind == "projector":
+        return MT_PROJECTOR
+    return MT_MODEL
+
+
+# --------------------------------------------------------------------------
+# Modelfiles (parser/parser.go): a port of ParseFile's state machine
+
+
+COMMANDS = ("from", "license", "template", "system", "adapter", "parameter", "message")
+ERR_INVALID_COMMAND = 'command must be one of "from", "license", "template", "system", "adapter", "parameter", or "message"'
+ERR_INVALID_ROLE = 'message role must be one of "system", "user", or "assistant"'
+_GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+_NIL, _NAME, _VALUE, _PARAMETER, _MESSAGE, _COMMENT = range(6)
+
+
+def _unquote(text: str) -> tuple[str, bool]:
+    if text.startswith('"""'):
+        if len(text) >= 6 and text.endswith('"""'):
+            return text[3:-3], True
+        return "", False
+    if text.startswith('"'):
+        if len(text) >= 2 and text.endswith('"'):
+            return text[1:-1], True
+        return "", False
+    return text, True
+
+
+def _alpha(char: str) -> bool:
+    return "a" <= char <= "z" or "A" <= char <= "Z"
+
+
+def _next_state(char: str, state: int) -> tuple[int, str | None, str | None]:
+    """parseRuneForState: (next state, rune to keep or None, error or None)."""
+    space, newline = char in " \t", char in "\r\n"
+    if state == _NIL:
+        if char == "#":
+            return _COMMENT, None, None
+        if space or newline:
+            return _NIL, None, None
+        return _NAME, char, None
+    if state == _NAME:
+        if _alpha(char):
+            return _NAME, char, None
+        if space:
+            return _VALUE, None, None
+        return _NIL, None, "invalid"
+    if state == _VALUE:
+        if newline or space:
+            return _NIL, char, None
+        return _VALUE, char, None
+    if state == _PARAMETER:
+        if _alpha(char) or "0" <= char <= "9" or char == "_":
+            return _PARAMETER, char, None
+        if space:
+            return _VALUE, None, None
+        return _NIL, None, "eof"
+    if state == _MESSAGE:
+        if _alpha(char):
+            return _MESSAGE, char, None
+        if space:
+            return _VALUE, None, None
+        return _NIL, None, "eof"
+    if newline:  # _COMMENT
+        return _NIL, None, None
+    return _COMMENT, None, None
+
+
+def decode_modelfile(data: bytes) -> str:
+    """UTF-8 (a BOM dropped) or, behind a BOM, UTF-16, as ParseFile's decoder reads it."""
+    if data.startswith(b"\xff\xfe") or data.startswith(b"\xfe\xff"):
+        return data.decode("utf-16", errors="replace")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", errors="replace")
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """ParseFile: commands as (name, args); FROM is "model", a PARAMETER's name is the name."""
+    commands: list[tuple[str, str]] = []
+    state, line, buffer, role, name = _NIL, 1, "", "", ""
+    for char in text:
+        if char in "\r\n":
+            line += 1
+        nxt, kept, err = _next_state(char, state)
+        if err == "eof":
+            raise OllamaError(f"unexpected EOF: {buffer}")
+        if err:
+            raise OllamaError(f"(line {line}): {ERR_INVALID_COMMAND}")
+        if nxt != state:
+            if state == _NAME:
+                if buffer.lower() not in COMMANDS:
+                    raise OllamaError(f"(line {line}): {ERR_INVALID_COMMAND}")
+                lowered = buffer.lower()
+                if lowered == "from":
+                    name = "model"
+                elif lowered == "parameter":
+                    nxt = _PARAMETER
+                elif lowered == "message":
+                    nxt = _MESSAGE
+                    name = lowered
+                else:
+                    name = lowered
+            elif state == _PARAMETER:
+                name = buffer
+            elif state == _MESSAGE:
+                if buffer not in ("system", "user", "assistant"):
+                    raise OllamaError(f"(line {line}): {ERR_INVALID_ROLE}")
+                role = buffer
+            elif state == _VALUE:
+                value, ok = _unquote(buffer.strip(_GO_SPACE))
+                if not ok or kept in (" ", "\t"):
+                    buffer += kept or ""
+                    continue
+                if role:
+                    value, role = f"{role}: {value}", ""
+                commands.append((name, value))
+            buffer, state = "", nxt
+        if kept is not None and go_is_print(kept):
+            buffer += kept
+    if state == _VALUE:
+        value, ok = _unquote(buffer.strip(_GO_SPACE))
+        if not ok:
+            raise OllamaError("unexpected EOF")
+        if role:
+            value = f"{role}: {value}"
+        commands.append((name, value))
+    elif state not in (_NIL, _COMMENT):
+        raise OllamaError("unexpected EOF")
+    if not any(command == "model" for command, _ in commands):
+        raise OllamaError("no FROM line")
+    return commands
+
+
+def quote_modelfile(text: str) -> str:
+    """parser.quote, as Command.String writes values back."""
+    if "\n" in text or text.startswith(" ") or text.endswith(" "):
+        return f'"""{text}"""' if '"' in text else f'"{text}"'
+    return text
+
+
+# api/types.go Options and Runner, v0.5.7: the names PARAMETER accepts and their types.
+PARAMETER_TYPES = {
+    "num_keep": "int", "seed": "int", "num_predict": "int", "top_k": "int", "top_p": "float", "min_p": "float",
+    "typical_p": "float", "repeat_last_n": "int", "temperature": "float", "repeat_penalty": "float",
+    "presence_penalty": "float", "frequency_penalty": "float", "mirostat": "int", "mirostat_tau": "float",
+    "mirostat_eta": "float", "stop": "list",
+    "num_ctx": "int", "num_batch": "int", "num_gpu": "int", "main_gpu": "int", "low_vram": "bool", "f16_kv": "bool",
+    "logits_all": "bool", "vocab_only": "bool", "use_mmap": "bool", "use_mlock": "bool", "num_thread": "int",
+}
+_GO_FLOAT = re.compile(r"[+-]?(?:(?:\d+(?:_\d+)*)?\.?\d*(?:[eE][+-]?\d+)?|inf(?:inity)?|nan)", re.IGNORECASE)
+
+
+def format_param(name: str, value: str):
+    """api.FormatParams for one PARAMETER line."""
+    kind = PARAMETER_TYPES.get(name)
+    if kind is None:
+        raise OllamaError(f"unknown parameter '{name}'")
+    if kind == "int":
+        if not re.fullmatch(r"[+-]?[0-9]+", value) or not -(2**63) <= int(value) < 2**63:
+            raise OllamaError(f"invalid int value [{value}]")
+        return int(value)
+    if kind == "float":
+        try:
+            if not _GO_FLOAT.fullmatch(value) or "_" in value:
+                raise ValueError(value)
+            number = float(value)
+            if abs(number) != float("inf") and abs(_to_f32(number)) == float("inf"):
+                raise ValueError(value)
+        except (ValueError, OverflowError):
+            raise OllamaError(f"invalid float value [{value}]") from None
+        return F32(_to_f32(number))
+    if kind == "bool":
+        parsed = parse_go_bool(value)
+        if parsed is None:
+            raise OllamaError(f"invalid bool value [{value}]")
+        return parsed
+    return [value]
+
+
+def expand_path(path: str, relative_dir: str) -> str:
+    """expandPathImpl: absolute, ~ or ~user, else relative to the Modelfile's directory."""
+    if path.startswith("/") or path.startswith("\\"):
+        return os.path.abspath(path)
+    if path.startswith("~"):
+        if path == "~" or path.startswith("~/"):
+            return os.path.abspath(os.path.expanduser("~") + path[1:])
+        expanded = os.path.expanduser(path)
+        if expanded == path:
+            user = path[1:].split("/", 1)[0]
+            raise OllamaError(f"failed to find user '{user}': user: unknown user {user}")
+        return os.path.abspath(expanded)
+    return os.path.abspath(os.path.join(relative_dir, path))
+
+
+def file_sha256(path: str) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(CHUNK)
+            if not chunk:
+                break
+            sha.update(chunk)
+    return "sha256:" + sha.hexdigest()
+
+
+def files_for_model(directory: str) -> list[str]:
+    """filesForModel, by name only (ollama also sniffs each file's content type)."""
+    import glob
+
+    def matches(pattern: str) -> list[str]:
+        return sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
+
+    files: list[str] = []
+    for pattern in ("model*.safetensors", "adapters.safetensors", "adapter_model.safetensors", "pytorch_model*.bin",
+                    "consolidated*.pth", "*.gguf", "*.bin"):
+        files = matches(pattern)
+        if files:
+            break
+    else:
+        raise OllamaError("no Modelfile or safetensors files found")
+    files += matches("*.json") + matches("**/*.json")
+    tokenizer = matches("tokenizer.model") or matches("**/tokenizer.model")
+    return files + tokenizer
+
+
+def file_digest_map(path: str) -> dict[str, str]:
+    """fileDigestMap: FileNotFoundError when the path does not exist."""
+    os.stat(path)
+    files = files_for_model(path) if os.path.isdir(path) else [path]
+    return {f: file_sha256(f) for f in files}
+
+
+def create_request(commands: list[tuple[str, str]], relative_dir: str) -> dict:
+    """Modelfile.CreateRequest: the JSON the client sends (files still keyed by path)."""
+    request: dict = {}
+    params: dict = {}
+    messages: list[dict] = []
+    licenses: list[str] = []
+    for command, args in commands:
+        if command == "model":
+            path = expand_path(args, relative_dir)
+            try:
+                digests = file_digest_map(path)
+            except FileNotFoundError:
+                request["from"] = args
+                continue
+            request.setdefault("files", {}).update(digests)
+        elif command == "adapter":
+            request["adapters"] = file_digest_map(expand_path(args, relative_dir))
+        elif command in ("template", "system"):
+            request[command] = args
+        elif command == "license":
+            licenses.append(args)
+        elif command == "message":
+            role, _, content = args.partition(": ")
+            messages.append({"role": role, "content": content})
+        elif command == "penalize_newline":
+            print(f"warning: parameter {command} is deprecated")
+        else:
+            value = format_param(command, args)
+            if isinstance(params.get(command), list):
+                params[command] = params[command] + value
+            else:
+                params[command] = value
+    if params:
+        request["parameters"] = params
+    if messages:
+        request["messages"] = messages
+    if licenses:
+        request["license"] = licenses
+    return request
+
+
+# --------------------------------------------------------------------------
+# Server
+
+
+_LOG_LOCK = threading.Lock()
+_STORE_LOCK = threading.RLock()  # create and delete change manifests one at a time
+
+
+def log(level: str, message: str, **attrs) -> None:
+    """slog's text handler on stderr."""
+    stamp = _dt.datetime.now().astimezone().isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    parts = [f"time={stamp}", f"level={level}", "source=ollama_double.py", f"msg={_slog_value(message)}"]
+    parts += [f"{key}={_slog_value(str(value))}" for key, value in attrs.items()]
+    with _LOG_LOCK:
+        sys.stderr.write(" ".join(parts) + "\n")
+        sys.stderr.flush()
+
+
+def _slog_value(text: str) -> str:
+    if text and not any(c in text for c in ' ="\\') and text.isprintable():
+        return text
+    return go_quote(text)
+
+
+class _Body:
+    """A request body read in pieces: Content-Length or chunked."""
+
+    def __init__(self, handler: BaseHTTPRequestHandler):
+        self.rfile = handler.rfile
+        encoding = (handler.headers.get("Transfer-Encoding") or "").lower()
+        self.chunked = "chunked" in encoding
+        length = handler.headers.get("Content-Length")
+        self.remaining = int(length) if (length or "").strip().isdigit() and not self.chunked else 0
+        self.done = not (self.chunked or self.remaining > 0)
+
+    def chunks(self, size: int = CHUNK):
+        if self.chunked:
+            while True:
+                line = self.rfile.readline(65537)
+                chunk_size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if chunk_size == 0:
+                    while self.rfile.readline(65537) not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = chunk_size
+                while left:
+                    data = self.rfile.read(min(size, left))
+                    if not data:
+                        raise ConnectionError("request body ended early")
+                    left -= len(data)
+                    yield data
+                self.rfile.readline(3)
+        else:
+            while self.remaining:
+                data = self.rfile.read(min(size, self.remaining))
+                if not data:
+                    raise ConnectionError("request body ended early")
+                self.remaining -= len(data)
+                yield data
+        self.done = True
+
+    def read_all(self) -> bytes:
+        return b"".join(self.chunks())
+
+
+class BadRequest(OllamaError):
+    pass
 
 
 class Handler(BaseHTTPRequestHandler):
-    server_version = "ollama-double"
+    protocol_version = "HTTP/1.1"
+    server_version = f"ollama-double/{VERSION}"
+    sys_version = ""
 
-    def _send(self, status: int, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def version_string(self) -> str:
+        return f"ollama-double/{VERSION} (a test double, not ollama)"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        if self.path == "/":
-            self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
-        elif self.path == "/api/version":
-            self._send(200, json.dumps({"version": VERSION}).encode(), "application/json; charset=utf-8")
-        else:
-            self._send(404, b"404 page not found", "text/plain")
+    # -- plumbing -------------------------------------------------------
 
-    do_HEAD = do_GET
+    def _dispatch(self) -> None:
+        started = time.monotonic_ns()
+        self._status = 0
+        self._body = _Body(self)
+        url = urllib.parse.urlsplit(self.path)
+        self._route_path = url.path
+        try:
+            self._route(self.command, url.path)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:  # a bug in the double: answer 500 and say so
+            log("ERROR", "ollama double: handler failed", error=repr(exc))
+            self.close_connection = True
+            if not self._status:
+                self._json(500, {"error": str(exc)})
+        if not self._body.done:
+            self.close_connection = True  # the body was left unread: this connection cannot be reused
+        self._log_gin(time.monotonic_ns() - started, url)
+
+    do_GET = do_HEAD = do_POST = do_DELETE = do_PUT = do_PATCH = do_OPTIONS = _dispatch
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._status = code
+        super().send_response(code, message)
+
+    def log_request(self, code="-", size="-") -> None:  # gin-style lines are written by _log_gin
+        pass
 
     def log_message(self, fmt: str, *args) -> None:
-        sys.stderr.write(f"[ollama-double] {fmt % args}\n")
+        log("INFO", "ollama double: " + (fmt % args))
+
+    def _log_gin(self, latency_ns: int, url) -> None:
+        path = url.path + (f"?{url.query}" if url.query else "")
+        stamp = time.strftime("%Y/%m/%d - %H:%M:%S")
+        line = f"[GIN] {stamp} | {self._status:3d} | {go_duration(latency_ns):>13} | {self.client_address[0]:>15} | {self.command:<7}  {go_quote(path)}\n"
+        with _LOG_LOCK:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    def _send(self, status: int, body: bytes, content_type: str | None) -> None:
+        self.send_response(status)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        if not self._body.done:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def _json(self, status: int, value) -> None:
+        self._send(status, go_json(value).encode(), "application/json; charset=utf-8")
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _request_json(self) -> dict:
+        """ShouldBindJSON: a JSON object; unknown keys are ignored."""
+        raw = self._body.read_all()
+        if not raw.strip():
+            raise BadRequest("missing request body", 400)
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise BadRequest(f"invalid character in request body: {exc}", 400) from None
+        if not isinstance(value, dict):
+            raise BadRequest(f"json: cannot unmarshal {type(value).__name__} into Go value of type api request", 400)
+        return value
+
+    @staticmethod
+    def _field(request: dict, key: str, kind: type, default):
+        value = request.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise BadRequest(f"json: cannot unmarshal {type(value).__name__} into Go struct field .{key}", 400)
+        return value
+
+    def _stream_start(self, content_type: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self._chunked = self.request_version != "HTTP/1.0"
+        if self._chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+
+    def _stream_line(self, value) -> None:
+        data = (go_json(value) + "\n").encode()
+        if self._chunked:
+            data = f"{len(data):x}\r\n".encode() + data + b"\r\n"
+        self.wfile.write(data)
+        self.wfile.flush()
+
+    def _stream_end(self) -> None:
+        if self._chunked:
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    # -- routes ---------------------------------------------------------
+
+    def _route(self, method: str, path: str) -> None:
+        try:
+            if path == "/" and method in ("GET", "HEAD"):
+                return self._send(200, b"Ollama is running", "text/plain; charset=utf-8")
+            if path == "/api/version" and method in ("GET", "HEAD"):
+                return self._json(200, {"version": VERSION})
+            if path == "/api/tags" and method in ("GET", "HEAD"):
+                return self._tags()
+            if path == "/api/ps" and method == "GET":
+                return self._json(200, {"models": []})
+            if path.startswith("/api/blobs/") and "/" not in path[len("/api/blobs/") :] and len(path) > len("/api/blobs/"):
+                digest = urllib.parse.unquote(path[len("/api/blobs/") :])
+                if method == "HEAD":
+                    return self._head_blob(digest)
+                if method == "POST":
+                    return self._post_blob(digest)
+            if method == "POST" and path == "/api/show":
+                return self._show()
+            if method == "POST" and path == "/api/create":
+                return self._create()
+            if method == "POST" and path == "/api/generate":
+                return self._generate()
+            if method == "DELETE" and path == "/api/delete":
+                return self._delete()
+            self._send(404, b"404 page not found", "text/plain")
+        except BadRequest as exc:
+            self._error(exc.status or 400, exc.message)
+
+    def _tags(self) -> None:
+        models = []
+        for key, manifest in list_manifests(True).items():
+            config: dict = {}
+            if manifest.config.get("digest"):
+                try:
+                    with open(blob_path(manifest.config["digest"]), "rb") as handle:
+                        config = json.load(handle)
+                except (OSError, ValueError, OllamaError) as exc:
+                    log("WARN", "bad manifest config", name=manifest.name.display_shortest(), error=str(exc))
+                    continue
+            mtime_ns = os.stat(manifest.path).st_mtime_ns
+            models.append((mtime_ns // 1_000_000_000, {
+                "name": manifest.name.display_shortest(),
+                "model": manifest.name.display_shortest(),
+                "modified_at": go_time(mtime_ns // 1_000_000_000, mtime_ns % 1_000_000_000),
+                "size": manifest.size(),
+                "digest": manifest.digest,
+                "details": _details(config, parent=""),
+            }))
+        models.sort(key=lambda item: -item[0])  # newest first, stable
+        self._json(200, {"models": [model for _, model in models]})
+
+    def _head_blob(self, digest: str) -> None:
+        try:
+            path = blob_path(digest)
+        except OllamaError as exc:
+            return self._error(400, exc.message)
+        if not os.path.exists(path):
+            return self._error(404, f"blob {go_quote(digest)} not found")
+        self._send(200, b"", None)
+
+    def _post_blob(self, digest: str) -> None:
+        try:
+            path = blob_path(digest)
+        except OllamaError as exc:
+            return self._error(400, exc.message)
+        if os.path.exists(path):
+            return self._send(200, b"", None)  # the body is not read
+        try:
+            layer = new_layer(self._body.chunks(), "")
+        except ConnectionError as exc:
+            return self._error(500, str(exc))
+        if layer["digest"] != digest:
+            # ollama keeps the bytes under their real digest and still answers 400
+            return self._error(400, f"digest mismatch, expected {go_quote(digest)}, got {go_quote(layer['digest'])}")
+        self._send(201, b"", None)
+
+    def _show(self) -> None:
+        request = self._request_json()
+        model = self._field(request, "model", str, "") or self._field(request, "name", str, "")
+        if not model:
+            raise BadRequest("model is required", 400)
+        verbose = bool(self._field(request, "verbose", bool, False))
+        name = Name.parse(model)
+        if not name.is_valid():
+            return self._error(500, "invalid model path")
+        name = existing_name(name)
+        try:
+            loaded = load_model(name)
+        except FileNotFoundError:
+            return self._error(404, f"model '{model}' not found")
+        system = self._field(request, "system", str, "") or loaded["system"]
+        response: dict = {}
+        if loaded["license"]:
+            response["license"] = "\n".join(loaded["license"])
+        response["modelfile"] = (
+            '# Modelfile generated by "ollama show"\n'
+            "# To build a new Modelfile based on this, replace FROM with:\n"
+            f"# FROM {name.short_tagname()}\n\n" + model_modelfile(loaded, system)
+        )
+        params = []
+        for key in sorted(loaded["options"]):
+            value = loaded["options"][key]
+            for item in value if isinstance(value, list) else [value]:
+                params.append(f"{key:<30} {go_sharp_v(item)}")
+        if params:
+            response["parameters"] = "\n".join(params)
+        response["template"] = loaded["template"]
+        if system:
+            response["system"] = system
+        response["details"] = _details(loaded["config"], parent=loaded["parent"])
+        if loaded["messages"]:
+            response["messages"] = loaded["messages"]
+        model_info = {}
+        if loaded["model_path"]:
+            model_info = read_gguf_kv(loaded["model_path"], -1 if verbose else 5)
+            for key in ("general.name", "tokenizer.chat_template"):
+                model_info.pop(key, None)
+        if model_info:
+            response["model_info"] = go_map(model_info)
+        if loaded["projectors"]:
+            projector_info = read_gguf_kv(loaded["projectors"][0], -1 if verbose else 5)
+            if projector_info:
+                response["projector_info"] = go_map(projector_info)
+        response["modified_at"] = mtime_go_time(loaded["manifest"].path)
+        self._json(200, response)
+
+    def _create(self) -> None:
+        request = self._request_json()
+        model = self._field(request, "model", str, "") or self._field(request, "name", str, "")
+        stream = self._field(request, "stream", bool, True)
+        for key in ("files", "adapters", "parameters"):
+            self._field(request, key, dict, None)
+        self._field(request, "messages", list, None)
+        name = Name.parse(model)
+        if not name.is_valid():
+            raise BadRequest("invalid model name", 400)
+        with _STORE_LOCK:
+            name = existing_name(name)
+            events = create_events(request, name)
+            if not stream:
+                for event in events:  # waitForStream: the first error or success answers
+                    if "error" in event:
+                        return self._json(event.get("status") or 500, {"error": event["error"]})
+                    if event.get("status") == "success":
+                        return self._json(200, event)
+                return self._error(500, "unexpected end of progress response")
+            self._stream_start("application/x-ndjson")
+            for event in events:
+                self._stream_line(event)
+            self._stream_end()
+
+    def _generate(self) -> None:
+        started = time.monotonic_ns()
+        request = self._request_json()
+        model = self._field(request, "model", str, "")
+        prompt = self._field(request, "prompt", str, "")
+        stream = self._field(request, "stream", bool, True)
+        name = Name.parse(model)
+        if not name.is_valid():
+            return self._error(404, f"model '{model}' not found")
+        try:
+            read_manifest(existing_name(name))
+        except FileNotFoundError:
+            return self._error(404, f"model '{model}' not found")
+        if not prompt:
+            reason = "unload" if _zero_keep_alive(request.get("keep_alive")) else "load"
+            return self._json(200, {"model": model, "created_at": now_go_time(), "response": "", "done": True, "done_reason": reason})
+        loaded = time.monotonic_ns()
+        answer = f"[ollama double] {model} heard: {prompt}"
+        pieces = re.findall(r"\S+\s*|\s+", answer)
+        context = [zlib.crc32(word.encode()) % 32000 + 1 for word in (prompt + " " + answer).split()]
+
+        def final(response: str) -> dict:
+            now = time.monotonic_ns()
+            return {
+                "model": model, "created_at": now_go_time(), "response": response, "done": True, "done_reason": "stop",
+                "context": context, "total_duration": max(now - started, 1), "load_duration": max(loaded - started, 1),
+                "prompt_eval_count": max(len(prompt.split()), 1), "prompt_eval_duration": max(now - loaded, 1) // 2 or 1,
+                "eval_count": len(pieces), "eval_duration": max(now - loaded, 1) // 2 or 1,
+            }
+
+        if stream is False:
+            return self._json(200, final(answer))
+        self._stream_start("application/x-ndjson")
+        for piece in pieces:
+            self._stream_line({"model": model, "created_at": now_go_time(), "response": piece, "done": False})
+        self._stream_line(final(""))
+        self._stream_end()
+
+    def _delete(self) -> None:
+        request = self._request_json()
+        model = self._field(request, "model", str, "") or self._field(request, "name", str, "")
+        name = Name.parse(model)
+        if not name.is_valid():
+            raise BadRequest(f"name {go_quote(model)} is invalid", 400)
+        with _STORE_LOCK:
+            name = existing_name(name)
+            try:
+                manifest = read_manifest(name)
+            except FileNotFoundError:
+                return self._error(404, f"model '{model}' not found")
+            os.remove(manifest.path)
+            prune_directory(manifests_dir())
+            remove_manifest_layers(manifest)
+        self._send(200, b"", None)
 
 
-def host_port() -> tuple[str, int]:
-    value = os.environ.get("OLLAMA_HOST", "127.0.0.1:11434")
-    value = value.split("://", 1)[-1]
-    host, _, port = value.rpartition(":")
-    return host or "127.0.0.1", int(port or 11434)
+def _zero_keep_alive(value) -> bool:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return 0 <= value < 1
+    if isinstance(value, str):
+        return bool(re.fullmatch(r"[+-]?0+(\.0*)?([a-zµ]+)?|0", value.strip()))
+    return False
+
+
+def _details(config: dict, parent: str) -> dict:
+    return {
+        "parent_model": parent,
+        "format": config.get("model_format", ""),
+        "family": config.get("model_family", ""),
+        "families": config.get("model_families"),
+        "parameter_size": config.get("model_type", ""),
+        "quantization_level": config.get("file_type", ""),
+    }
+
+
+def load_model(name: Name) -> dict:
+    """GetModel: what a manifest's layers say. FileNotFoundError when absent."""
+    manifest = read_manifest(name)
+    model: dict = {
+        "manifest": manifest, "config": {}, "model_path": "", "parent": "", "adapters": [], "projectors": [],
+        "template": DEFAULT_TEMPLATE, "system": "", "options": {}, "messages": [], "license": [],
+    }
+    if manifest.config.get("digest"):
+        with open(blob_path(manifest.config["digest"]), "rb") as handle:
+            model["config"] = json.load(handle)
+    for layer in manifest.layers:
+        path = blob_path(layer["digest"])
+        media = layer.get("mediaType")
+        if media == MT_MODEL:
+            model["model_path"], model["parent"] = path, layer.get("from", "")
+        elif media == MT_ADAPTER:
+            model["adapters"].append(path)
+        elif media == MT_PROJECTOR:
+            model["projectors"].append(path)
+        elif media in (MT_TEMPLATE, MT_PROMPT):
+            model["template"] = _read_text(path)
+        elif media == MT_SYSTEM:
+            model["system"] = _read_text(path)
+        elif media == MT_PARAMS:
+            with open(path, "rb") as handle:
+                model["options"] = json.load(handle) or {}
+        elif media == MT_MESSAGES:
+            with open(path, "rb") as handle:
+                model["messages"] = json.load(handle) or []
+        elif media == MT_LICENSE:
+            model["license"].append(_read_text(path))
+    return model
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        return handle.read().decode("utf-8", errors="replace")
+
+
+def model_modelfile(model: dict, system: str) -> str:
+    """Model.String: the Modelfile `show` prints after its header."""
+    lines = [f"FROM {model['model_path']}"]
+    lines += [f"ADAPTER {quote_modelfile(path)}" for path in model["adapters"]]
+    lines += [f"FROM {path}" for path in model["projectors"]]
+    lines.append(f"TEMPLATE {quote_modelfile(model['template'])}")
+    if system:
+        lines.append(f"SYSTEM {quote_modelfile(system)}")
+    for key in sorted(model["options"]):
+        value = model["options"][key]
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {quote_modelfile(go_v(item))}")
+    lines += [f"LICENSE {quote_modelfile(text)}" for text in model["license"]]
+    for message in model["messages"]:
+        lines.append(f"MESSAGE {message.get('role', '')} {quote_modelfile(message.get('content', ''))}")
+    return "\n".join(lines) + "\n"
+
+
+def create_events(request: dict, name: Name):
+    """CreateHandler's goroutine, as a generator of progress and error objects.
+
+    Errors are {"error": ...} with "status" where ollama gives one. Like ollama,
+    a failed `from` does not stop the work: a caller that keeps reading sees
+    the model written without base layers (a v0.5.7 bug kept here)."""
+    try:
+        old_manifest = read_manifest(name)
+    except (OSError, ValueError):
+        old_manifest = None
+    base: list[tuple[dict, dict | None]] = []  # (layer, GGUF kv or None)
+    if request.get("from"):
+        source = Name.parse(request["from"])
+        if not source.is_valid():
+            yield {"error": "invalid model name", "status": 400}
+            return
+        try:
+            base = yield from _layers_from_model(source)
+        except OllamaError as exc:
+            yield {"error": exc.message}
+        except (OSError, ValueError) as exc:
+            yield {"error": go_os_error(exc) if isinstance(exc, OSError) else str(exc)}
+    elif request.get("files") is not None:
+        try:
+            base = yield from _layers_from_files(request["files"], adapter=False)
+        except OllamaError as exc:
+            yield {"error": exc.message, **({"status": exc.status} if exc.status else {})}
+            return
+        except (OSError, ValueError) as exc:
+            yield {"error": go_os_error(exc) if isinstance(exc, OSError) else str(exc)}
+            return
+    else:
+        yield {"error": "neither 'from' or 'files' was specified", "status": 400}
+        return
+    if request.get("adapters") is not None:
+        try:
+            base += yield from _layers_from_files(request["adapters"], adapter=True)
+        except OllamaError as exc:
+            yield {"error": exc.message, "status": 400}
+            return
+        except (OSError, ValueError) as exc:
+            yield {"error": go_os_error(exc) if isinstance(exc, OSError) else str(exc), "status": 400}
+            return
+    try:
+        layers = yield from _create_model(request, name, base)
+    except OllamaError as exc:
+        yield {"error": exc.message, **({"status": exc.status} if exc.status else {})}
+        return
+    except (OSError, ValueError) as exc:
+        yield {"error": str(exc)}
+        return
+    if not env_bool("OLLAMA_NOPRUNE") and old_manifest is not None:
+        remove_manifest_layers(old_manifest)
+    yield {"status": "success"}
+
+
+def _layers_from_model(source: Name):
+    try:
+        manifest = read_manifest(existing_name(source))
+    except FileNotFoundError:
+        yield {"status": "pulling manifest"}
+        url = f"https://{source.host}/v2/{source.namespace}/{source.model}/manifests/{source.tag}"
+        raise OllamaError(f'pull model manifest: Get "{url}": the ollama double does not pull from registries') from None
+    layers = []
+    for layer in manifest.layers:
+        new = new_layer_from_layer(layer["digest"], layer["mediaType"], source.display_shortest())
+        kv = read_gguf_kv(blob_path(new["digest"])) if new["mediaType"] in (MT_MODEL, MT_PROJECTOR, MT_ADAPTER) else None
+        layers.append((new, kv))
+    return layers
+
+
+def _layers_from_files(files: dict, adapter: bool):
+    kind = ""
+    for filename, digest in files.items():
+        if filename.endswith(".safetensors"):
+            kind = "safetensors"
+            break
+        if filename.endswith(".gguf"):
+            kind = "gguf"
+            break
+        try:
+            if is_gguf(blob_path(str(digest))):
+                kind = "gguf"
+                break
+        except (OSError, OllamaError):
+            break
+    if kind == "safetensors":
+        raise OllamaError("the ollama double cannot convert safetensors models")
+    if kind != "gguf":
+        raise OllamaError("unknown type", 400)
+    if not files:
+        raise OllamaError("no files provided to convert", 400)
+    if adapter and len(files) > 1:
+        raise OllamaError("only one adapter is currently supported", 400)
+    layers = []
+    for digest in files.values():
+        yield {"status": "parsing GGUF"}
+        try:
+            path = blob_path(str(digest))
+        except OllamaError as exc:
+            raise OllamaError(exc.message) from None  # no status: ollama answers 500 here
+        if not is_gguf(path):
+            log("ERROR", "unsupported content type: unknown")
+            raise OllamaError("supplied file was not in GGUF format", 400)
+        kv = read_gguf_kv(path)
+        layers.append((new_layer_from_layer(str(digest), kv_media_type(kv), path), kv))
+    return layers
+
+
+def _create_model(request: dict, name: Name, base: list):
+    config = {
+        "model_format": "", "model_family": "", "model_families": None, "model_type": "", "file_type": "",
+        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+    }
+    layers: list[dict] = []
+    quantize = (request.get("quantize") or request.get("quantization") or "").upper()
+    for layer, kv in base:
+        if kv is not None:
+            if quantize and layer["mediaType"] == MT_MODEL:
+                if quantize not in FILE_TYPES or quantize in ("Q4_2", "Q4_3"):
+                    raise OllamaError(f"unknown fileType: {quantize}")
+                if kv_file_type(kv) not in ("F16", "F32"):
+                    raise OllamaError("quantization is only supported for F16 and F32 models")
+                if kv_file_type(kv) != quantize:
+                    raise OllamaError("the ollama double cannot quantize models")
+            config["model_format"] = config["model_format"] or "gguf"
+            config["model_family"] = config["model_family"] or kv_architecture(kv)
+            config["model_type"] = config["model_type"] or human_number(kv_u64(kv, "general.parameter_count"))
+            config["file_type"] = config["file_type"] or kv_file_type(kv)
+            config["model_families"] = (config["model_families"] or []) + [kv_architecture(kv)]
+        layers.append(layer)
+
+    def replace(media_type: str) -> None:
+        for layer in [l for l in layers if l["mediaType"] == media_type]:
+            layers.remove(layer)
+            try:
+                remove_layer_blob(layer["digest"])
+            except OSError as exc:
+                log("WARN", "couldn't remove blob", digest=layer["digest"], error=str(exc))
+
+    if request.get("template"):
+        replace(MT_TEMPLATE)
+        layers.append(new_layer_from_bytes(str(request["template"]).encode(), MT_TEMPLATE))
+    if request.get("system"):
+        replace(MT_SYSTEM)
+        layers.append(new_layer_from_bytes(str(request["system"]).encode(), MT_SYSTEM))
+    licenses = request.get("license")
+    if isinstance(licenses, str):
+        licenses = [licenses] if licenses else []
+    for text in licenses or []:
+        layers.append(new_layer_from_bytes(str(text).encode(), MT_LICENSE))
+    params = dict(request.get("parameters") or {})
+    for layer in [l for l in layers if l["mediaType"] == MT_PARAMS]:
+        with open(blob_path(layer["digest"]), "rb") as handle:
+            for key, value in (json.load(handle) or {}).items():
+                params.setdefault(key, value)
+    if params:
+        replace(MT_PARAMS)
+        layers.append(new_layer_from_bytes((go_json(go_map(params)) + "\n").encode(), MT_PARAMS))
+    if request.get("messages"):
+        replace(MT_MESSAGES)
+        messages = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in request["messages"]]
+        layers.append(new_layer_from_bytes((go_json(messages) + "\n").encode(), MT_MESSAGES))
+    config["rootfs"]["diff_ids"] = [layer["digest"] for layer in layers]
+    config_layer = new_layer_from_bytes((go_json(config) + "\n").encode(), MT_CONFIG)
+    for layer in layers:
+        if layer.get("status"):
+            yield {"status": layer["status"]}
+    yield {"status": "writing manifest"}
+    write_manifest(name, config_layer, layers)
+    return layers
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def shutdown_request(self, request) -> None:
+        # Like Go's server after a handler left the body unread: close the write
+        # side, let the client read the answer, then drop the connection.
+        try:
+            request.shutdown(socket.SHUT_WR)
+            request.settimeout(0.2)
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline and request.recv(CHUNK):
+                pass
+        except OSError:
+            pass
+        self.close_request(request)
+
+
+def serve() -> int:
+    _scheme, host, port = ollama_host()
+    log("INFO", DOUBLE_NOTE)
+    log("INFO", "server config", env=f"map[OLLAMA_HOST:{env_var('OLLAMA_HOST')} OLLAMA_MODELS:{models_dir()} OLLAMA_NOPRUNE:{str(env_bool('OLLAMA_NOPRUNE')).lower()}]")
+    server_class = _Server
+    if ":" in host:
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    try:
+        server = server_class((host, port), Handler)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        print(f"Error: listen tcp {join_host_port(host, port)}: bind: {reason[:1].lower() + reason[1:]}", file=sys.stderr)
+        return 1
+    def stop(signum, _frame) -> None:
+        log("INFO", f"ollama double: {signal.Signals(signum).name} received, shutting down")
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)  # before pruning: serve_forever then returns at once
+    signal.signal(signal.SIGINT, stop)
+    try:
+        directory = blobs_dir()
+        fix_blobs(directory)
+        if not env_bool("OLLAMA_NOPRUNE"):
+            try:
+                list_manifests(False)
+            except OllamaError as exc:
+                log("WARN", "corrupt manifests detected, skipping prune operation.  Re-pull or delete to clear", error=exc.message)
+            else:
+                prune_layers()
+                prune_directory(manifests_dir())
+    except OSError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        server.server_close()
+        return 1
+
+    bound = server.server_address
+    log("INFO", f"Listening on {join_host_port(bound[0], bound[1])} (version {VERSION})")
+    server.serve_forever(poll_interval=0.1)
+    server.server_close()
+    return 0
+
+
+# --------------------------------------------------------------------------
+# Client (cmd/cmd.go, api/client.go)
+
+
+class Client:
+    def __init__(self):
+        self.scheme, host, self.port = ollama_host()
+        self.host = host or "127.0.0.1"
+        self.base = f"{self.scheme}://{join_host_port(self.host, self.port)}"
+
+    def _connection(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        return cls(self.host, self.port, blocksize=CHUNK)
+
+    def _headers(self, accept: str = "application/json") -> dict:
+        return {"Content-Type": "application/json", "Accept": accept, "User-Agent": f"ollama/{VERSION} (ollama double) Python/{sys.version.split()[0]}"}
+
+    def _fail(self, method: str, path: str, exc: Exception) -> OllamaError:
+        return OllamaError(f'{method.title()} "{self.base}{path}": {exc}')
+
+    @staticmethod
+    def _check(response: http.client.HTTPResponse, body: bytes) -> None:
+        """checkError: the JSON error's message, else the body."""
+        if response.status < 400:
+            return
+        try:
+            message = json.loads(body).get("error") or ""
+        except (ValueError, AttributeError):
+            message = body.decode("utf-8", errors="replace")
+        if not message:
+            message = f"{response.status} {response.reason}"
+        raise OllamaError(message, response.status)
+
+    def do(self, method: str, path: str, payload=None) -> dict | None:
+        connection = self._connection()
+        try:
+            body = None if payload is None else go_json(payload).encode()
+            connection.request(method, path, body=body, headers=self._headers())
+            response = connection.getresponse()
+            data = response.read()
+        except OSError as exc:
+            raise self._fail(method, path, exc) from exc
+        finally:
+            connection.close()
+        self._check(response, data)
+        return json.loads(data) if data.strip() else None
+
+    def stream(self, method: str, path: str, payload, callback) -> None:
+        connection = self._connection()
+        try:
+            connection.request(method, path, body=go_json(payload).encode(), headers=self._headers("application/x-ndjson"))
+            response = connection.getresponse()
+            for line in response:
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as exc:
+                    raise OllamaError(f"unmarshal: {exc}") from None
+                if isinstance(value, dict) and value.get("error"):
+                    raise OllamaError(str(value["error"]))
+                if response.status >= 400:
+                    raise OllamaError(f"{response.status} {response.reason}")
+                callback(value)
+        except OSError as exc:
+            raise self._fail(method, path, exc) from exc
+        finally:
+            connection.close()
+
+    def heartbeat(self) -> None:
+        """checkServerHeartbeat: HEAD /; a refused connection is "could not connect"."""
+        try:
+            self.do("HEAD", "/")
+        except OllamaError as exc:
+            if isinstance(exc.__cause__, ConnectionRefusedError) or " refused" in exc.message:
+                raise OllamaError("could not connect to ollama app, is it running?") from None
+            raise
+
+    def create_blob(self, digest: str, path: str) -> None:
+        """client.CreateBlob: POST the file's bytes (streamed, no HEAD first)."""
+        url = f"/api/blobs/{digest}"
+        connection = self._connection()
+        try:
+            size = os.path.getsize(path)
+            connection.putrequest("POST", url)
+            for key, value in self._headers().items():
+                connection.putheader(key, value)
+            connection.putheader("Content-Length", str(size))
+            connection.endheaders()
+            sock = connection.sock
+            with open(path, "rb") as handle:
+                while True:
+                    # ollama answers 200 at once, unread, for a blob it has: stop sending then
+                    if select.select([sock], [], [], 0)[0]:
+                        break
+                    chunk = handle.read(CHUNK)
+                    if not chunk:
+                        break
+                    try:
+                        sock.sendall(chunk)
+                    except (BrokenPipeError, ConnectionResetError):
+                        break
+            response = connection.getresponse()
+            data = response.read()
+        except OSError as exc:
+            raise self._fail("POST", url, exc) from exc
+        finally:
+            connection.close()
+        self._check(response, data)
+
+
+def _cli_error(message: str) -> int:
+    print(f"Error: {message}", file=sys.stderr)
+    return 1
+
+
+def _parse_flags(args: list[str], spec: dict[str, tuple[str | None, bool]]) -> tuple[dict, list[str]]:
+    """A small cobra: spec maps a long flag to (short letter, takes a value)."""
+    shorts = {short: long for long, (short, _) in spec.items() if short}
+    values: dict = {}
+    positional: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if arg == "--":
+            positional += args[index:]
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            long, eq, inline = arg[2:].partition("=")
+            if long not in spec:
+                raise OllamaError(f"unknown flag: --{long}")
+        elif arg.startswith("-") and len(arg) > 1:
+            letter = arg[1]
+            if letter not in shorts:
+                raise OllamaError(f"unknown shorthand flag: '{letter}' in {arg}")
+            long = shorts[letter]
+            rest = arg[2:]
+            eq, inline = ("=", rest[1:]) if rest.startswith("=") else ("=" if rest else "", rest)
+        else:
+            positional.append(arg)
+            continue
+        if spec[long][1]:
+            if not eq:
+                if index >= len(args):
+                    raise OllamaError(f"flag needs an argument: --{long}")
+                inline = args[index]
+                index += 1
+            values[long] = inline
+        else:
+            values[long] = True if not eq else parse_go_bool(inline) is True
+    return values, positional
+
+
+def _exact_args(positional: list[str], count: int) -> None:
+    if len(positional) != count:
+        raise OllamaError(f"accepts {count} arg(s), received {len(positional)}")
+
+
+def cmd_create(args: list[str]) -> int:
+    flags, positional = _parse_flags(args, {"file": ("f", True), "quantize": ("q", True), "help": ("h", False)})
+    _exact_args(positional, 1)
+    client = Client()
+    client.heartbeat()
+    filename = flags.get("file") or "Modelfile"
+    absolute = os.path.abspath(filename)
+    if os.path.exists(absolute):
+        with open(absolute, "rb") as handle:
+            text, relative_dir = decode_modelfile(handle.read()), os.path.dirname(absolute)
+    else:
+        # getModelfileName returns "" for a missing file (-f or not): ollama then builds "FROM ."
+        text, relative_dir = "FROM .\n", "."
+    commands = parse_modelfile(text)
+    status = "gathering model components"
+    _progress(status)
+    request = create_request(commands, relative_dir)
+    request = {"model": "", **request, "name": positional[0]}
+    if flags.get("quantize"):
+        request["quantize"] = flags["quantize"]
+    for key in ("files", "adapters"):
+        if request.get(key):
+            by_name = {}
+            for path, digest in request[key].items():
+                _progress(f"copying file {digest} 0%")
+                client.create_blob(digest, os.path.realpath(path))
+                _progress(f"copying file {digest} 100%")
+                by_name[os.path.basename(path)] = digest
+            request[key] = by_name
+    for key in ("files", "adapters", "parameters"):
+        if key in request:
+            request[key] = go_map(request[key])
+    ordered = {k: request[k] for k in ("model", "quantize", "from", "files", "adapters", "template", "license", "system", "parameters", "messages", "name") if k in request}
+    last = [status]
+
+    def show(event: dict) -> None:
+        if event.get("digest"):
+            _progress(f"pulling {event['digest'][7:19]}...")
+        elif event.get("status") != last[0]:
+            last[0] = event.get("status", "")
+            _progress(last[0])
+
+    try:
+        client.stream("POST", "/api/create", ordered, show)
+    except OllamaError as exc:
+        if "path or Modelfile are required" in exc.message:
+            raise OllamaError("the ollama server must be updated to use `ollama create` with this client") from None
+        raise
+    return 0
+
+
+def _progress(status: str) -> None:
+    """ollama draws spinners on stderr; the double writes one line per status."""
+    print(status, file=sys.stderr, flush=True)
+
+
+def _table(rows: list[list[str]], header: list[str] | None = None) -> str:
+    """tablewriter as ollama sets it up: no borders, left aligned, four spaces after each cell."""
+    every = ([header] if header else []) + rows
+    if not every:
+        return ""
+    widths = [max(len(row[i]) if i < len(row) else 0 for row in every) for i in range(max(map(len, every)))]
+    lines = []
+    for row in every:
+        lines.append("".join((row[i] if i < len(row) else "").ljust(widths[i]) + "    " for i in range(len(widths))))
+    return "\n".join(lines) + "\n"
+
+
+def cmd_list(args: list[str]) -> int:
+    _flags, positional = _parse_flags(args, {"help": ("h", False)})
+    client = Client()
+    client.heartbeat()
+    models = (client.do("GET", "/api/tags") or {}).get("models") or []
+    rows = []
+    for model in models:
+        name = model.get("name", "")
+        if not positional or name.lower().startswith(positional[0].lower()):
+            rows.append([name, str(model.get("digest", ""))[:12], human_bytes(int(model.get("size") or 0)),
+                         human_time(parse_go_time(model.get("modified_at", "")))])
+    sys.stdout.write(_table(rows, ["NAME", "ID", "SIZE", "MODIFIED"]))
+    return 0
+
+
+def cmd_show(args: list[str]) -> int:
+    kinds = ("license", "modelfile", "parameters", "system", "template")
+    flags, positional = _parse_flags(args, {**{kind: (None, False) for kind in kinds}, "help": ("h", False)})
+    _exact_args(positional, 1)
+    client = Client()
+    client.heartbeat()
+    chosen = [kind for kind in kinds if flags.get(kind)]
+    if len(chosen) > 1:
+        raise OllamaError("only one of '--license', '--modelfile', '--parameters', '--system', or '--template' can be specified")
+    response = client.do("POST", "/api/show", {"model": "", "system": "", "template": "", "verbose": False, "options": None, "name": positional[0]}) or {}
+    if chosen:
+        kind = chosen[0]
+        text = response.get(kind, "")
+        sys.stdout.write(text + ("\n" if kind in ("license", "modelfile", "parameters") else ""))
+        return 0
+    details = response.get("details") or {}
+    info = response.get("model_info")
+    out = ["  Model"]
+    rows: list[list[str]] = []
+    if info and isinstance(info.get("general.architecture"), str):
+        arch = info["general.architecture"]
+        rows.append(["", "architecture", arch])
+        rows.append(["", "parameters", human_number(int(info.get("general.parameter_count") or 0))])
+        for label, key in (("context length", f"{arch}.context_length"), ("embedding length", f"{arch}.embedding_length")):
+            rows.append(["", label, go_v(info.get(key, 0))])
+    else:
+        rows.append(["", "architecture", details.get("family", "")])
+        rows.append(["", "parameters", details.get("parameter_size", "")])
+    rows.append(["", "quantization", details.get("quantization_level", "")])
+    out.append(_table(rows))
+    if response.get("parameters"):
+        out += ["  Parameters", _table([[""] + line.split() for line in response["parameters"].splitlines() if line])]
+    for title, key in (("System", "system"), ("License", "license")):
+        if response.get(key):
+            lines = [line.strip() for line in response[key].splitlines() if line][:2]
+            out += [f"  {title}", _table([["", line] for line in lines])]
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cmd_rm(args: list[str]) -> int:
+    _flags, positional = _parse_flags(args, {"help": ("h", False)})
+    if not positional:
+        raise OllamaError("requires at least 1 arg(s), only received 0")
+    client = Client()
+    client.heartbeat()
+    try:  # ollama unloads a running model first; "not found" is fine there
+        client.do("POST", "/api/generate", {"model": positional[0], "keep_alive": 0})
+    except OllamaError as exc:
+        if "not found" not in exc.message:
+            raise OllamaError(f'unable to stop existing running model "{positional[0]}": {exc.message}') from None
+    for name in positional:
+        client.do("DELETE", "/api/delete", {"model": "", "name": name})
+        print(f"deleted '{name}'")
+    return 0
+
+
+def cmd_version() -> int:
+    """versionHandler: the server's version when one answers, else a warning."""
+    server_version = ""
+    try:
+        server_version = str((Client().do("GET", "/api/version") or {}).get("version", ""))
+    except OllamaError:
+        print("Warning: could not connect to a running Ollama instance")
+    if server_version:
+        print(f"ollama version is {server_version}")
+    if server_version != VERSION:
+        print(f"Warning: client version is {VERSION}")
+    print(f"({DOUBLE_NOTE})")
+    return 0
+
+
+USAGE = f"""Large language model runner ({DOUBLE_NOTE})
+
+Usage:
+  ollama [flags]
+  ollama [command]
+
+Available Commands:
+  serve       Start ollama
+  create      Create a model from a Modelfile
+  show        Show information for a model
+  list        List models
+  rm          Remove a model
+
+Flags:
+  -h, --help      help for ollama
+  -v, --version   Show version information
+"""
+
+UNIMPLEMENTED = ("run", "stop", "pull", "push", "ps", "cp")
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] in (["--version"], ["-v"]):
-        print(f"ollama version is {VERSION} (double)")
-        return 0
-    if argv[:1] == ["serve"]:
-        server = ThreadingHTTPServer(host_port(), Handler)
-        sys.stderr.write(f"[ollama-double] listening on {server.server_address}\n")
-        server.serve_forever()
-        return 0
-    print(f"ollama double: unsupported command {argv}", file=sys.stderr)
-    return 1
+    try:
+        if not argv or argv[0] in ("-h", "--help", "help"):
+            sys.stdout.write(USAGE)
+            return 0
+        if argv[0] in ("-v", "--version"):
+            return cmd_version()
+        command, rest = argv[0], argv[1:]
+        if command in ("serve", "start"):
+            return serve()
+        handlers = {"create": cmd_create, "list": cmd_list, "ls": cmd_list, "show": cmd_show, "rm": cmd_rm}
+        if command in handlers:
+            if "-h" in rest or "--help" in rest:
+                sys.stdout.write(USAGE)
+                return 0
+            return handlers[command](rest)
+        if command in UNIMPLEMENTED:
+            return _cli_error(f'the ollama double does not implement "{command}"')
+        return _cli_error(f'unknown command "{command}" for "ollama"')
+    except OllamaError as exc:
+        return _cli_error(exc.message)
+    except OSError as exc:
+        return _cli_error(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
