@@ -329,3 +329,24 @@ def logs(config_path: str, out_dir: str | None, service: str | None, follow: boo
     result = run_command(argv, stream=True)
     if result.returncode != 0:
         raise BuilderError(f"docker compose logs failed (exit {result.returncode})")
+
+
+@main.command("sample-model")
+@config_option
+@click.option("--force", is_flag=True, help="Overwrite shards that are already there.")
+def sample_model(config_path: str, force: bool) -> None:
+    """Write a tiny real split model where the config's shards should be (local storage only), to try the stack out."""
+    from builder.sample import write_split_model
+
+    config = _load(config_path)
+    if config.storage.kind != "local":
+        raise ConfigError("sample-model writes to local storage only; this config uses NFS")
+    shards = config.model.shards
+    if shards.count < 1:
+        raise ConfigError("sample-model needs a split model (model.shards like NAME-00001-of-00003.gguf)")
+    folder = Path(config.storage.path) / shards.folder
+    existing = sorted(folder.glob(f"{shards.prefix}-*-of-{shards.count:05d}.gguf")) if folder.is_dir() else []
+    if existing and not force:
+        raise ConfigError(f"{folder} already holds {len(existing)} shard(s); pass --force to overwrite them")
+    written = write_split_model(folder, shards.prefix, shards.count)
+    click.echo(f"wrote {len(written)} shards of a tiny sample model to {folder}")

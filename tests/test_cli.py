@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.cli import preset_names
+from builder.cli import main, preset_names
 from tests.helpers import run_builder, tree_snapshot
 
 
@@ -26,7 +26,7 @@ def test_help_imports_nothing_heavy() -> None:
     assert result.stdout.strip().splitlines()[-1] == "heavy:"
 
 
-@pytest.mark.parametrize("command", ["init", "schema", "validate", "render", "base"])
+@pytest.mark.parametrize("command", sorted(main.commands))
 def test_every_command_has_help(command: str) -> None:
     result = run_builder(command, "--help")
     assert result.returncode == 0
@@ -147,3 +147,24 @@ def test_render_twice_gives_the_same_bytes(tmp_path: Path) -> None:
     first = tree_snapshot(tmp_path / "context")
     assert run_builder("render", cwd=tmp_path).returncode == 0
     assert tree_snapshot(tmp_path / "context") == first
+
+
+def test_sample_model_writes_the_shards_the_config_names(tmp_path: Path) -> None:
+    import gguf
+
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    result = run_builder("sample-model", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    shards = sorted((tmp_path / "models" / "tiny").iterdir())
+    assert [p.name for p in shards] == [f"tiny-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    assert gguf.GGUFReader(shards[0]).fields["split.count"].parts[-1][0] == 3
+    assert run_builder("validate", cwd=tmp_path).returncode == 0
+    again = run_builder("sample-model", cwd=tmp_path)
+    assert again.returncode == 2 and "pass --force" in again.stderr
+
+
+def test_sample_model_refuses_nfs(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "deepseek-r1-ud-iq1_s", cwd=tmp_path).returncode == 0
+    result = run_builder("sample-model", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: sample-model writes to local storage only; this config uses NFS"

@@ -14,7 +14,7 @@ import pytest
 from builder.supervisor.common import StepError
 from builder.supervisor.merge import merge, record_path
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
-from tests.fixtures.models import write_split_model
+from builder.sample import write_split_model
 from tests.helpers import tree_snapshot
 
 

@@ -20,7 +20,7 @@ import pytest
 from builder.cli import PRESETS_DIR
 from tests.fixtures.artifact_server import ArtifactServer
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
-from tests.fixtures.models import write_split_model
+from builder.sample import write_split_model
 from tests.fixtures.ollama_release import ollama_release_tgz
 from tests.helpers import run_builder
 

@@ -89,7 +89,7 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "other-model"])
 def test_bad_shard_stops_the_stack_before_serve(tiny_stack: TinyStack, damage: str, tmp_path: Path) -> None:
-    from tests.fixtures.models import write_split_model
+    from builder.sample import write_split_model
 
     tiny_stack.write_model()
     second = tiny_stack.models / "tiny-00002-of-00003.gguf"
