@@ -1,21 +1,38 @@
-"""Checks of the world outside the config file (the meaning pass's file part)."""
+"""Checks of the world outside the config file: the shards on disk, the GPUs."""
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
+import subprocess
 from pathlib import Path, PurePosixPath
 
 from builder.config import Config
 from builder.errors import ConfigError, Problem
+from builder.supervisor.gguf import GGUFError, GGUFHeader, read_header_file
 from builder.supervisor.shards import shard_file_names
+
+
+def shard_names(config: Config) -> list[str]:
+    shards = config.model.shards
+    return shard_file_names(shards.prefix, shards.count) if shards.count else [PurePosixPath(shards.first).name]
+
+
+def shard_folder(config: Config) -> Path | None:
+    """Where this machine can read the shards: plan.shards_dir, else local storage."""
+    if config.plan.shards_dir:
+        return Path(config.plan.shards_dir)
+    if config.storage.kind == "local":
+        return Path(config.storage.path) / config.model.shards.folder
+    return None
 
 
 def check_local_shards(config: Config) -> None:
     """On local storage, every shard must be present; NFS cannot be seen from here."""
     if config.storage.kind != "local":
         return
-    shards = config.model.shards
-    folder = Path(config.storage.path) / shards.folder
-    names = shard_file_names(shards.prefix, shards.count) if shards.count else [PurePosixPath(shards.first).name]
+    folder = Path(config.storage.path) / config.model.shards.folder
+    names = shard_names(config)
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
         listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -27,3 +44,76 @@ def check_local_shards(config: Config) -> None:
                 config.source,
             )
         )
+
+
+def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFHeader]:
+    """The GGUF header of every shard (never the tensor data)."""
+    folder = folder or shard_folder(config)
+    if folder is None:
+        raise ConfigError(
+            Problem("plan.shards_dir", "the shards are on NFS: mount the export here and set plan.shards_dir (or pass --shards DIR)", None, config.source)
+        )
+    headers = []
+    for name in shard_names(config):
+        path = folder / name
+        try:
+            headers.append(read_header_file(str(path)))
+        except FileNotFoundError:
+            raise ConfigError(Problem("model.shards", f"{path} is missing; the plan needs every shard's header", None, config.source)) from None
+        except (GGUFError, OSError) as exc:
+            raise ConfigError(Problem("model.shards", f"{path} {exc}", None, config.source)) from None
+    return headers
+
+
+def query_gpus() -> list[tuple[int, str, int]] | None:
+    """(index, name, memory bytes) of each GPU nvidia-smi sees; None without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    result = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if result.returncode != 0:
+        return None
+    gpus = []
+    for line in result.stdout.strip().splitlines():
+        index, name, memory = (part.strip() for part in line.split(","))
+        gpus.append((int(index), name, int(float(memory)) << 20))
+    return gpus
+
+
+def gpu_memory(config: Config) -> tuple[list[int], str]:
+    """Each GPU's memory in bytes, and where that came from."""
+    if config.plan.gpu_memory_gib:
+        return [int(g * (1 << 30)) for g in config.plan.gpu_memory_gib], "plan.gpu_memory_gib"
+    found = query_gpus()
+    if not found:
+        raise ConfigError(
+            Problem("plan.gpu_memory_gib", "no GPU found (nvidia-smi is missing or sees none); give each GPU's memory, e.g. [24, 24]", None, config.source)
+        )
+    gpus = config.gpus
+    if gpus.kind == "ids":
+        wanted = set(gpus.ids)
+        found = [g for g in found if str(g[0]) in wanted]
+    elif gpus.kind == "count":
+        found = found[: gpus.count]
+    return [g[2] for g in found], "nvidia-smi"
+
+
+def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
+    """Replace `num_gpu: auto` with the planned number; say why."""
+    parameters = dict(config.model.parameters)
+    if parameters.get("num_gpu") != "auto":
+        return config, None
+    from builder.offload import model_shape, plan_offload
+
+    if config.gpus.kind == "none":
+        number, reason = 0, "num_gpu: auto -> 0 (gpus: none)"
+    else:
+        memory, source = gpu_memory(config)
+        shape = model_shape(read_shard_headers(config))
+        plan = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)))
+        number, reason = plan.num_gpu, f"num_gpu: auto -> {plan.summary()}; memory from {source}"
+    parameters["num_gpu"] = number
+    model = dataclasses.replace(config.model, parameters=tuple(sorted(parameters.items())))
+    return dataclasses.replace(config, model=model), reason

@@ -57,10 +57,18 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _load(config_path: str):
+def _load(config_path: str, resolve_auto: bool = False):
+    """Load the config; with `resolve_auto`, turn num_gpu: auto into a number and say why."""
     from builder.config import load_config
 
-    return load_config(config_path)
+    config = load_config(config_path)
+    if resolve_auto:
+        from builder.checks import resolve_num_gpu
+
+        config, reason = resolve_num_gpu(config)
+        if reason:
+            click.echo(reason, err=True)
+    return config
 
 
 def _warnings(config) -> list[str]:
@@ -70,8 +78,6 @@ def _warnings(config) -> list[str]:
             f"serve.bind is {config.serve.bind}: ollama's API has no authentication; "
             "anyone who reaches this address can use and delete models"
         )
-    if any(name == "num_gpu" and value == "auto" for name, value in config.model.parameters):
-        out.append("model.parameters.num_gpu is auto: left to ollama's own estimate, which can overshoot on large quants")
     return out
 
 
@@ -121,7 +127,7 @@ def render(config_path: str, out_dir: str | None) -> None:
     from builder.plan import make_plan
     from builder.render import render_context, write_context
 
-    config = _load(config_path)
+    config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(config)
@@ -220,7 +226,7 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
     from builder.engine import DockerEngine
     from builder.plan import make_plan
 
-    config = _load(config_path)
+    config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     plan = make_plan(config)
@@ -237,7 +243,7 @@ def _prepare_stack(config_path: str, out_dir: str | None):
     from builder.plan import make_plan
     from builder.render import render_context, write_context
 
-    config = _load(config_path)
+    config = _load(config_path, resolve_auto=True)
     plan = make_plan(config)
     context = _context_dir(config_path, out_dir)
     write_context(render_context(plan), context, config.source_date_epoch)
@@ -350,3 +356,55 @@ def sample_model(config_path: str, force: bool) -> None:
         raise ConfigError(f"{folder} already holds {len(existing)} shard(s); pass --force to overwrite them")
     written = write_split_model(folder, shards.prefix, shards.count)
     click.echo(f"wrote {len(written)} shards of a tiny sample model to {folder}")
+
+
+@main.command("plan")
+@config_option
+@click.option("--shards", "shards_dir", type=click.Path(file_okay=False, exists=True), help="Where to read the shards here (overrides plan.shards_dir).")
+@click.option("--gpu-memory", help="Each GPU's memory in GiB, comma-separated (overrides plan.gpu_memory_gib and nvidia-smi).")
+@click.option("--num-ctx", type=click.IntRange(min=1), help="Context size (default: model.parameters.num_ctx, else 2048).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | None, num_ctx: int | None, as_json: bool) -> None:
+    """How many layers fit on the GPUs, layer by layer, from the shards' GGUF headers."""
+    import dataclasses
+    import json
+
+    from builder.checks import gpu_memory as find_gpu_memory
+    from builder.checks import read_shard_headers
+    from builder.offload import GIB, model_shape, plan_offload
+
+    config = _load(config_path)
+    if gpu_memory:
+        try:
+            sizes = tuple(float(part) for part in gpu_memory.split(","))
+            if any(size <= 0 for size in sizes):
+                raise ValueError
+        except ValueError:
+            raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
+        config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=sizes))
+    memory, source = find_gpu_memory(config)
+    shape = model_shape(read_shard_headers(config, Path(shards_dir) if shards_dir else None))
+    ctx = num_ctx or int(dict(config.model.parameters).get("num_ctx", 2048))
+    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB))
+    if as_json:
+        data = result.as_dict()
+        data["model"] = {
+            "architecture": shape.architecture,
+            "blocks": shape.block_count,
+            "total_bytes": shape.total_bytes,
+            "block_bytes": list(shape.block_bytes),
+            "output_bytes": shape.output_bytes,
+            "cpu_bytes": shape.cpu_bytes,
+        }
+        data["gpu_memory_source"] = source
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    click.echo(f"model   {shape.architecture}, {shape.block_count} layers, {shape.total_bytes / GIB:.1f} GiB")
+    for gpu in result.gpus:
+        layers = f"{gpu.blocks[0]}-{gpu.blocks[-1]}" if gpu.blocks else "none"
+        click.echo(
+            f"gpu {gpu.index}   layers {layers} ({len(gpu.blocks)}): weights {gpu.weights / GIB:.1f} + kv {gpu.kv_cache / GIB:.2f} "
+            f"+ compute {gpu.compute / GIB:.2f} + cuda {gpu.overhead / GIB:.2f} = {gpu.used / GIB:.1f} of {gpu.memory / GIB:.1f} GiB"
+        )
+    click.echo(result.summary())
+    click.echo(f"memory from {source}")

@@ -123,6 +123,15 @@ class Gpus:
 
 
 @dataclass(frozen=True)
+class PlanSettings:
+    """For num_gpu: auto and `builder plan`: the GPUs' memory and where the shards can be read."""
+
+    gpu_memory_gib: tuple[float, ...]
+    margin_gib: float
+    shards_dir: str | None
+
+
+@dataclass(frozen=True)
 class Serve:
     port: int
     bind: str
@@ -148,6 +157,7 @@ class Config:
     storage: Storage
     gpus: Gpus
     serve: Serve
+    plan: PlanSettings
     cache_dir: str | None
     source: str
 
@@ -160,7 +170,7 @@ class Config:
         lies, which GPUs serve it or on which port, so the same config gives
         the same image on every machine."""
         data = asdict(self)
-        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project"):
+        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project", "plan"):
             data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -454,6 +464,11 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         storage=storage,
         gpus=gpus,
         serve=serve,
+        plan=PlanSettings(
+            tuple(float(v) for v in data["plan"].get("gpu_memory_gib", ())),
+            float(data["plan"]["margin_gib"]),
+            os.path.normpath(str(base_dir / data["plan"]["shards_dir"])) if data["plan"].get("shards_dir") else None,
+        ),
         cache_dir=os.path.normpath(str(base_dir / data["cache_dir"])) if data["cache_dir"] else None,
         source=locate.source,
     )

@@ -241,6 +241,21 @@ def config_schema() -> dict[str, Any]:
                     },
                 ],
             },
+            "plan": _obj(
+                {
+                    "gpu_memory_gib": {
+                        "description": "Memory of each GPU serve gets, in GiB, for num_gpu: auto and `builder plan` (else nvidia-smi is asked).",
+                        "type": "array",
+                        "items": {"type": "number", "exclusiveMinimum": 0},
+                        "minItems": 1,
+                    },
+                    "margin_gib": {"description": "Memory left free on each GPU, in GiB.", "type": "number", "minimum": 0},
+                    "shards_dir": _str(
+                        "Where this machine can read the shards' folder (e.g. the NFS export mounted here), for num_gpu: auto.",
+                        minLength=1,
+                    ),
+                }
+            ),
             "serve": _obj(
                 {
                     "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},

@@ -63,12 +63,22 @@ class GGUFError(ValueError):
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]
+    offset: int  # from the start of the data section
+    nbytes: int
+
+
+@dataclass(frozen=True)
 class GGUFHeader:
     version: int
     metadata: dict[str, Any]
     tensor_count: int
     data_offset: int
     data_size: int  # bytes the tensor data needs, from the tensor table
+    tensors: tuple[TensorInfo, ...] = ()
 
     @property
     def expected_size(self) -> int:
@@ -136,6 +146,7 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
         key = reader.string()
         metadata[key] = reader.value(reader.unpack("I"))
     data_size = 0
+    tensors = []
     for _ in range(tensor_count):
         name = reader.string()
         dims = reader.unpack("I")
@@ -148,10 +159,18 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
         elements = 1
         for dim in shape:
             elements *= dim
-        data_size = max(data_size, offset + elements // block * block_bytes)
+        nbytes = elements // block * block_bytes
+        tensors.append(TensorInfo(name, kind, tuple(shape), offset, nbytes))
+        data_size = max(data_size, offset + nbytes)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
     data_offset = (reader.offset + alignment - 1) // alignment * alignment
-    return GGUFHeader(version, metadata, tensor_count, data_offset, data_size)
+    return GGUFHeader(version, metadata, tensor_count, data_offset, data_size, tuple(tensors))
+
+
+def read_header_file(path: str) -> GGUFHeader:
+    """Parse the header of the GGUF file at `path` (the tensor data is never read)."""
+    with open(path, "rb") as handle:
+        return read_header(handle)
 
 
 def check_file(path: str, size: int) -> GGUFHeader:
