@@ -408,3 +408,26 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
         )
     click.echo(result.summary())
     click.echo(f"memory from {source}")
+
+
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(config_path: str, as_json: bool) -> None:
+    """Check this machine for the stack: engine, plugins, GPUs, storage, shards, image."""
+    import json
+
+    from builder.doctor import FAIL, run_checks
+    from builder.lock import lock_digest, lock_path, read_lock
+    from builder.plan import make_plan
+
+    config = _load(config_path)
+    entries = read_lock(lock_path(config_path))
+    checks = run_checks(config, make_plan(config), lock_digest(entries) if entries else None)
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
+    else:
+        for check in checks:
+            click.echo(check.line())
+    if any(c.status == FAIL for c in checks):
+        sys.exit(1)

@@ -1,0 +1,186 @@
+"""`builder doctor`: one line per check (ok / warn / fail), each fail with its fix.
+
+Every probe is small and fails soft: doctor reports, it never stops at the
+first problem and never prints a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from builder.config import Config
+from builder.plan import Plan
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f" -> {self.fix}" if self.fix and self.status != OK else ""
+        return f"{self.status:<4}  {self.name}: {self.detail}{fix}"
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _run(argv: list[str], timeout: int = 20) -> subprocess.CompletedProcess | None:
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_engine() -> tuple[Check, dict | None]:
+    import json
+
+    result = _run(["docker", "info", "--format", "{{json .}}"])
+    if result is None:
+        return Check("engine", FAIL, "no docker CLI", "install Docker (docker.io) and start dockerd"), None
+    if result.returncode != 0:
+        reason = (result.stderr.strip().splitlines() or ["no answer"])[-1]
+        return Check("engine", FAIL, f"not reachable ({reason})", "start dockerd, or set DOCKER_HOST"), None
+    info = json.loads(result.stdout)
+    return Check("engine", OK, f"Docker {info.get('ServerVersion')} ({info.get('Driver')}) reachable"), info
+
+
+def check_plugins() -> list[Check]:
+    out = []
+    buildx = _run(["docker", "buildx", "version"])
+    if buildx is not None and buildx.returncode == 0:
+        out.append(Check("buildx", OK, buildx.stdout.strip().split("\n")[0]))
+    else:
+        out.append(Check("buildx", WARN, "missing: builds fall back to the classic builder, which is not reproducible",
+                         "install docker-buildx into ~/.docker/cli-plugins"))
+    compose = _run(["docker", "compose", "version", "--short"])
+    if compose is not None and compose.returncode == 0 and compose.stdout.strip().lstrip("v").startswith("2"):
+        out.append(Check("compose", OK, f"Compose v{compose.stdout.strip().lstrip('v')}"))
+    else:
+        out.append(Check("compose", FAIL, "Compose v2 (`docker compose`) is missing", "install the docker-compose v2 plugin"))
+    return out
+
+
+def check_gpus(config: Config, info: dict | None) -> list[Check]:
+    if config.gpus.kind == "none":
+        return [Check("gpu", OK, "not needed (gpus: none)")]
+    out = []
+    runtimes = set((info or {}).get("Runtimes", {}) or {})
+    cdi_specs = [p for d in ((info or {}).get("CDISpecDirs") or ["/etc/cdi", "/var/run/cdi"]) for p in Path(d).glob("*.yaml") if "nvidia" in p.name]
+    if "nvidia" in runtimes or cdi_specs:
+        how = "nvidia runtime" if "nvidia" in runtimes else f"CDI ({cdi_specs[0]})"
+        out.append(Check("nvidia-toolkit", OK, f"configured: {how}"))
+    else:
+        out.append(Check("nvidia-toolkit", FAIL, "neither the nvidia runtime nor an NVIDIA CDI spec is configured",
+                         "install nvidia-container-toolkit, then `nvidia-ctk runtime configure --runtime=docker` and restart dockerd"))
+    from builder.checks import query_gpus
+
+    gpus = query_gpus()
+    if not gpus:
+        out.append(Check("gpus", FAIL, "nvidia-smi is missing or sees no GPU", "install the NVIDIA driver (nvidia-smi must list the GPUs)"))
+    else:
+        listed = ", ".join(f"{i}: {name} {memory / (1 << 30):.0f} GiB" for i, name, memory in gpus)
+        out.append(Check("gpus", OK, listed))
+    return out
+
+
+def check_storage(config: Config, plan: Plan) -> list[Check]:
+    storage = config.storage
+    if storage.kind == "local":
+        if Path(storage.path).is_dir():
+            return [Check("storage", OK, f"local folder {storage.path}")]
+        return [Check("storage", FAIL, f"local folder {storage.path} does not exist", f"mkdir -p {storage.path} and put the shards there")]
+    out = []
+    try:
+        with socket.create_connection((storage.server, 2049), timeout=3):
+            out.append(Check("nfs-server", OK, f"{storage.server}:2049 answers"))
+    except OSError as exc:
+        out.append(Check("nfs-server", FAIL, f"{storage.server}:2049 does not answer ({exc.strerror or exc})",
+                         "check storage.nfs.server, the server's nfsd and the firewall (TCP 2049)"))
+    if _kernel_has_nfs():
+        out.append(Check("nfs-client", WARN, f"cannot test-mount {storage.server}:{storage.export} from here; the first `up` will",
+                         "mount it by hand once: mount -t nfs -o " + storage.options + f" {storage.server}:{storage.export} /mnt"))
+    else:
+        out.append(Check("nfs-client", FAIL, "this kernel has no NFS client, so Docker cannot mount the volume",
+                         "install nfs-common and load the nfs module (modprobe nfs), or use storage.local"))
+    return out
+
+
+def _kernel_has_nfs() -> bool:
+    try:
+        if "nfs" in Path("/proc/filesystems").read_text():
+            return True
+    except OSError:
+        pass
+    release = os.uname().release
+    return any(Path(f"/lib/modules/{release}/kernel/fs/{name}").exists() for name in ("nfs", "nfs_common"))
+
+
+def check_shards(config: Config) -> list[Check]:
+    from builder.checks import shard_folder, shard_names
+    from builder.supervisor.common import StepError, human_bytes
+    from builder.supervisor.merge import check_shards as check_set
+    from builder.supervisor.merge import shard_states
+
+    folder = shard_folder(config)
+    if folder is None:
+        return [Check("shards", WARN, "on NFS, not readable from here", "mount the export and set plan.shards_dir to check the shards")]
+    count = config.model.shards.count
+    names = shard_names(config)
+    try:
+        states = shard_states(str(folder), names)
+        if count:
+            check_set(str(folder), states, count)
+        total = sum(s.size for s in states)
+    except StepError as exc:
+        return [Check("shards", FAIL, str(exc).removeprefix("merge: "), "copy the shard(s) again from the source")]
+    out = [Check("shards", OK, f"{len(names)} shard(s) in {folder}, {human_bytes(total)}, intact (sizes match their headers)")]
+    merged = folder / Path(config.model.merged).name
+    stats = os.statvfs(folder)
+    free = stats.f_bavail * stats.f_frsize
+    if merged.exists() or not count:
+        out.append(Check("space", OK, f"{human_bytes(free)} free; the merged file is already there"))
+    elif free >= total:
+        out.append(Check("space", OK, f"{human_bytes(free)} free, the merge needs {human_bytes(total)}"))
+    else:
+        out.append(Check("space", FAIL, f"{human_bytes(free)} free, the merge needs {human_bytes(total)}", f"free {human_bytes(total - free)} in {folder}"))
+    return out
+
+
+def check_image(plan: Plan, lock_sha256: str | None, info: dict | None) -> Check:
+    if info is None:
+        return Check("image", WARN, "not checked (no engine)")
+    import json
+
+    result = _run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", plan.image])
+    if result is None or result.returncode != 0:
+        return Check("image", WARN, f"{plan.image} is not built yet", "builder build (or builder up)")
+    labels = json.loads(result.stdout) or {}
+    if labels.get("io.builder.config.sha256") != plan.config_digest:
+        return Check("image", WARN, f"{plan.image} was built from another config", "builder build")
+    if lock_sha256 and labels.get("io.builder.lock.sha256") != lock_sha256:
+        return Check("image", WARN, f"{plan.image} was built from another builder.lock", "builder build")
+    return Check("image", OK, f"{plan.image} is built from this config and lock")
+
+
+def run_checks(config: Config, plan: Plan, lock_sha256: str | None) -> list[Check]:
+    engine, info = check_engine()
+    checks = [engine]
+    if info is not None:
+        checks += check_plugins()
+    checks += check_gpus(config, info)
+    checks += check_storage(config, plan)
+    checks += check_shards(config)
+    checks.append(check_image(plan, lock_sha256, info))
+    return checks
