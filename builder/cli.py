@@ -45,6 +45,18 @@ class Group(click.Group):
             for line in exc.lines():
                 click.echo(f"error: {line}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            click.echo(f"error:{where} {exc.strerror or exc}; check the path and its permissions", err=True)
+            sys.exit(1)
+        except Exception as exc:  # noqa: BLE001 - the engine's, httpx's and escaping errors: one line, not a traceback
+            name = type(exc).__module__.split(".")[0]
+            if (ctx.obj and ctx.obj.get("debug")) or name not in ("docker", "httpx", "requests", "builder"):
+                raise
+            click.echo(f"error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (run with --debug for details)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,7 +85,9 @@ def _load(config_path: str, resolve_auto: bool = False):
 
 def _warnings(config) -> list[str]:
     out = []
-    if config.serve.bind not in ("127.0.0.1", "::1"):
+    import ipaddress
+
+    if not ipaddress.ip_address(config.serve.bind).is_loopback:
         out.append(
             f"serve.bind is {config.serve.bind}: ollama's API has no authentication; "
             "anyone who reaches this address can use and delete models"

@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import re
 import string
@@ -52,7 +53,14 @@ _INT_OVERRIDES = {"BUILDER_SERVE_PORT"}
 _REPLACE_WHOLE = {("image", "base"), ("storage",)}
 
 # Set by builder itself inside the containers; a user value would break the stack.
-RESERVED_ENV = {"OLLAMA_HOST": "serve.port and serve.bind", "OLLAMA_MODELS": "storage"}
+RESERVED_ENV = {
+    "OLLAMA_HOST": "set serve.port and serve.bind instead",
+    "OLLAMA_MODELS": "it follows storage",
+    "PATH": "the image needs its own",
+    "PYTHONPATH": "the supervisor needs its own",
+    "LD_LIBRARY_PATH": "the supervisor sets it for each program",
+    "BUILDER_RUNTIME": "the supervisor reads it",
+}
 
 _NEAR_SHARD = re.compile(r"-[0-9]+-of-[0-9]+\.gguf$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
@@ -170,7 +178,7 @@ class Config:
         lies, which GPUs serve it or on which port, so the same config gives
         the same image on every machine."""
         data = asdict(self)
-        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project", "plan"):
+        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "github_mirror", "registry_mirror"):
             data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -283,13 +291,18 @@ _TYPE_WORDS = {
 
 
 def _check_shape(data: dict[str, Any], locate: _Locator) -> None:
-    from jsonschema import Draft202012Validator
-
     if not data:
         raise ConfigError(locate.problem((), "is empty; start from a preset: `builder init --preset tiny`"))
     schema = config_schema()
     problems: dict[str, Problem] = {}
-    errors = list(Draft202012Validator(schema).iter_errors(data))
+    for path, value in _walk_values(data, ()):
+        if isinstance(value, float) and not math.isfinite(value):
+            problems[key_path(path)] = locate.problem(path, f"must be a finite number, got {value}")
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 1 << 63:
+            problems[key_path(path)] = locate.problem(path, "is too large (beyond a 64-bit integer)")
+    if problems:
+        raise ConfigError(sorted(problems.values(), key=lambda p: (p.line or 0, p.key)))
+    errors = list(_validator_class()(schema).iter_errors(data))
     for error in sorted(errors, key=lambda e: [str(p) for p in e.absolute_path]):
         for problem in _explain(error, locate):
             problems.setdefault(str(problem), problem)
@@ -300,9 +313,31 @@ def _check_shape(data: dict[str, Any], locate: _Locator) -> None:
         raise ConfigError(sorted(kept, key=lambda p: (p.line or 0, p.key)))
 
 
+def _walk_values(node: Any, path: KeyPath):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk_values(value, path + (str(key),))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _walk_values(value, path + (index,))
+    else:
+        yield path, node
+
+
+@lru_cache(maxsize=1)
+def _validator_class():
+    """Draft 2020-12, except that 2048.0 is not a whole number: YAML users
+    mean what they type, and ollama rejects `num_ctx 2048.0`."""
+    from jsonschema import Draft202012Validator, validators
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return validators.extend(Draft202012Validator, type_checker=checker)
+
+
 def _explain(error: Any, locate: _Locator) -> list[Problem]:
     """Word one JSON Schema error for a person, naming the key and its line."""
-    from jsonschema import Draft202012Validator
 
     path: KeyPath = tuple(error.absolute_path)
     value = error.instance
@@ -313,7 +348,7 @@ def _explain(error: Any, locate: _Locator) -> list[Problem]:
     if kind == "additionalProperties":
         allowed = sorted((schema.get("properties") or {}).keys())
         out = []
-        for key in sorted(set(value) - set(allowed)):
+        for key in sorted((str(k) for k in set(value) - set(allowed))):
             hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
             advice = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(allowed)}"
             out.append(locate.problem(path + (key,), f"unknown key; {advice}"))
@@ -333,7 +368,7 @@ def _explain(error: Any, locate: _Locator) -> list[Problem]:
         # When the value's type fits exactly one branch, that branch's error says most.
         fitting = [o for o in schema["oneOf"] if _type_fits(o, value)]
         if len(fitting) == 1:
-            inner = list(Draft202012Validator(fitting[0]).iter_errors(value))
+            inner = list(_validator_class()(fitting[0]).iter_errors(value))
             if inner:
                 for sub in inner:
                     sub.path.extendleft(reversed(path))
@@ -400,8 +435,12 @@ def _merge(default: Any, given: Any, path: tuple[str, ...] = ()) -> Any:
     return copy.deepcopy(given)
 
 
-def _template_fields(template: str) -> set[str]:
-    return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+def _template_fields(template: str) -> set[str] | None:
+    """The {placeholders} of a URL template; None when its braces do not pair up."""
+    try:
+        return {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:
+        return None
 
 
 def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
@@ -433,8 +472,12 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
     releases = {}
     for key, field in (("ollama", "version"), ("llama_cpp", "build")):
         section = data[key]
-        unknown = _template_fields(section["url"]) - {field}
-        if unknown:
+        fields = _template_fields(section["url"])
+        unknown = {"{"} if fields is None else fields - {field}
+        if fields is None:
+            fail((key, "url"), f"has an unpaired {{ or }}; write {{{field}}} where the {field} goes")
+            url = section["url"]
+        elif unknown:
             fail((key, "url"), f"unknown placeholder {{{sorted(unknown)[0]}}}; only {{{field}}} is replaced")
             url = section["url"]
         else:
@@ -467,9 +510,9 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         plan=PlanSettings(
             tuple(float(v) for v in data["plan"].get("gpu_memory_gib", ())),
             float(data["plan"]["margin_gib"]),
-            os.path.normpath(str(base_dir / data["plan"]["shards_dir"])) if data["plan"].get("shards_dir") else None,
+            os.path.normpath(str(base_dir / Path(data["plan"]["shards_dir"]).expanduser())) if data["plan"].get("shards_dir") else None,
         ),
-        cache_dir=os.path.normpath(str(base_dir / data["cache_dir"])) if data["cache_dir"] else None,
+        cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,
     )
 
@@ -610,7 +653,7 @@ def _resolve_storage(storage: dict[str, Any], base_dir: Path, fail: Any) -> Stor
         if len(export) > 1:
             export = export.rstrip("/")
         return Storage("nfs", server=server, export=export, options=options)
-    local = Path(storage["local"])
+    local = Path(storage["local"]).expanduser()
     if not local.is_absolute():
         local = base_dir / local
     return Storage("local", path=os.path.normpath(str(local)))
@@ -631,10 +674,13 @@ def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
         fail(("serve", "bind"), f"'{serve['bind']}' is not an IP address (127.0.0.1 keeps the API on this machine)")
         bind = serve["bind"]
     env = []
-    for name in sorted(serve["env"]):
+    for name in sorted(serve["env"], key=str):
         value = serve["env"][name]
+        if not isinstance(name, str):
+            fail(("serve", "env", str(name)), "is not an environment variable name: use A-Z, 0-9 and _ only")
+            continue
         if name in RESERVED_ENV:
-            fail(("serve", "env", name), f"is set by builder; use {RESERVED_ENV[name]} instead")
+            fail(("serve", "env", name), f"is set by builder ({RESERVED_ENV[name]}); remove it")
             continue
         text = str(value).lower() if isinstance(value, bool) else str(value)
         if "\n" in text or "\r" in text or "\0" in text:

@@ -59,11 +59,18 @@ class FetchSettings:
     @classmethod
     def from_env(cls, cache_dir: Path, **kwargs) -> "FetchSettings":
         """Settings with the retry knobs BUILDER_RETRIES / BUILDER_RETRY_WAIT applied."""
+        from builder.errors import ConfigError
+
         settings = cls(cache_dir=cache_dir, **kwargs)
-        if os.environ.get("BUILDER_RETRIES"):
-            settings.attempts = max(1, int(os.environ["BUILDER_RETRIES"]))
-        if os.environ.get("BUILDER_RETRY_WAIT"):
-            settings.wait_seconds = float(os.environ["BUILDER_RETRY_WAIT"])
+        for var, field, kind in (("BUILDER_RETRIES", "attempts", int), ("BUILDER_RETRY_WAIT", "wait_seconds", float)):
+            if os.environ.get(var):
+                try:
+                    value = kind(os.environ[var])
+                    if value < (1 if kind is int else 0):
+                        raise ValueError
+                except ValueError:
+                    raise ConfigError(f"${var}: expected a {'whole number >= 1' if kind is int else 'number of seconds'}, got {os.environ[var]!r}") from None
+                setattr(settings, field, value)
         return settings
 
 
@@ -119,7 +126,9 @@ def resolve_expected(artifact: Artifact, locked: LockEntry | None) -> str | None
     if locked is not None and locked.url != artifact.url:
         locked = None  # the URL changed (a new version): the old entry does not apply
     if artifact.sha256 and locked and artifact.sha256 != locked.sha256:
-        raise BuilderError(
+        from builder.errors import ConfigError
+
+        raise ConfigError(
             f"{artifact.key}.sha256 in the config ({artifact.sha256}) disagrees with builder.lock ({locked.sha256}) "
             f"for {artifact.url}; fix one of them"
         )

@@ -38,10 +38,15 @@ def load_yaml(text: str, source: str) -> tuple[Any, dict[Path, int]]:
         raise ConfigError(Problem("", f"not valid YAML: {reason}; fix the syntax at this line", line, source)) from None
     except yaml.YAMLError as exc:
         raise ConfigError(Problem("", f"not valid YAML: {exc}", None, source)) from None
+    except RecursionError:
+        raise ConfigError(Problem("", "not valid YAML for builder: an anchor refers to itself", None, source)) from None
     lines: dict[Path, int] = {}
     problems: list[Problem] = []
     if node is not None:
-        _walk(node, (), lines, problems, source)
+        try:
+            _walk(node, (), lines, problems, source)
+        except RecursionError:
+            raise ConfigError(Problem("", "not valid YAML for builder: an anchor refers to itself", None, source)) from None
     if problems:
         raise ConfigError(problems)
     return data, lines
