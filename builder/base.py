@@ -97,6 +97,10 @@ def ensure_base(base: BasePlan, epoch: int, engine, echo, work_dir: Path) -> str
     if not base.bootstrap:
         echo(f"pulling {base.image}")
         return engine.pull(base.image)
+    import shutil
+
+    if shutil.which("mmdebstrap") is None:
+        raise BuilderError("mmdebstrap is not installed (needed to bootstrap the base image); apt-get install mmdebstrap, or set image.base.ref")
     echo(f"bootstrapping {base.image} from {base.mirror} ({base.distro} {base.suite}); this takes about a minute")
     work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="base-") as tmp:

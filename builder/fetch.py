@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable
@@ -114,9 +115,13 @@ class ArtifactCache:
         if move:
             os.replace(source, target)
         elif not target.exists():
-            tmp = target.with_name(target.name + ".tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         write_atomic(self.root / "by-url" / hashlib.sha256(url.encode()).hexdigest(), sha256.encode() + b"\n")
         return target
 
@@ -135,10 +140,11 @@ def resolve_expected(artifact: Artifact, locked: LockEntry | None) -> str | None
     return artifact.sha256 or (locked.sha256 if locked else None)
 
 
-def ensure_artifact(artifact: Artifact, expected: str | None, settings: FetchSettings) -> LockEntry:
-    """Make sure the cache holds the artifact; return what the lock should say."""
+def ensure_artifact(artifact: Artifact, expected: str | None, settings: FetchSettings, fresh: bool = False) -> LockEntry:
+    """Make sure the cache holds the artifact; return what the lock should say.
+    `fresh` (for `builder lock`) downloads again unless the config pins a digest."""
     cache = ArtifactCache(settings.cache_dir)
-    known = expected or cache.remembered(artifact.url)
+    known = expected or (None if fresh else cache.remembered(artifact.url))
     if known and cache.path(known).is_file():
         return LockEntry(artifact.url, known, cache.path(known).stat().st_size)
 
@@ -237,14 +243,17 @@ def _attempt(client, url: str, filename: str, partial: Path) -> None:
         append = False
         if status == 206:
             start = response.headers.get("content-range", "").removeprefix("bytes ").split("-", 1)[0]
-            append = start.isdigit() and int(start) == have
-        if not append:
-            have = 0  # no Range support (200) or an unexpected range: start over
+            if not (start.isdigit() and int(start) == have):
+                partial.unlink(missing_ok=True)
+                raise _Retryable(f"the server resumed at byte {start or '?'} instead of {have}; starting again")
+            append = True
+        else:
+            have = 0  # no Range support (200): start over
         length = response.headers.get("content-length")
         total = have + int(length) if length and length.isdigit() else None
         progress = Progress(filename, total, start=have)
         with partial.open("ab" if append else "wb") as handle:
-            for chunk in response.iter_bytes():  # as received: a cut loses nothing written
+            for chunk in response.iter_raw():  # as received, undecoded: Range counts these bytes
                 handle.write(chunk)
                 progress.advance(len(chunk))
             handle.flush()
@@ -255,12 +264,13 @@ def _attempt(client, url: str, filename: str, partial: Path) -> None:
 
 
 def fetch_all(
-    artifacts: list[Artifact], locked: dict[str, LockEntry], settings: FetchSettings
+    artifacts: list[Artifact], locked: dict[str, LockEntry], settings: FetchSettings, fresh: bool = False
 ) -> dict[str, LockEntry]:
     """Ensure every artifact; return the lock entries (existing ones kept, new ones added)."""
     entries = dict(locked)
     for artifact in artifacts:
-        entries[artifact.key] = ensure_artifact(artifact, resolve_expected(artifact, locked.get(artifact.key)), settings)
+        expected = resolve_expected(artifact, locked.get(artifact.key))
+        entries[artifact.key] = ensure_artifact(artifact, expected, settings, fresh=fresh)
     return entries
 
 
@@ -283,7 +293,7 @@ def fetch_and_lock(
     path = lock_path(config_path)
     current = read_lock(path)
     artifacts = plan_artifacts(config)
-    entries = fetch_all(artifacts, {} if ignore_lock else current, settings)
+    entries = fetch_all(artifacts, {} if ignore_lock else current, settings, fresh=ignore_lock)
     if entries != current:
         write_lock(path, entries)
         settings.echo(f"wrote {path}")

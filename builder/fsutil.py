@@ -14,6 +14,8 @@ def write_atomic(target: Path, data: bytes, mode: int = 0o644, mtime: int | None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.chmod(tmp, mode)
         if mtime is not None:
             os.utime(tmp, (mtime, mtime))

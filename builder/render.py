@@ -13,9 +13,13 @@ from pathlib import Path
 
 from builder import __version__
 from builder.fsutil import write_atomic
+from builder.errors import ConfigError
 from builder.escape import compose_block, compose_scalar, dockerfile_quote
 from builder.plan import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Plan
 from builder.templates import template_dirs
+
+
+MARKER = ".builder-context"
 
 
 def _environment():
@@ -61,6 +65,7 @@ def render_context(plan: Plan) -> dict[str, bytes]:
     compose = env.get_template("compose/compose.yaml.j2").render(builder_version=__version__, **plan.compose)
     runtime = json.dumps(plan.runtime, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files = {
+        MARKER: b"This folder is a build context written by builder; `builder render` rewrites it.\n",
         "Dockerfile": dockerfile.encode(),
         "compose.yaml": compose.encode(),
         f"{ROOTFS}{CONFIG_DIR}/Modelfile": plan.modelfile.encode(),
@@ -74,13 +79,25 @@ def render_context(plan: Plan) -> dict[str, bytes]:
 def write_context(files: dict[str, bytes], out_dir: Path, mtime: int) -> Path:
     """Write `files` under `out_dir`, each atomically, with a fixed mtime.
 
-    Files already there that this render does not produce (the staged release
-    trees) are left alone; nothing is half-written if the run is cut.
+    The staged release trees are left alone; a file under rootfs/ that this
+    render no longer produces is removed (it would reach the image). A folder
+    that holds files but no marker was not written by builder: refused.
     """
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise ConfigError(f"{out_dir} holds files builder did not write; render into an empty or new folder (--out)")
     for name, data in files.items():
         write_atomic(out_dir / name, data, mtime=mtime)
-    # Every folder a COPY reads, up to the context itself, gets the fixed mtime.
+    rootfs = out_dir / ROOTFS
+    for path in sorted(rootfs.rglob("*"), reverse=True) if rootfs.is_dir() else ():
+        rel = str(path.relative_to(out_dir))
+        if path.is_file() and rel not in files:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    # Every folder a COPY reads, up to the context itself: fixed mode and mtime,
+    # whatever the umask.
     for name in files:
         for parent in (out_dir / name).relative_to(out_dir).parents:
+            os.chmod(out_dir / parent, 0o755)
             os.utime(out_dir / parent, (mtime, mtime))
     return out_dir

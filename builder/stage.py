@@ -2,9 +2,11 @@
 
 ollama's archive gives `bin/` and `lib/ollama/`; llama.cpp's zip gives
 `build/bin/`, of which only the chosen programs and the libraries they load
-are kept. Absolute paths, `..` and links that leave the tree are refused.
-Every mtime is set to SOURCE_DATE_EPOCH and modes to 0755/0644, so the same
-archives always give the same tree (and the same image layers).
+are kept. Absolute paths, `..`, links that leave the tree and members that
+would be written through a link are refused. Members are streamed to disk
+(ollama's archive unpacks to gigabytes). Every mtime is set to
+SOURCE_DATE_EPOCH and modes to 0755/0644, so the same archives always give
+the same tree, and the same image layers.
 """
 
 from __future__ import annotations
@@ -16,30 +18,21 @@ import stat
 import tarfile
 import tempfile
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Callable
 
 from builder.elf import elf_needed
 from builder.errors import BuilderError
 from builder.fsutil import write_atomic
 from builder.plan import STAGED_LLAMA_CPP, STAGED_OLLAMA
 
-LLAMA_CPP_INNER = "llama.cpp/"  # staged/llama.cpp/llama.cpp/build/bin -> /opt/llama.cpp/build/bin
-
 OLLAMA_KEEP = ("bin/", "lib/ollama/")
+LLAMA_CPP_INNER = "llama.cpp/"  # staged/llama.cpp/llama.cpp/build/bin -> /opt/llama.cpp/build/bin
+LLAMA_BIN = "build/bin/"
 
 
 class UnsafeArchive(BuilderError):
     """An archive member would land outside the staged tree."""
-
-
-@dataclass(frozen=True)
-class Member:
-    path: str  # normalized, relative
-    kind: str  # "file" | "dir" | "link"
-    data: bytes = b""
-    target: str = ""  # link target, as written in the archive
-    executable: bool = False
 
 
 def _normalize(name: str, archive: str) -> str:
@@ -61,79 +54,118 @@ def _check_link(member_path: str, target: str, archive: str) -> None:
             raise UnsafeArchive(f"{archive}: link '{member_path}' -> '{target}' leaves the archive; refusing to stage it")
 
 
-def read_tar(path: Path) -> list[Member]:
-    """Every member of a (compressed) tar, checked for safety."""
-    name = path.name
-    members = []
+class TreeWriter:
+    """Writes archive members under `root`, never through a link."""
+
+    def __init__(self, root: Path, archive: str):
+        self.root = root
+        self.archive = archive
+        self.kinds: dict[str, str] = {"": "dir"}
+        self.executables: set[str] = set()
+
+    def _parents(self, rel: str) -> None:
+        parts = rel.split("/")
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            kind = self.kinds.get(parent)
+            if kind == "link":
+                raise UnsafeArchive(f"{self.archive}: member '{rel}' would be written through the link '{parent}'; refusing to stage it")
+            if kind == "file":
+                raise UnsafeArchive(f"{self.archive}: member '{rel}' is under the file '{parent}'; refusing to stage it")
+            if kind is None:
+                (self.root / parent).mkdir()
+                self.kinds[parent] = "dir"
+
+    def _claim(self, rel: str, kind: str) -> Path:
+        self._parents(rel)
+        existing = self.kinds.get(rel)
+        if existing is not None and not (existing == kind == "dir") and not (existing == kind == "file"):
+            raise UnsafeArchive(f"{self.archive}: member '{rel}' appears twice, as a {existing} and a {kind}; refusing to stage it")
+        self.kinds[rel] = kind
+        return self.root / rel
+
+    def directory(self, rel: str) -> None:
+        path = self._claim(rel, "dir")
+        path.mkdir(exist_ok=True)
+
+    def file(self, rel: str, source: BinaryIO, executable: bool) -> None:
+        path = self._claim(rel, "file")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "wb") as handle:
+            shutil.copyfileobj(source, handle, 1 << 20)
+        (self.executables.add if executable else self.executables.discard)(rel)
+
+    def link(self, rel: str, target: str) -> None:
+        _check_link(rel, target, self.archive)
+        path = self._claim(rel, "link")
+        os.symlink(target, path)
+
+    def copy(self, rel: str, source_rel: str) -> None:
+        """A hard link in a tar: a copy of a file written before it."""
+        if self.kinds.get(source_rel) != "file":
+            raise UnsafeArchive(f"{self.archive}: hard link '{rel}' -> '{source_rel}' has no file to point to; refusing to stage it")
+        with open(self.root / source_rel, "rb") as source:
+            self.file(rel, source, source_rel in self.executables)
+
+    def finish(self, epoch: int) -> None:
+        """Fixed modes and mtimes everywhere, deepest first."""
+        for rel in sorted(self.kinds, key=lambda r: (-r.count("/"), r), reverse=False):
+            path = self.root / rel if rel else self.root
+            kind = self.kinds[rel]
+            if kind == "link":
+                os.utime(path, (epoch, epoch), follow_symlinks=False)
+                continue
+            os.chmod(path, 0o755 if kind == "dir" or rel in self.executables else 0o644)
+            os.utime(path, (epoch, epoch))
+
+
+def write_ollama(archive: Path, writer: TreeWriter) -> None:
+    """Stream bin/ and lib/ollama/ of ollama's archive into `writer`."""
+    name = archive.name
+    found = False
     try:
-        with tarfile.open(path) as archive:
-            for info in archive:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for info in tar:
                 rel = _normalize(info.name, name)
-                if not rel:
+                if not rel or not (any((rel + "/").startswith(k) for k in OLLAMA_KEEP) or rel == "lib"):
                     continue
                 if info.isdir():
-                    members.append(Member(rel, "dir"))
+                    writer.directory(rel)
                 elif info.issym():
-                    _check_link(rel, info.linkname, name)
-                    members.append(Member(rel, "link", target=info.linkname))
+                    writer.link(rel, info.linkname)
                 elif info.islnk():
-                    source = _normalize(info.linkname, name)
-                    data = next((m.data for m in members if m.path == source and m.kind == "file"), None)
-                    if data is None:
-                        raise UnsafeArchive(f"{name}: hard link '{rel}' -> '{info.linkname}' has no target in the archive")
-                    members.append(Member(rel, "file", data=data, executable=bool(info.mode & 0o111)))
+                    writer.copy(rel, _normalize(info.linkname, name))
                 elif info.isfile():
-                    handle = archive.extractfile(info)
+                    handle = tar.extractfile(info)
                     assert handle is not None
-                    members.append(Member(rel, "file", data=handle.read(), executable=bool(info.mode & 0o111)))
+                    writer.file(rel, handle, bool(info.mode & 0o111))
+                    found = found or rel == "bin/ollama"
                 else:
                     raise UnsafeArchive(f"{name}: member '{info.name}' is a device or fifo; refusing to stage it")
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, zlib_error()) as exc:
         raise BuilderError(f"{name}: not a readable tar archive ({exc}); delete it from the cache and fetch again") from None
-    return members
-
-
-def read_zip(path: Path) -> list[Member]:
-    """Every member of a zip, checked for safety (zip symlinks included)."""
-    name = path.name
-    members = []
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():
-                rel = _normalize(info.filename, name)
-                if not rel:
-                    continue
-                mode = info.external_attr >> 16
-                if info.is_dir():
-                    members.append(Member(rel, "dir"))
-                elif stat.S_ISLNK(mode):
-                    target = archive.read(info).decode()
-                    _check_link(rel, target, name)
-                    members.append(Member(rel, "link", target=target))
-                else:
-                    members.append(Member(rel, "file", data=archive.read(info), executable=bool(mode & 0o111)))
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise BuilderError(f"{name}: not a readable zip archive ({exc}); delete it from the cache and fetch again") from None
-    return members
-
-
-def select_ollama(members: list[Member]) -> list[Member]:
-    """bin/ and lib/ollama/ of ollama's archive."""
-    kept = [m for m in members if any((m.path + "/").startswith(k) for k in OLLAMA_KEEP) or m.path == "lib"]
-    if not any(m.path == "bin/ollama" and m.kind == "file" for m in kept):
+    if not found:
         raise BuilderError("the ollama archive has no bin/ollama; is ollama.url the linux-amd64 .tgz?")
-    return kept
 
 
-def select_llama_cpp(members: list[Member], binaries: tuple[str, ...]) -> list[Member]:
+def zlib_error() -> type[Exception]:
+    import zlib
+
+    return zlib.error
+
+
+def select_llama_cpp(archive: zipfile.ZipFile, binaries: tuple[str, ...]) -> list[zipfile.ZipInfo]:
     """The chosen programs of build/bin/ and the libraries they load, by DT_NEEDED."""
-    prefix = "build/bin/"
-    by_name = {m.path[len(prefix):]: m for m in members if m.path.startswith(prefix) and "/" not in m.path[len(prefix):]}
+    by_name = {
+        info.filename[len(LLAMA_BIN):]: info
+        for info in archive.infolist()
+        if info.filename.startswith(LLAMA_BIN) and "/" not in info.filename[len(LLAMA_BIN):] and not info.is_dir()
+    }
     missing = [b for b in binaries if b not in by_name]
     if missing:
-        available = sorted(n for n, m in by_name.items() if n.startswith("llama-") and m.kind == "file")
+        available = sorted(n for n in by_name if n.startswith("llama-"))
         raise BuilderError(
-            f"the llama.cpp archive has no build/bin/{missing[0]} (llama_cpp.binaries); it has: {', '.join(available[:12])}"
+            f"the llama.cpp archive has no {LLAMA_BIN}{missing[0]} (llama_cpp.binaries); it has: {', '.join(available[:12])}"
         )
     wanted: list[str] = []
     queue = list(binaries)
@@ -142,46 +174,42 @@ def select_llama_cpp(members: list[Member], binaries: tuple[str, ...]) -> list[M
         if current in wanted or current not in by_name:
             continue  # not in the archive: a system library (libc, libgomp)
         wanted.append(current)
-        member = by_name[current]
-        if member.kind == "link":
-            queue.append(PurePosixPath(member.target).name)
+        info = by_name[current]
+        if stat.S_ISLNK(info.external_attr >> 16):
+            queue.append(PurePosixPath(archive.read(info).decode()).name)
         else:
-            queue.extend(elf_needed(member.data) or [])
-    return [Member(LLAMA_CPP_INNER + m.path, m.kind, m.data, m.target, m.executable) for m in (by_name[n] for n in sorted(wanted))]
+            with archive.open(info) as handle:
+                head = handle.read(1 << 20)
+            data = head if len(head) < (1 << 20) else archive.read(info)
+            queue.extend(elf_needed(data) or [])
+    return [by_name[n] for n in sorted(wanted)]
 
 
-def _write_tree(members: list[Member], root: Path, epoch: int) -> None:
-    dirs = {root}
-    for member in members:
-        rel = member.path
-        target = root / rel
-        for parent in list(target.parents)[: len(PurePosixPath(rel).parts) - 1]:
-            dirs.add(parent)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if member.kind == "dir":
-            target.mkdir(exist_ok=True)
-            dirs.add(target)
-        elif member.kind == "link":
-            target.unlink(missing_ok=True)
-            os.symlink(member.target, target)
-            os.utime(target, (epoch, epoch), follow_symlinks=False)
-        else:
-            target.unlink(missing_ok=True)
-            target.write_bytes(member.data)
-            os.chmod(target, 0o755 if member.executable else 0o644)
-            os.utime(target, (epoch, epoch))
-    for directory in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
-        os.chmod(directory, 0o755)
-        os.utime(directory, (epoch, epoch))
+def write_llama_cpp(archive_path: Path, binaries: tuple[str, ...], writer: TreeWriter) -> None:
+    name = archive_path.name
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for info in select_llama_cpp(archive, binaries):
+                rel = LLAMA_CPP_INNER + _normalize(info.filename, name)
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode):
+                    writer.link(rel, archive.read(info).decode())
+                else:
+                    with archive.open(info) as handle:
+                        writer.file(rel, handle, bool(mode & 0o111))
+    except (zipfile.BadZipFile, zlib_error()) as exc:
+        raise BuilderError(f"{name}: not a readable zip archive ({exc}); delete it from the cache and fetch again") from None
 
 
-def _replace_tree(context: Path, relative: str, members: list[Member], epoch: int) -> None:
+def _replace_tree(context: Path, relative: str, fill: Callable[[TreeWriter], None], archive: str, epoch: int) -> None:
     """Write the tree beside its final place, then swap it in."""
     final = context / relative
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        _write_tree(members, scratch, epoch)
+        writer = TreeWriter(scratch, archive)
+        fill(writer)
+        writer.finish(epoch)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old")
@@ -190,8 +218,6 @@ def _replace_tree(context: Path, relative: str, members: list[Member], epoch: in
         os.replace(scratch, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        # The top of a staged tree is a COPY source: its mtime counts too.
-        os.utime(final, (epoch, epoch))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -201,18 +227,21 @@ def stage(context: Path, ollama_archive: Path, ollama_sha: str, llama_archive: P
     """Stage both trees unless their stamps say they are already there; return what was (re)staged."""
     done = []
     jobs = (
-        ("ollama", STAGED_OLLAMA, ollama_sha, (), lambda: select_ollama(read_tar(ollama_archive))),
-        ("llama.cpp", STAGED_LLAMA_CPP, llama_sha, binaries, lambda: select_llama_cpp(read_zip(llama_archive), binaries)),
+        ("ollama", STAGED_OLLAMA, ollama_sha, (), ollama_archive.name, lambda w: write_ollama(ollama_archive, w)),
+        ("llama.cpp", STAGED_LLAMA_CPP, llama_sha, binaries, llama_archive.name,
+         lambda w: write_llama_cpp(llama_archive, binaries, w)),
     )
-    for label, relative, digest, selection, members in jobs:
+    for label, relative, digest, selection, archive_name, fill in jobs:
         stamp_file = context / f"{relative}.stamp"
         stamp = hashlib.sha256(f"{digest}\n{','.join(selection)}\n{epoch}\n".encode()).hexdigest() + "\n"
         if (context / relative).is_dir() and stamp_file.is_file() and stamp_file.read_text() == stamp:
             continue
         stamp_file.unlink(missing_ok=True)
-        _replace_tree(context, relative, members(), epoch)
+        _replace_tree(context, relative, fill, archive_name, epoch)
         write_atomic(stamp_file, stamp.encode(), mtime=epoch)
         done.append(label)
-    if (context / "staged").is_dir():
-        os.utime(context / "staged", (epoch, epoch))
+    staged = context / "staged"
+    if staged.is_dir():
+        os.chmod(staged, 0o755)
+        os.utime(staged, (epoch, epoch))
     return done

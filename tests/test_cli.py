@@ -168,3 +168,26 @@ def test_sample_model_refuses_nfs(tmp_path: Path) -> None:
     result = run_builder("sample-model", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: sample-model writes to local storage only; this config uses NFS"
+
+
+def test_render_refuses_a_folder_it_did_not_write(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "Dockerfile").write_text("FROM scratch\n")
+    result = run_builder("render", "--out", str(mine), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {mine} holds files builder did not write; render into an empty or new folder (--out)"
+    assert (mine / "Dockerfile").read_text() == "FROM scratch\n"
+
+
+def test_render_prunes_stale_image_files(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    assert run_builder("render", cwd=tmp_path).returncode == 0
+    stale = tmp_path / "context" / "rootfs" / "opt" / "builder" / "supervisor" / "old_module.py"
+    stale.write_text("print('I would reach the image')\n")
+    keep = tmp_path / "context" / "staged" / "ollama" / "bin" / "ollama"
+    keep.parent.mkdir(parents=True)
+    keep.write_text("staged by build\n")
+    assert run_builder("render", cwd=tmp_path).returncode == 0
+    assert not stale.exists() and keep.read_text() == "staged by build\n"

@@ -233,3 +233,33 @@ def test_lock_pins_later_fetches(tmp_path: Path, server: ArtifactServer) -> None
     # `builder lock` is the deliberate way to accept the new bytes.
     assert project.builder("lock").returncode == 0
     assert project.lock()["llama_cpp"]["sha256"] == sha(server.files[LLAMA_PATH])
+
+
+def test_resume_at_the_wrong_offset_starts_over(tmp_path: Path, server: ArtifactServer) -> None:
+    """A server that answers a Range request from byte 0 with 206 must not
+    have its bytes appended (nor taken for the whole file)."""
+    server.faults[OLLAMA_PATH] = Fault("cut")
+    original = server._take_fault
+    state = {"lied": False}
+
+    def take(path: str):
+        kind = original(path)
+        if kind is None and path == OLLAMA_PATH and not state["lied"]:
+            state["lied"] = True
+            return "wrong-range"
+        return kind
+
+    server._take_fault = take
+    project = Project(tmp_path, server)
+    result = project.builder("fetch")
+    assert result.returncode == 0, result.stderr
+    assert "instead of" in result.stderr
+    assert project.lock()["ollama"]["sha256"] == sha(server.files[OLLAMA_PATH])
+
+
+def test_lock_downloads_again(tmp_path: Path, server: ArtifactServer) -> None:
+    project = Project(tmp_path, server)
+    assert project.builder("fetch").returncode == 0
+    before = len(server.requests)
+    assert project.builder("lock").returncode == 0
+    assert len(server.requests) == before + 2, "`builder lock` records what it fetches now"
