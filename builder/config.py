@@ -544,7 +544,11 @@ def _resolve_model(model: dict[str, Any], storage: dict[str, Any], base_dir: Pat
         expected_name = merged_file_name(shards.prefix)
         default_merged = str(PurePosixPath(shards.folder, expected_name)) if shards.folder else expected_name
         merged = default_merged
-        if "merged" in model and _check_relative(("model", "merged"), model["merged"], fail):
+        if "merged" in model and shards.count == 0:
+            if model["merged"] != shards.first:
+                fail(("model", "merged"), "an unsplit model is served from its own file; leave model.merged out")
+                ok = False
+        elif "merged" in model and _check_relative(("model", "merged"), model["merged"], fail):
             given = PurePosixPath(model["merged"])
             if given.name != expected_name:
                 fail(

@@ -54,3 +54,18 @@ def test_split_keys_and_truncation(tmp_path: Path) -> None:
     shards[0].write_bytes(b"NOPE" + data[4:])
     with pytest.raises(GGUFError, match="bad magic"):
         check_file(str(shards[0]), len(data))
+
+
+def test_crafted_headers_fail_cleanly(tmp_path: Path) -> None:
+    import struct
+
+    (path,) = write_model(tmp_path / "m.gguf")
+    data = bytearray(path.read_bytes())
+    # An absurd key count, then an absurd string length: GGUFError, never a crash.
+    for offset, value in ((16, 2**62), (24, 2**62)):
+        bad = bytearray(data)
+        struct.pack_into("<Q", bad, offset, value)
+        target = tmp_path / f"bad-{offset}.gguf"
+        target.write_bytes(bytes(bad))
+        with pytest.raises(GGUFError):
+            check_file(str(target), len(bad))

@@ -50,7 +50,7 @@ def test_merge_joins_verifies_and_records(models: Path, gguf_split: str, capsys)
     reader = gguf.GGUFReader(merged)
     assert len(reader.tensors) == 17
     assert Path(record_path(runtime["merged"])).is_file()
-    assert [p.name for p in (models / "tiny").iterdir() if p.name.startswith(".")] == []
+    assert [p.name for p in (models / "tiny").iterdir() if p.name.startswith(".")] == [".tiny.gguf.lock"]
     # Nothing changed: the second run only reads its record.
     started = time.monotonic()
     assert merge(runtime) == 0
@@ -128,7 +128,7 @@ def test_failed_tool_leaves_no_output(models: Path, tmp_path: Path, capsys) -> N
     runtime = runtime_for(models, str(fake))
     with pytest.raises(StepError, match=r"llama-gguf-split failed \(exit 1\): gguf_merge: failed to load input GGUF"):
         merge(runtime)
-    assert sorted(p.name for p in (models / "tiny").iterdir()) == [f"tiny-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
+    assert sorted(p.name for p in (models / "tiny").iterdir()) == [".tiny.gguf.lock"] + [f"tiny-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
 
 
 def test_hand_merged_file_is_adopted_not_merged_again(models: Path, gguf_split: str, capsys) -> None:

@@ -13,9 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
-from .common import StepError, log
+from .common import StepError, Stopped, log
 from .create import create
 from .merge import merge
 from .ollama import ollama_env, request
@@ -24,6 +25,7 @@ RUNTIME_JSON = "/etc/builder/runtime.json"
 ROLES = ("merge", "create", "serve", "all", "health")
 MAX_RESTARTS = 5
 STABLE_SECONDS = 60.0  # a run this long resets the restart budget
+RESTART_DELAY = float(os.environ.get("BUILDER_RESTART_DELAY", "0.5"))  # first back-off, doubling
 
 
 def load_runtime(path: str) -> dict:
@@ -34,49 +36,66 @@ def load_runtime(path: str) -> dict:
 def serve(runtime: dict) -> int:
     """Run `ollama serve` in the foreground; restart it with back-off when it
     dies, at most MAX_RESTARTS times in a row, then exit non-zero so the
-    container's restart policy takes over. Signals are forwarded."""
+    container's restart policy takes over.
+
+    ollama runs in its own process group, so a signal reaches its runners
+    too and a crashed ollama's runners (which hold GPU memory) are killed
+    before the next start. As PID 1 the supervisor reaps every child."""
     binary = runtime["ollama"]
     if not os.access(binary, os.X_OK):
         raise StepError(f"serve: {binary} is missing or not executable; rebuild the image with `builder build`")
-    stopping = {"signal": 0}
-    child: dict[str, subprocess.Popen | None] = {"process": None}
+    stop = threading.Event()
+    state: dict = {"signal": 0, "child": None}
 
-    def forward(signum, _frame):
-        stopping["signal"] = signum
-        process = child["process"]
-        if process is not None and process.poll() is None:
-            process.send_signal(signum)
+    def on_signal(signum, _frame):
+        state["signal"] = signum
+        stop.set()
+        if state["child"] is not None:
+            _signal_group(state["child"].pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     failures = 0
-    while True:
+    while not stop.is_set():
         started = time.monotonic()
         log(f"serve: starting {binary} serve on {os.environ.get('OLLAMA_HOST', '127.0.0.1:11434')}")
-        child["process"] = subprocess.Popen([binary, "serve"], env=ollama_env())
-        code = child["process"].wait()
-        _reap()
-        if stopping["signal"]:
-            log(f"serve: stopped by signal {stopping['signal']}")
-            return 0
+        child = subprocess.Popen([binary, "serve"], env=ollama_env(), start_new_session=True)
+        state["child"] = child
+        if stop.is_set():  # the signal came while it was starting
+            _signal_group(child.pid, state["signal"])
+        code = _wait_reaping(child)
+        _signal_group(child.pid, signal.SIGKILL)  # its runners, if it left any
+        state["child"] = None
+        if stop.is_set():
+            break
         failures = 1 if time.monotonic() - started > STABLE_SECONDS else failures + 1
         if failures > MAX_RESTARTS:
             log(f"serve: ollama serve died {failures} times in a row (last exit {code}); giving up")
             return 1
-        delay = min(30.0, 0.5 * 2 ** (failures - 1))
+        delay = min(30.0, RESTART_DELAY * 2 ** (failures - 1))
         log(f"serve: ollama serve exited with status {code}; restart {failures} of {MAX_RESTARTS} in {delay:.1f} s")
-        time.sleep(delay)
+        stop.wait(delay)
+    log(f"serve: stopped by signal {state['signal']}")
+    return 0
 
 
-def _reap() -> None:
-    """As PID 1, collect any orphaned children so none stay zombies."""
+def _wait_reaping(child: subprocess.Popen) -> int:
+    """Wait for `child`, reaping any other child (orphans re-parented to PID 1) meanwhile."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            return child.returncode if child.returncode is not None else -1
+        if pid == child.pid:
+            child.returncode = os.waitstatus_to_exitcode(status)
+            return child.returncode
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def health(runtime: dict) -> int:
@@ -100,9 +119,17 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:
         print(f"supervisor: cannot read the runtime plan {path}: {exc}", file=sys.stderr)
         return 2
+    if role == "health":
+        return health(runtime)
+
+    def stopped(signum, _frame):
+        raise Stopped(signum)
+
+    # Until serve takes over the signals: unwind (killing the merge tool or the
+    # private ollama, removing temporary files) instead of waiting for SIGKILL.
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
     try:
-        if role == "health":
-            return health(runtime)
         if role in ("merge", "all"):
             merge(runtime)
         if role in ("create", "all"):
@@ -113,6 +140,13 @@ def main(argv: list[str]) -> int:
     except StepError as exc:
         log(f"error: {exc}")
         return exc.code
+    except Stopped as exc:
+        log(f"{role}: stopped by signal {exc.signum}; cleaned up")
+        return 128 + exc.signum
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        log(f"error: {role}: {where}{exc.strerror or exc}")
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,6 +9,14 @@ import tempfile
 import time
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived: unwind, cleaning up, and exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 class StepError(Exception):
     """A role failed: one line naming the file or step, then a non-zero exit."""
 

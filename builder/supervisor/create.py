@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 
-from .common import StepError, log, read_json, write_json_atomic
+from .common import StepError, human_bytes, log, read_json, write_json_atomic
 from .ollama import PrivateServer, manifest_path, ollama_env, request
 
 RECORD = ".builder-create.json"
@@ -34,6 +34,17 @@ def _identity(runtime: dict) -> dict:
     }
 
 
+def _check_space(store: str, size: int) -> None:
+    """`ollama create` copies the merged file into its blob store."""
+    stats = os.statvfs(store)
+    free = stats.f_bavail * stats.f_frsize
+    if free < size:
+        raise StepError(
+            f"create: ollama copies the merged model into {store}, which has {human_bytes(free)} free of the "
+            f"{human_bytes(size)} needed; free some space"
+        )
+
+
 def create(runtime: dict) -> int:
     store = runtime["ollama_store"]
     os.makedirs(store, exist_ok=True)
@@ -44,6 +55,7 @@ def create(runtime: dict) -> int:
     if records.get(model) == identity and os.path.isfile(manifest_path(store, model)):
         log(f"create: {model} is up to date with {runtime['merged']} and the Modelfile; nothing to do")
         return 0
+    _check_space(store, identity["merged"]["size"])
     log(f"create: registering {model} from {runtime['merged']}")
     with PrivateServer(runtime["ollama"]) as server:
         result = subprocess.run(
@@ -58,11 +70,15 @@ def create(runtime: dict) -> int:
                 log(f"create: {line.strip()}")
         if result.returncode != 0:
             raise StepError(f"create: `ollama create {model}` failed (exit {result.returncode})")
-        status, body = request(server.base, "POST", "/api/show", {"model": model})
+        try:
+            status, body = request(server.base, "POST", "/api/show", {"model": model})
+        except OSError as exc:
+            raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
         if status != 200:
             raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {body[:200]!r})")
     records[model] = identity
     write_json_atomic(record_file, records)
-    details = json.loads(body or b"{}").get("details", {})
-    log(f"create: {model} is ready ({details.get('parameter_size', 'size unknown')}, {details.get('quantization_level', '')})".rstrip(", )") + ")")
+    details = json.loads(body or b"{}").get("details") or {}
+    facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
+    log(f"create: {model} is ready" + (f" ({facts})" if facts else ""))
     return 0

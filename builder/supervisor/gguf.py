@@ -8,6 +8,7 @@ writes a corrupt model with exit status 0, so the length check is ours.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -97,13 +98,25 @@ class _Reader:
     def __init__(self, handle: BinaryIO):
         self.handle = handle
         self.offset = 0
+        try:
+            self.size = os.fstat(handle.fileno()).st_size
+        except (AttributeError, OSError, ValueError):
+            self.size = 1 << 62
 
     def take(self, count: int) -> bytes:
+        if count < 0 or count > self.size - self.offset:
+            raise GGUFError(f"ends inside its header (needs {count} bytes at byte {self.offset} of {self.size})")
         data = self.handle.read(count)
         if len(data) != count:
             raise GGUFError(f"ends inside its header (at byte {self.offset + len(data)})")
         self.offset += count
         return data
+
+    def skip(self, count: int) -> None:
+        if count < 0 or count > self.size - self.offset:
+            raise GGUFError(f"ends inside its header (needs {count} bytes at byte {self.offset} of {self.size})")
+        self.handle.seek(count, os.SEEK_CUR)
+        self.offset += count
 
     def unpack(self, code: str) -> Any:
         size = struct.calcsize("<" + code)
@@ -125,8 +138,10 @@ class _Reader:
             count = self.unpack("Q")
             if item_kind in _SCALARS:
                 size = struct.calcsize("<" + _SCALARS[item_kind])
-                self.take(size * count)  # token tables are large: skip, do not decode
+                self.skip(size * count)  # token tables are large: skip, do not decode
                 return count
+            if count > (self.size - self.offset) // 8:  # every item needs at least 8 bytes
+                raise GGUFError(f"has an implausible array of {count} items at byte {self.offset}")
             return [self.value(item_kind) for _ in range(count)]
         raise GGUFError(f"has an unknown metadata type {kind} at byte {self.offset}")
 
@@ -141,6 +156,8 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
         raise GGUFError(f"has GGUF version {version}, expected 2 or 3")
     tensor_count = reader.unpack("Q")
     kv_count = reader.unpack("Q")
+    if kv_count > reader.size // 12 or tensor_count > reader.size // 24:
+        raise GGUFError(f"ends inside its header ({kv_count} keys and {tensor_count} tensors cannot fit in {reader.size} bytes)")
     metadata: dict[str, Any] = {}
     for _ in range(kv_count):
         key = reader.string()
@@ -150,6 +167,8 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
     for _ in range(tensor_count):
         name = reader.string()
         dims = reader.unpack("I")
+        if dims > 8:
+            raise GGUFError(f"tensor {name} has {dims} dimensions (at most 4 are possible)")
         shape = [reader.unpack("Q") for _ in range(dims)]
         kind = reader.unpack("I")
         offset = reader.unpack("Q")
@@ -163,6 +182,8 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
         tensors.append(TensorInfo(name, kind, tuple(shape), offset, nbytes))
         data_size = max(data_size, offset + nbytes)
     alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
+        raise GGUFError(f"has an invalid general.alignment {alignment!r}")
     data_offset = (reader.offset + alignment - 1) // alignment * alignment
     return GGUFHeader(version, metadata, tensor_count, data_offset, data_size, tuple(tensors))
 

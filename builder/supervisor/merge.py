@@ -11,11 +11,14 @@ merged lets the next run skip in well under a second.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
-import signal
+import secrets
+import socket
 import subprocess
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .common import Progress, StepError, fsync_dir, human_bytes, log, read_json, write_json_atomic
@@ -39,8 +42,27 @@ def record_path(merged: str) -> str:
 
 
 def temp_path(merged: str) -> str:
+    """Unique even across hosts sharing the NFS export (every container is PID 1)."""
     folder, name = os.path.split(merged)
-    return os.path.join(folder, f".{name}{TEMP_MARK}{os.getpid()}")
+    return os.path.join(folder, f".{name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+@contextmanager
+def merge_lock(merged: str):
+    """Hold a POSIX lock beside the merged file (it works over NFSv4), so two
+    containers, or two hosts, never merge into the same file at once."""
+    folder, name = os.path.split(merged)
+    path = os.path.join(folder, f".{name}.lock")
+    with open(path, "a+") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(f"merge: another merge of {merged} is running; waiting for it")
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(handle, fcntl.LOCK_UN)
 
 
 def remove_leftovers(merged: str) -> list[str]:
@@ -61,6 +83,8 @@ def shard_states(folder: str, names: list[str]) -> list[ShardState]:
             info = os.stat(path)
         except FileNotFoundError:
             raise StepError(f"merge: shard {path} is missing; copy it there (all {len(names)} shards are needed)") from None
+        except PermissionError:
+            raise StepError(f"merge: shard {path} cannot be read (permission denied); check the export's permissions") from None
         states.append(ShardState(name, info.st_size, info.st_mtime_ns))
     return states
 
@@ -144,20 +168,12 @@ def verify_merged(path: str, tensors: int) -> GGUFHeader:
 
 
 def run_gguf_split(binary: str, first: str, out: str, total: int) -> None:
-    """Run `llama-gguf-split --merge`, showing progress from the output's growth."""
-    env = dict(os.environ)
-    process = subprocess.Popen([binary, "--merge", first, out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def stop(signum, _frame):
-        process.kill()
-        process.wait()
-        _unlink(out)
-        log(f"merge: stopped by signal {signum}; removed the partial {out}")
-        os._exit(128 + signum)
-
-    for sig in previous:
-        signal.signal(sig, stop)
+    """Run `llama-gguf-split --merge`, showing progress from the output's growth.
+    If the supervisor is stopped meanwhile, the tool is killed too."""
+    try:
+        process = subprocess.Popen([binary, "--merge", first, out], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        raise StepError(f"merge: cannot run {binary}: {exc.strerror}; rebuild the image with `builder build`") from None
     progress = Progress("merging", total)
     done = threading.Event()
 
@@ -173,11 +189,13 @@ def run_gguf_split(binary: str, first: str, out: str, total: int) -> None:
     try:
         output = process.stdout.read().decode("utf-8", "replace") if process.stdout else ""
         code = process.wait()
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
     finally:
         done.set()
         watcher.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
     seconds = progress.finish()
     if code != 0:
         tail = " | ".join(line.strip() for line in output.strip().splitlines()[-3:])
@@ -202,21 +220,34 @@ def merge(runtime: dict) -> int:
         raise StepError(f"merge: the folder {folder} does not exist on the model storage; put the shards there")
     count = shards["count"]
     if count == 0:  # one unsplit file: nothing to join, only to check
-        size = _size(first)
         try:
-            check_file(first, size)
+            check_file(first, _size(first))
         except GGUFError as exc:
             raise StepError(f"merge: {first} {exc}") from None
         log(f"merge: {first} is a single whole GGUF file; nothing to merge")
         return 0
-    for leftover in remove_leftovers(merged):
-        log(f"merge: removed {leftover}, left by a run that was stopped")
     names = shard_file_names(shards["prefix"], count)
     states = shard_states(folder, names)
     if up_to_date(states, merged):
         log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
         return 0
+    # Every check that can fail on the user's shards comes before anything is written.
     _header, tensors = check_shards(folder, states, count)
+    os.makedirs(os.path.dirname(merged), exist_ok=True)
+    with merge_lock(merged):
+        return _merge_locked(runtime, states, tensors)
+
+
+def _merge_locked(runtime: dict, states: list[ShardState], tensors: int) -> int:
+    first = runtime["shards"]["first"]
+    count = runtime["shards"]["count"]
+    merged = runtime["merged"]
+    target_folder = os.path.dirname(merged)
+    for leftover in remove_leftovers(merged):
+        log(f"merge: removed {leftover}, left by a run that was stopped")
+    if up_to_date(states, merged):  # another container finished it while we waited
+        log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
+        return 0
     data = sum(s.size for s in states)
     if os.path.exists(merged) and read_json(record_path(merged)) is None:
         # A merged file without our record (merged by hand, say): adopt it when
@@ -231,7 +262,7 @@ def merge(runtime: dict) -> int:
                 return 0
         except StepError as exc:
             log(f"{exc}; merging again")
-    check_space(folder, data)
+    check_space(target_folder, data)
     out = temp_path(merged)
     _unlink(out)
     log(f"merge: joining {count} shards ({human_bytes(data)}) into {merged}")
@@ -241,7 +272,7 @@ def merge(runtime: dict) -> int:
         with open(out, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(out, merged)
-        fsync_dir(folder)
+        fsync_dir(target_folder)
     except BaseException:
         _unlink(out)
         raise

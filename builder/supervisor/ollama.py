@@ -69,7 +69,10 @@ class PrivateServer:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "PrivateServer":
-        self.process = subprocess.Popen([self.binary, "serve"], env=ollama_env(self.host))
+        try:
+            self.process = subprocess.Popen([self.binary, "serve"], env=ollama_env(self.host), start_new_session=True)
+        except OSError as exc:
+            raise StepError(f"cannot run {self.binary}: {exc.strerror}; rebuild the image with `builder build`") from None
         try:
             wait_until_up(self.base, self.process, 120)
         except BaseException:
@@ -78,17 +81,28 @@ class PrivateServer:
         return self
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM to ollama and its runners (its own process group), then SIGKILL."""
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        if self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(self.process.pid, signal.SIGKILL)
+        if self.process.poll() is None:
             self.process.wait()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def manifest_path(store: str, model: str) -> str:
