@@ -284,27 +284,56 @@ def up(config_path: str, out_dir: str | None, force_build: bool, offline: bool, 
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     engine = DockerEngine()
-    if force_build or engine.image_id(plan.image) is None:
+    labels = engine.image_labels(plan.image)
+    if labels is None:
+        reason = f"{plan.image} is not built yet"
+    elif labels.get("io.builder.config.sha256") != plan.config_digest:
+        reason = f"{plan.image} was built from another config (its Modelfile and plan are in the image)"
+    else:
+        reason = "--build" if force_build else ""
+    if reason:
+        _echo_err(f"building: {reason}")
         result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
         _echo_err(f"built {result.image} {result.image_id}")
     endpoint = stack_up(plan, context, engine, _echo_err)
     click.echo(f"{endpoint.url} serves {endpoint.model}")
 
 
+def _project_name(config_path: str) -> str:
+    """The Compose project, even from a config that no longer validates
+    (stopping a stack must not depend on its shards still being there)."""
+    import os
+
+    from builder.config import load_config
+
+    if os.environ.get("BUILDER_PROJECT"):
+        return os.environ["BUILDER_PROJECT"]
+    try:
+        return load_config(config_path).project
+    except ConfigError:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            raise ConfigError(f"{config_path}: cannot read the project name; pass -c or set BUILDER_PROJECT") from None
+        project = data.get("project", "builder") if isinstance(data, dict) else "builder"
+        return str(project)
+
+
 @main.command()
 @config_option
-@context_option
 @click.option("--volumes", is_flag=True, help="Also remove the volume definition (the model files stay where they are).")
-def down(config_path: str, out_dir: str | None, volumes: bool) -> None:
+def down(config_path: str, volumes: bool) -> None:
     """Stop and remove the stack's containers."""
     from builder.engine import DockerEngine
 
-    _config, _plan, context = _prepare_stack(config_path, out_dir)
+    project = _project_name(config_path)
     args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
-    result = DockerEngine().compose(context / "compose.yaml", *args)
+    result = DockerEngine().compose_project(project, *args)
     if result.returncode != 0:
         raise BuilderError(f"docker compose down failed: {result.stderr.strip()}")
-    click.echo("stack removed" + (" (volume definition too; model files untouched)" if volumes else ""))
+    click.echo(f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
 
 
 @main.command()
@@ -335,18 +364,15 @@ def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
 
 @main.command()
 @config_option
-@context_option
 @click.argument("service", required=False, type=click.Choice(["merge", "create", "serve"]))
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--tail", default="all", show_default=True, help="Lines from the end of each log.")
-def logs(config_path: str, out_dir: str | None, service: str | None, follow: bool, tail: str) -> None:
+def logs(config_path: str, service: str | None, follow: bool, tail: str) -> None:
     """Show the logs of one service or all."""
-    from builder.engine import run_command
-    from builder.stack import compose_argv
+    from builder.engine import DockerEngine
 
-    _config, _plan, context = _prepare_stack(config_path, out_dir)
-    argv = compose_argv(context, "logs", "--no-color", "--tail", tail) + (["-f"] if follow else []) + ([service] if service else [])
-    result = run_command(argv, stream=True)
+    args = ["logs", "--no-color", "--tail", tail] + (["-f"] if follow else []) + ([service] if service else [])
+    result = DockerEngine().compose_project(_project_name(config_path), *args, stream=True)
     if result.returncode != 0:
         raise BuilderError(f"docker compose logs failed (exit {result.returncode})")
 
@@ -356,7 +382,11 @@ def logs(config_path: str, out_dir: str | None, service: str | None, follow: boo
 @click.option("--force", is_flag=True, help="Overwrite shards that are already there.")
 def sample_model(config_path: str, force: bool) -> None:
     """Write a tiny real split model where the config's shards should be (local storage only), to try the stack out."""
+    import os
+    import tempfile
+
     from builder.sample import write_split_model
+    from builder.supervisor.shards import merged_file_name, shard_file_names
 
     config = _load(config_path)
     if config.storage.kind != "local":
@@ -365,10 +395,19 @@ def sample_model(config_path: str, force: bool) -> None:
     if shards.count < 1:
         raise ConfigError("sample-model needs a split model (model.shards like NAME-00001-of-00003.gguf)")
     folder = Path(config.storage.path) / shards.folder
-    existing = sorted(folder.glob(f"{shards.prefix}-*-of-{shards.count:05d}.gguf")) if folder.is_dir() else []
+    names = [folder / n for n in shard_file_names(shards.prefix, shards.count)] + [folder / merged_file_name(shards.prefix)]
+    existing = [p for p in names if p.exists()]
     if existing and not force:
-        raise ConfigError(f"{folder} already holds {len(existing)} shard(s); pass --force to overwrite them")
-    written = write_split_model(folder, shards.prefix, shards.count)
+        raise ConfigError(f"{existing[0]} exists; pass --force to overwrite the sample's files")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Written aside, then moved in: a failure leaves the folder as it was.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".sample-") as scratch:
+        try:
+            written = write_split_model(Path(scratch), shards.prefix, shards.count)
+        except ValueError as exc:
+            raise ConfigError(f"model.shards: {exc}") from None
+        for path in written:
+            os.replace(path, folder / path.name)
     click.echo(f"wrote {len(written)} shards of a tiny sample model to {folder}")
 
 

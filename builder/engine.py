@@ -28,10 +28,12 @@ def run_command(argv: Sequence[str], env: dict[str, str] | None = None, stream: 
     """Run one command; with `stream`, its output goes straight to the terminal."""
     if shutil.which(argv[0]) is None:
         raise BuilderError(f"`{argv[0]}` is not installed or not on PATH (needed for: {' '.join(argv[:3])})")
+    # No stdin: a tool that would ask a question (Compose's "recreate volume?")
+    # must fail rather than hang with its prompt hidden.
     if stream:
-        completed = subprocess.run(list(argv), env=env, text=True)
+        completed = subprocess.run(list(argv), env=env, text=True, stdin=subprocess.DEVNULL)
         return CommandResult(tuple(argv), completed.returncode, "", "")
-    completed = subprocess.run(list(argv), env=env, capture_output=True, text=True)
+    completed = subprocess.run(list(argv), env=env, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     return CommandResult(tuple(argv), completed.returncode, completed.stdout, completed.stderr)
 
 
@@ -49,6 +51,15 @@ class DockerEngine:
             raise BuilderError(
                 f"cannot reach the Docker engine ({exc.__class__.__name__}); start it, or set DOCKER_HOST"
             ) from None
+
+    def image_labels(self, ref: str) -> dict[str, str] | None:
+        """The labels of image `ref`, or None when the engine does not have it."""
+        from docker.errors import ImageNotFound
+
+        try:
+            return dict(self._client.images.get(ref).labels or {})
+        except ImageNotFound:
+            return None
 
     def image_id(self, ref: str) -> str | None:
         """The ID of image `ref`, or None when the engine does not have it."""
@@ -109,7 +120,20 @@ class DockerEngine:
             return None
 
     def remove_volume(self, name: str) -> None:
-        self._client.volumes.get(name).remove()
+        from docker.errors import APIError
+
+        try:
+            self._client.volumes.get(name).remove()
+        except APIError as exc:
+            raise BuilderError(f"cannot remove the volume {name}: {exc.explanation or exc}; `builder down` first") from None
 
     def compose(self, compose_file: Path, *args: str, stream: bool = False) -> CommandResult:
-        return run_command(["docker", "compose", "--ansi", "never", "-f", str(compose_file), *args], stream=stream)
+        return run_command(compose_argv(compose_file, *args), stream=stream)
+
+    def compose_project(self, project: str, *args: str, stream: bool = False) -> CommandResult:
+        """Compose by project name alone (down, logs): no file, no config needed."""
+        return run_command(["docker", "compose", "--ansi", "never", "-p", project, *args], stream=stream)
+
+
+def compose_argv(compose_file: Path, *args: str) -> list[str]:
+    return ["docker", "compose", "--ansi", "never", "-f", str(compose_file), *args]

@@ -177,6 +177,7 @@ def _compose_values(config: Config, image: str, digest: str) -> dict[str, Any]:
         "project": config.project,
         "image": image,
         "labels": {f"{LABEL_PREFIX}.project": config.project, f"{LABEL_PREFIX}.config.sha256": digest},
+        "volume_labels": {f"{LABEL_PREFIX}.project": config.project},
         "driver_opts": driver_opts,
         "gpu_devices": devices,
         "port": {

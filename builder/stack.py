@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from builder.engine import compose_argv
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.plan import Plan
 
@@ -35,8 +37,6 @@ def endpoint_url(plan: Plan) -> str:
     return f"http://{host}:{serve.port}"
 
 
-def compose_argv(context: Path, *args: str) -> list[str]:
-    return ["docker", "compose", "--ansi", "never", "-f", str(context / "compose.yaml"), *args]
 
 
 def check_storage(plan: Plan) -> None:
@@ -49,8 +49,10 @@ def check_storage(plan: Plan) -> None:
 
 def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
     """Run one one-shot service attached, streaming its log; fail with its tail."""
-    argv = compose_argv(context, "up", "--no-deps", "--no-log-prefix", "--exit-code-from", service, service)
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    argv = compose_argv(context / "compose.yaml", "up", "--no-deps", "--no-log-prefix", "--exit-code-from", service, service)
+    process = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
     tail: deque[str] = deque(maxlen=LOG_TAIL)
     assert process.stdout is not None
     for line in process.stdout:
@@ -82,6 +84,7 @@ def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoi
         run_step(context, service, echo)
     echo("serve: starting")
     timeout = plan.config.serve.ready_timeout
+    deadline = time.monotonic() + timeout
     result = engine.compose(context / "compose.yaml", "up", "-d", "--no-deps", "--wait", "--wait-timeout", str(timeout), "serve")
     if result.returncode != 0:
         detail = " ".join(result.stderr.strip().splitlines()[-2:])
@@ -90,7 +93,7 @@ def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoi
             hint = "; the NVIDIA container toolkit is missing on this host (or set gpus: none)"
         raise BuilderError(f"serve did not start: {detail}{hint}")
     url = endpoint_url(plan)
-    wait_for_model(url, plan.config.model.name, timeout)
+    wait_for_model(url, plan.config.model.name, max(5.0, deadline - time.monotonic()))
     return Endpoint(url, plan.config.model.name)
 
 
@@ -103,14 +106,10 @@ def wait_for_model(url: str, model: str, timeout: float) -> None:
         pass
 
     def ask() -> None:
-        try:
-            response = httpx.get(f"{url}/api/tags", timeout=10)
-        except httpx.HTTPError as exc:
-            raise NotYet(str(exc)) from None
-        if response.status_code != 200:
-            raise NotYet(f"HTTP {response.status_code}")
-        names = {m.get("name") for m in response.json().get("models", [])}
-        wanted = model if ":" in model else f"{model}:latest"
+        names = listed_models(url)
+        if names is None:
+            raise NotYet("no answer")
+        wanted = full_name(model)
         if wanted not in names:
             raise NotYet(f"{wanted} is not listed (found: {', '.join(sorted(n for n in names if n)) or 'none'})")
 
@@ -124,6 +123,25 @@ def wait_for_model(url: str, model: str, timeout: float) -> None:
         raise BuilderError(f"{url} did not list {model} within {timeout:.0f} s ({exc.last_attempt.exception()}); see `builder logs serve`") from None
 
 
+def full_name(model: str) -> str:
+    """ollama lists `NAME` as `NAME:latest`."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+def listed_models(url: str) -> set[str] | None:
+    """The names /api/tags lists, or None when the endpoint does not answer
+    properly. Never through a proxy: the endpoint is on this machine."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/api/tags", timeout=10, trust_env=False)
+        if response.status_code != 200:
+            return None
+        return {m.get("name") for m in response.json().get("models", []) if isinstance(m, dict)}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+
 def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
     """A volume whose mount options no longer match the config is removed and
     made again (removing a bind or NFS volume definition leaves the data)."""
@@ -132,7 +150,9 @@ def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
     wanted = plan.compose["driver_opts"]
     if options is not None and options != wanted:
         echo(f"volume {name} points elsewhere ({options.get('device')}); recreating it for {wanted.get('device')}")
-        engine.compose(context / "compose.yaml", "down")
+        result = engine.compose(context / "compose.yaml", "down")
+        if result.returncode != 0:
+            raise BuilderError(f"cannot stop the stack to recreate volume {name}: {result.stderr.strip()}")
         engine.remove_volume(name)
 
 
@@ -154,16 +174,8 @@ def status(plan: Plan, context: Path, engine) -> dict:
                 "status": entry.get("Status"),
             }
     url = endpoint_url(plan)
-    model_listed = None
-    try:
-        import httpx
-
-        response = httpx.get(f"{url}/api/tags", timeout=3)
-        names = {m.get("name") for m in response.json().get("models", [])}
-        wanted = plan.config.model.name if ":" in plan.config.model.name else plan.config.model.name + ":latest"
-        model_listed = wanted in names
-    except Exception:  # noqa: BLE001 - status reports, it does not fail
-        model_listed = None
+    names = listed_models(url)
+    model_listed = None if names is None else full_name(plan.config.model.name) in names
     return {
         "project": plan.config.project,
         "image": plan.image,

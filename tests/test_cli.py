@@ -161,6 +161,26 @@ def test_sample_model_writes_the_shards_the_config_names(tmp_path: Path) -> None
     assert run_builder("validate", cwd=tmp_path).returncode == 0
     again = run_builder("sample-model", cwd=tmp_path)
     assert again.returncode == 2 and "pass --force" in again.stderr
+    assert run_builder("sample-model", "--force", cwd=tmp_path).returncode == 0
+    assert sorted(p.name for p in (tmp_path / "models" / "tiny").iterdir()) == [p.name for p in shards]
+
+
+def test_sample_model_never_overwrites_a_merged_file(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    merged = tmp_path / "models" / "tiny" / "tiny.gguf"
+    merged.parent.mkdir(parents=True)
+    merged.write_bytes(b"the user's model")
+    result = run_builder("sample-model", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == f"error: {merged} exists; pass --force to overwrite the sample's files"
+    assert merged.read_bytes() == b"the user's model"
+
+
+def test_sample_model_with_too_many_shards(tmp_path: Path) -> None:
+    (tmp_path / "builder.yaml").write_text("version: 1\nmodel:\n  name: m\n  shards: m/m-00001-of-00020.gguf\nstorage:\n  local: models\n")
+    result = run_builder("sample-model", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: model.shards: a sample model of 3 blocks can be split in 1 to 17 shards, not 20"
+    assert [p.name for p in (tmp_path / "models" / "m").iterdir()] == []
 
 
 def test_sample_model_refuses_nfs(tmp_path: Path) -> None:

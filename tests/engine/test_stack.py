@@ -180,3 +180,26 @@ def test_gpu_request_reaches_the_engine(gpu_stack: TinyStack) -> None:
     assert 'could not select device driver "nvidia" with capabilities: [[gpu]]' in last
     assert last.endswith("the NVIDIA container toolkit is missing on this host (or set gpus: none)")
     assert gpu_stack.inspect("create")["State"]["ExitCode"] == 0
+
+
+def test_a_changed_config_rebuilds_and_creates_again(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    text = tiny_stack.config.read_text().replace("temperature: 0", "temperature: 0.7")
+    tiny_stack.config.write_text(text)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 0, result.stderr
+    assert "building: builder-tiny:" in result.stderr and "was built from another config" in result.stderr
+    assert "merge: /models/tiny/tiny.gguf is up to date" in result.stderr, "the shards did not change"
+    assert "create: registering tiny:latest" in result.stderr, "the Modelfile did"
+    show = _get(f"{tiny_stack.url}/api/show", {"model": "tiny"})
+    assert "temperature" in show["parameters"] and "0.7" in show["parameters"]
+
+
+def test_down_works_even_when_the_config_no_longer_validates(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    tiny_stack.config.write_text(tiny_stack.config.read_text().replace("shards: tiny/", "shards: /gone/"))
+    result = tiny_stack.builder("down")
+    assert result.returncode == 0, result.stderr
+    assert tiny_stack.container("serve") is None
