@@ -17,9 +17,8 @@ import tarfile
 from datetime import datetime, timezone
 from pathlib import Path
 
+from builder.fsutil import sha256_file
 from builder.plan import IMAGE_PATH, BasePlan
-
-_CHUNK = 1 << 20
 
 
 def mmdebstrap_argv(base: BasePlan, out_tar: Path) -> list[str]:
@@ -48,17 +47,9 @@ def image_config(layer_sha256: str, epoch: int, created_by: str) -> bytes:
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_load_archive(layer_tar: Path, image: str, epoch: int, created_by: str, out: Path) -> str:
     """Write a `docker load` archive for one layer; return the image ID it will get."""
-    layer_sha = _sha256_file(layer_tar)
+    layer_sha = sha256_file(layer_tar)
     config = image_config(layer_sha, epoch, created_by)
     config_sha = hashlib.sha256(config).hexdigest()
     manifest = json.dumps(

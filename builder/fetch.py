@@ -17,7 +17,7 @@ from typing import Callable
 
 from builder.config import Config
 from builder.errors import BuilderError
-from builder.fsutil import write_atomic
+from builder.fsutil import sha256_file, write_atomic
 from builder.lock import LockEntry
 from builder.plan import mirrored
 from builder.progress import Progress
@@ -63,7 +63,7 @@ class FetchSettings:
         from builder.errors import ConfigError
 
         settings = cls(cache_dir=cache_dir, **kwargs)
-        for var, field, kind in (("BUILDER_RETRIES", "attempts", int), ("BUILDER_RETRY_WAIT", "wait_seconds", float)):
+        for var, attribute, kind in (("BUILDER_RETRIES", "attempts", int), ("BUILDER_RETRY_WAIT", "wait_seconds", float)):
             if os.environ.get(var):
                 try:
                     value = kind(os.environ[var])
@@ -71,20 +71,12 @@ class FetchSettings:
                         raise ValueError
                 except ValueError:
                     raise ConfigError(f"${var}: expected a {'whole number >= 1' if kind is int else 'number of seconds'}, got {os.environ[var]!r}") from None
-                setattr(settings, field, value)
+                setattr(settings, attribute, value)
         return settings
 
 
 class _Retryable(Exception):
     """A failure worth another attempt (a 5xx answer, a short body)."""
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ArtifactCache:
@@ -151,7 +143,7 @@ def ensure_artifact(artifact: Artifact, expected: str | None, settings: FetchSet
     if settings.carried_dir is not None:
         carried = settings.carried_dir / artifact.filename
         if carried.is_file():
-            actual = _sha256_file(carried)
+            actual = sha256_file(carried)
             _check_digest(artifact, carried, expected, actual, str(carried))
             settings.echo(f"{artifact.filename}: taken from {settings.carried_dir}")
             stored = cache.store(carried, actual, artifact.url, move=False)
@@ -167,7 +159,7 @@ def ensure_artifact(artifact: Artifact, expected: str | None, settings: FetchSet
     partial = cache.partial(artifact)
     partial.parent.mkdir(parents=True, exist_ok=True)
     _download(artifact, partial, settings)
-    actual = _sha256_file(partial)
+    actual = sha256_file(partial)
     try:
         _check_digest(artifact, partial, expected, actual, artifact.download_url)
     except BuilderError:

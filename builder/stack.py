@@ -99,7 +99,6 @@ def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoi
 
 def wait_for_model(url: str, model: str, timeout: float) -> None:
     """Ask the endpoint until it answers and lists the model (httpx + tenacity)."""
-    import httpx
     from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
     class NotYet(Exception):
