@@ -87,7 +87,7 @@ def ensure_base(base: BasePlan, epoch: int, engine, echo, work_dir: Path) -> str
         return found
     if not base.bootstrap:
         echo(f"pulling {base.image}")
-        return engine.pull(base.image)
+        return engine.pull(base.image, echo)
     import shutil
 
     if shutil.which("mmdebstrap") is None:

@@ -75,16 +75,34 @@ class DockerEngine:
         with archive.open("rb") as handle:
             self._client.images.load(handle)
 
-    def pull(self, ref: str) -> str:
-        """Pull `ref` (a reference pinned by digest) and return its image ID."""
+    def pull(self, ref: str, echo=lambda message: None) -> str:
+        """Pull `ref` (a reference pinned by digest), reporting each layer's
+        progress, and return its image ID."""
+        import sys
+
         from docker.errors import APIError
 
+        repository, _, digest = ref.partition("@")
+        tty = sys.stderr.isatty()
         try:
-            return self._client.images.pull(ref).id
+            for event in self._client.api.pull(repository, tag=digest or None, stream=True, decode=True):
+                if "error" in event:
+                    raise BuilderError(f"cannot pull {ref}: {event['error']}; check mirrors.registry or load the image by hand")
+                status, layer = event.get("status", ""), event.get("id", "")
+                if status in ("Downloading", "Extracting"):
+                    if tty:
+                        sys.stderr.write(f"\r{layer} {status.lower()} {event.get('progress', '')}\033[K")
+                        sys.stderr.flush()
+                    continue
+                echo(f"{layer}: {status}" if layer else status)
         except APIError as exc:
             raise BuilderError(
                 f"cannot pull {ref}: {exc.explanation or exc}; check mirrors.registry or load the image by hand"
             ) from None
+        image_id = self.image_id(ref)
+        if image_id is None:
+            raise BuilderError(f"pulled {ref}, but the engine does not list it")
+        return image_id
 
     def has_buildx(self) -> bool:
         return shutil.which("docker") is not None and run_command(["docker", "buildx", "version"]).returncode == 0
