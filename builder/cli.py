@@ -484,3 +484,45 @@ def doctor(config_path: str, as_json: bool) -> None:
             click.echo(check.line())
     if any(c.status == FAIL for c in checks):
         sys.exit(1)
+
+
+@main.command("export")
+@config_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Archive to write [default: NAME-TAG.tar.gz].")
+def export_command(config_path: str, output: str | None) -> None:
+    """Write the image to a compressed archive, with its sha256 beside it, for machines without a registry."""
+    from builder.airgap import default_archive_name, export_image
+    from builder.engine import DockerEngine
+
+    config = _load(config_path)
+    out = Path(output or default_archive_name(config.image))
+    digest = export_image(DockerEngine(), config.image, out, _echo_err)
+    click.echo(f"{out} sha256:{digest}")
+
+
+@main.command("import")
+@click.argument("archive", type=click.Path(dir_okay=False))
+def import_command(archive: str) -> None:
+    """Load an exported image (checked against ARCHIVE.sha256 when it is there)."""
+    from builder.airgap import import_image
+    from builder.engine import DockerEngine
+
+    for line in import_image(DockerEngine(), Path(archive), _echo_err):
+        click.echo(line)
+
+
+@main.command()
+@config_option
+@click.argument("target")
+def push(config_path: str, target: str) -> None:
+    """Tag the image as TARGET (REGISTRY/REPO[:TAG]) and push it; credentials come from your Docker config."""
+    from builder.airgap import push_target
+    from builder.engine import DockerEngine
+
+    config = _load(config_path)
+    engine = DockerEngine()
+    if engine.image_id(config.image) is None:
+        raise BuilderError(f"{config.image} is not in the engine; build it first (builder build)")
+    full = push_target(target, config.registry_mirror)
+    digest = engine.push(config.image, full, _echo_err)
+    click.echo(f"{full}@{digest}" if digest else full)

@@ -104,6 +104,41 @@ class DockerEngine:
             raise BuilderError(f"pulled {ref}, but the engine does not list it")
         return image_id
 
+    def save(self, ref: str):
+        """The `docker save` archive of `ref`, in chunks."""
+        return self._client.images.get(ref).save(chunk_size=1 << 20, named=True)
+
+    def load_stream(self, stream) -> list[str]:
+        """Load a `docker save` archive from a file object; return 'name id' per image."""
+        from docker.errors import APIError
+
+        try:
+            images = self._client.images.load(stream)
+        except APIError as exc:
+            raise BuilderError(f"docker load failed: {exc.explanation or exc}") from None
+        return [f"{(image.tags or ['<untagged>'])[0]} {image.id}" for image in images]
+
+    def push(self, source: str, target: str, echo) -> str:
+        """Tag `source` as `target` and push it; return the pushed digest."""
+        from docker.errors import APIError
+
+        repository, _, tag = target.rpartition(":")
+        try:
+            self._client.images.get(source).tag(repository, tag)
+            digest = ""
+            for event in self._client.api.push(repository, tag=tag, stream=True, decode=True):
+                if "error" in event:
+                    raise BuilderError(f"cannot push {target}: {event['error']}; check the registry and `docker login`")
+                status = event.get("status", "")
+                if status in ("Pushing", "Preparing", "Waiting"):
+                    continue
+                if "aux" in event and isinstance(event["aux"], dict):
+                    digest = event["aux"].get("Digest", digest)
+                echo(f"{event.get('id', '')}: {status}".lstrip(": ") if status else str(event))
+        except APIError as exc:
+            raise BuilderError(f"cannot push {target}: {exc.explanation or exc}; check the registry and `docker login`") from None
+        return digest
+
     def has_buildx(self) -> bool:
         return shutil.which("docker") is not None and run_command(["docker", "buildx", "version"]).returncode == 0
 

@@ -9,9 +9,11 @@ by builder itself, shards written by gguf-py, Compose v2 running the stack.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -131,3 +133,28 @@ def gpu_stack(release_server, shared_cache, tmp_path):
     stack = TinyStack(tmp_path, release_server, shared_cache, gpus="all")
     yield stack
     stack.down()
+
+
+@pytest.fixture
+def registry(tmp_path: Path, docker_engine):
+    binary = shutil.which("docker-registry")
+    if binary is None:
+        pytest.fail("docker-registry is not installed: `apt-get install docker-registry` (.ci/run does)")
+    port = free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'registry'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\nlog:\n  level: error\n"
+    )
+    process = subprocess.Popen([binary, "serve", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2)
+            break
+        except OSError:
+            assert time.time() < deadline, "the registry did not start"
+            time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    process.terminate()
+    process.wait()
