@@ -136,7 +136,11 @@ def validate(config_path: str) -> None:
 @main.command()
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config].")
-def render(config_path: str, out_dir: str | None) -> None:
+@click.option(
+    "--target", type=click.Choice(["compose", "single", "kubernetes"]), default="compose", show_default=True,
+    help="Also write single/ (one container, AutoDL) or kubernetes/ (manifests).",
+)
+def render(config_path: str, out_dir: str | None, target: str) -> None:
     """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
     from builder.plan import make_plan
     from builder.render import render_context, write_context
@@ -145,7 +149,12 @@ def render(config_path: str, out_dir: str | None) -> None:
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(config)
-    files = render_context(plan)
+    if target == "kubernetes":
+        from builder.targets import kubernetes_manifests
+
+        for note in kubernetes_manifests(plan)[1]:
+            click.echo(f"note: {note}", err=True)
+    files = render_context(plan, target)
     target = _context_dir(config_path, out_dir)
     write_context(files, target, config.source_date_epoch)
     click.echo(str(target))
@@ -252,7 +261,7 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
         click.echo(f"{result.image} {result.image_id}")
 
 
-def _prepare_stack(config_path: str, out_dir: str | None):
+def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose"):
     """Load, plan and render: what every stack command starts from."""
     from builder.plan import make_plan
     from builder.render import render_context, write_context
@@ -260,7 +269,7 @@ def _prepare_stack(config_path: str, out_dir: str | None):
     config = _load(config_path, resolve_auto=True)
     plan = make_plan(config)
     context = _context_dir(config_path, out_dir)
-    write_context(render_context(plan), context, config.source_date_epoch)
+    write_context(render_context(plan, target), context, config.source_date_epoch)
     return config, plan, context
 
 
@@ -273,14 +282,19 @@ context_option = click.option(
 @config_option
 @context_option
 @click.option("--build", "force_build", is_flag=True, help="Build the image first even if it exists.")
+@click.option(
+    "--target", type=click.Choice(["compose", "single"]), default="compose", show_default=True,
+    help="compose: merge, create and serve as three services; single: all in one container.",
+)
 @_with_offline_options
-def up(config_path: str, out_dir: str | None, force_build: bool, offline: bool, carried_dir: str | None) -> None:
+def up(config_path: str, out_dir: str | None, force_build: bool, target: str, offline: bool, carried_dir: str | None) -> None:
     """Merge, create, serve: bring the stack up and wait until the model is listed."""
     from builder.build import build_all
     from builder.engine import DockerEngine
     from builder.stack import up as stack_up
+    from builder.stack import up_single
 
-    config, plan, context = _prepare_stack(config_path, out_dir)
+    config, plan, context = _prepare_stack(config_path, out_dir, target)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     engine = DockerEngine()
@@ -295,7 +309,7 @@ def up(config_path: str, out_dir: str | None, force_build: bool, offline: bool, 
         _echo_err(f"building: {reason}")
         result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
         _echo_err(f"built {result.image} {result.image_id}")
-    endpoint = stack_up(plan, context, engine, _echo_err)
+    endpoint = (up_single if target == "single" else stack_up)(plan, context, engine, _echo_err)
     click.echo(f"{endpoint.url} serves {endpoint.model}")
 
 
@@ -329,10 +343,14 @@ def down(config_path: str, volumes: bool) -> None:
     from builder.engine import DockerEngine
 
     project = _project_name(config_path)
+    engine = DockerEngine()
     args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
-    result = DockerEngine().compose_project(project, *args)
+    result = engine.compose_project(project, *args)
     if result.returncode != 0:
         raise BuilderError(f"docker compose down failed: {result.stderr.strip()}")
+    single = engine.container(project)
+    if single and single["labels"].get("io.builder.role") == "all":
+        engine.remove_container(project)  # the single-container target
     click.echo(f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
 
 

@@ -140,6 +140,14 @@ class PlanSettings:
 
 
 @dataclass(frozen=True)
+class KubernetesSettings:
+    namespace: str | None
+    storage_class: str | None
+    storage_size: str
+    replicas: int
+
+
+@dataclass(frozen=True)
 class Serve:
     port: int
     bind: str
@@ -166,6 +174,7 @@ class Config:
     gpus: Gpus
     serve: Serve
     plan: PlanSettings
+    kubernetes: KubernetesSettings
     cache_dir: str | None
     source: str
 
@@ -178,7 +187,9 @@ class Config:
         lies, which GPUs serve it or on which port, so the same config gives
         the same image on every machine."""
         data = asdict(self)
-        for host_only in ("source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "github_mirror", "registry_mirror"):
+        for host_only in (
+            "source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "kubernetes", "github_mirror", "registry_mirror",
+        ):
             data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()
@@ -511,6 +522,12 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             tuple(float(v) for v in data["plan"].get("gpu_memory_gib", ())),
             float(data["plan"]["margin_gib"]),
             os.path.normpath(str(base_dir / Path(data["plan"]["shards_dir"]).expanduser())) if data["plan"].get("shards_dir") else None,
+        ),
+        kubernetes=KubernetesSettings(
+            data["kubernetes"].get("namespace"),
+            data["kubernetes"].get("storage_class"),
+            data["kubernetes"]["storage_size"],
+            data["kubernetes"]["replicas"],
         ),
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,

@@ -139,6 +139,33 @@ class DockerEngine:
             raise BuilderError(f"cannot push {target}: {exc.explanation or exc}; check the registry and `docker login`") from None
         return digest
 
+    def container(self, name: str) -> dict | None:
+        """State and labels of container `name`, or None when there is none."""
+        from docker.errors import NotFound
+
+        try:
+            attrs = self._client.containers.get(name).attrs
+        except NotFound:
+            return None
+        state = attrs.get("State", {})
+        return {
+            "status": state.get("Status"),
+            "exit_code": state.get("ExitCode"),
+            "health": (state.get("Health") or {}).get("Status"),
+            "labels": attrs.get("Config", {}).get("Labels") or {},
+        }
+
+    def container_logs(self, name: str, tail: int = 15) -> str:
+        return self._client.containers.get(name).logs(tail=tail).decode("utf-8", "replace")
+
+    def remove_container(self, name: str) -> None:
+        from docker.errors import NotFound
+
+        try:
+            self._client.containers.get(name).remove(force=True)
+        except NotFound:
+            pass
+
     def has_buildx(self) -> bool:
         return shutil.which("docker") is not None and run_command(["docker", "buildx", "version"]).returncode == 0
 

@@ -31,10 +31,14 @@ def _environment():
         autoescape=False,
         keep_trailing_newline=True,
     )
+    from builder.targets import sh, sh_join
+
     env.filters.update(
         dockerfile_quote=dockerfile_quote,
         compose_scalar=compose_scalar,
         compose_block=compose_block,
+        sh=sh,
+        sh_join=sh_join,
     )
     return env
 
@@ -49,8 +53,13 @@ def supervisor_files() -> dict[str, bytes]:
     }
 
 
-def render_context(plan: Plan) -> dict[str, bytes]:
-    """Every file of the build context, keyed by its path in the context."""
+TARGETS = ("compose", "single", "kubernetes")
+
+
+def render_context(plan: Plan, target: str = "compose") -> dict[str, bytes]:
+    """Every file of the build context, keyed by its path in the context.
+    Every target gets the image's files and compose.yaml; `single` and
+    `kubernetes` add their own folder."""
     env = _environment()
     dockerfile = env.get_template("dockerfiles/Dockerfile.j2").render(
         builder_version=__version__,
@@ -73,6 +82,14 @@ def render_context(plan: Plan) -> dict[str, bytes]:
         ".dockerignore": ("# Only what the Dockerfile copies.\n*\n" + "".join(f"!{src}/\n" for src, _ in COPIES)).encode(),
     }
     files.update(supervisor_files())
+    if target == "single":
+        from builder.targets import render_single
+
+        files.update(render_single(plan, env))
+    elif target == "kubernetes":
+        from builder.targets import render_kubernetes
+
+        files.update(render_kubernetes(plan))
     return dict(sorted(files.items()))
 
 

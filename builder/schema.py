@@ -256,6 +256,14 @@ def config_schema() -> dict[str, Any]:
                     ),
                 }
             ),
+            "kubernetes": _obj(
+                {
+                    "namespace": _str("Namespace of every manifest (left out: the current one).", pattern="^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"),
+                    "storage_class": _str("A StorageClass for the model volume claim, instead of an NFS PersistentVolume.", minLength=1),
+                    "storage_size": _str("The model volume's size, e.g. 1Ti.", pattern="^[0-9]+(Ki|Mi|Gi|Ti|Pi)$"),
+                    "replicas": {"description": "Serving pods (each with its GPUs).", "type": "integer", "minimum": 1},
+                }
+            ),
             "serve": _obj(
                 {
                     "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},

@@ -184,3 +184,44 @@ def status(plan: Plan, context: Path, engine) -> dict:
         "model_listed": model_listed,
         "services": {name: services.get(name, {"state": "absent"}) for name in ("merge", "create", "serve")},
     }
+
+
+def up_single(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
+    """The whole pipeline in one container (the supervisor's `all` role)."""
+    from builder.engine import run_command
+    from builder.targets import single_argv
+
+    check_storage(plan)
+    name = plan.config.project
+    current = engine.container(name)
+    wanted = plan.compose["labels"]["io.builder.config.sha256"]
+    if current and current["labels"].get("io.builder.role") != "all":
+        raise BuilderError(f"a container named {name} exists and builder did not make it; remove it or change project")
+    if current and current["status"] == "running" and current["labels"].get("io.builder.config.sha256") == wanted:
+        echo(f"{name}: already running with this config")
+    else:
+        if current:
+            echo(f"{name}: replacing the container ({current['status']}, made from another config or stopped)")
+            engine.remove_container(name)
+        argv = single_argv(plan)
+        echo("$ " + " ".join(argv))
+        result = run_command(argv)
+        if result.returncode != 0:
+            detail = " ".join(result.stderr.strip().splitlines()[-2:])
+            raise BuilderError(f"docker run failed: {detail}")
+    timeout = plan.config.serve.ready_timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        state = engine.container(name) or {"status": "gone"}
+        if state["status"] in ("exited", "dead", "gone"):
+            tail = engine.container_logs(name) if state["status"] != "gone" else ""
+            reason = next((l.split("error: ", 1)[1] for l in reversed(tail.splitlines()) if "supervisor: error: " in l), None)
+            raise BuilderError(f"{name} stopped (exit {state.get('exit_code')}): {reason or tail.strip()[-300:] or 'no output'}")
+        if state["health"] == "healthy":
+            break
+        if time.monotonic() > deadline:
+            raise BuilderError(f"{name} was not healthy within {timeout} s; see `docker logs {name}`")
+        time.sleep(0.5)
+    url = endpoint_url(plan)
+    wait_for_model(url, plan.config.model.name, max(5.0, deadline - time.monotonic()))
+    return Endpoint(url, plan.config.model.name)

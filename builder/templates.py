@@ -8,9 +8,9 @@ _PACKAGE = Path(__file__).resolve().parent
 
 
 def template_dirs() -> list[str]:
-    """Folders holding dockerfiles/ and compose/, installed copy first."""
+    """Folders holding dockerfiles/, compose/ and targets/, installed copy first."""
     candidates = [_PACKAGE / "templates", _PACKAGE.parent]
-    found = [str(p) for p in candidates if (p / "dockerfiles").is_dir() and (p / "compose").is_dir()]
+    found = [str(p) for p in candidates if all((p / d).is_dir() for d in ("dockerfiles", "compose", "targets"))]
     if not found:
         raise FileNotFoundError(f"builder's templates are missing (looked in {', '.join(map(str, candidates))})")
     return found

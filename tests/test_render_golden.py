@@ -22,15 +22,19 @@ GOLDEN = Path(__file__).parent / "golden"
 CONFIG_DIR = Path("/srv/builder")
 
 
-def render_preset(name: str, env: dict[str, str] | None = None) -> dict[str, bytes]:
+def render_preset(name: str, env: dict[str, str] | None = None, targets=("compose",)) -> dict[str, bytes]:
     text = (PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env=env or {})
-    return render_context(make_plan(config))
+    files: dict[str, bytes] = {}
+    for target in targets:
+        files.update(render_context(make_plan(config), target))
+    return files
 
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_golden(preset: str, update_golden: bool) -> None:
-    files = {k: v for k, v in render_preset(preset).items() if "/supervisor/" not in k}
+    rendered = render_preset(preset, targets=("compose", "single", "kubernetes"))
+    files = {k: v for k, v in rendered.items() if "/supervisor/" not in k}
     folder = GOLDEN / preset
     if update_golden:
         shutil.rmtree(folder, ignore_errors=True)
@@ -86,3 +90,42 @@ def test_deepseek_preset_has_nfs_gpus_and_order() -> None:
     assert "FROM /models/DeepSeek-R1-UD-IQ1_M/DeepSeek-R1-UD-IQ1_M.gguf\n" in modelfile
     assert 'TEMPLATE """<｜User｜>{{ .Prompt }}<｜Assistant｜>"""' in modelfile
     assert "PARAMETER num_gpu 14\n" in modelfile
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_kubernetes_manifests_pass_kubernetes_validate(preset: str, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    files = render_preset(preset, targets=("kubernetes",))
+    manifests = []
+    for name, data in files.items():
+        if name.startswith("kubernetes/") and name.endswith(".yaml"):
+            (tmp_path / Path(name).name).write_bytes(data)
+            manifests.append(str(tmp_path / Path(name).name))
+    assert len(manifests) >= 2
+    script = Path(sys.executable).with_name("kubernetes-validate")
+    result = subprocess.run([str(script), "--strict", "-k", "1.30", *manifests], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(" passed for resource ") == sum(data.count(b"\nkind: ") + data.startswith(b"kind:") for name, data in files.items() if name.endswith(".yaml"))
+
+
+def test_kubernetes_shapes() -> None:
+    import yaml
+
+    files = render_preset("deepseek-r1-ud-q2_k_xl", targets=("kubernetes",))
+    deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
+    pod = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["merge", "create"]
+    assert [c["args"] for c in pod["initContainers"]] == [["merge"], ["create"]]
+    serve = pod["containers"][0]
+    assert serve["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert serve["readinessProbe"]["httpGet"] == {"path": "/", "port": "http"}
+    pv, pvc = yaml.safe_load_all(files["kubernetes/storage.yaml"])
+    assert pv["spec"]["nfs"] == {"server": "192.0.2.10", "path": "/export/models"}
+    assert pv["spec"]["mountOptions"] == ["rw", "nfsvers=4.1", "hard"]
+    assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
+    assert "gpus: all has no Kubernetes equivalent" in files["kubernetes/NOTES.md"].decode()
+    tiny = yaml.safe_load(render_preset("tiny", targets=("kubernetes",))["kubernetes/deployment.yaml"])
+    assert "resources" not in tiny["spec"]["template"]["spec"]["containers"][0]
+    assert tiny["spec"]["template"]["spec"]["volumes"][0]["hostPath"] == {"path": "/srv/builder/models", "type": "Directory"}

@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 
-from .common import StepError, human_bytes, log, read_json, write_json_atomic
+from .common import StepError, file_lock, human_bytes, log, read_json, write_json_atomic
 from .ollama import PrivateServer, manifest_path, ollama_env, request
 
 RECORD = ".builder-create.json"
@@ -48,6 +48,12 @@ def _check_space(store: str, size: int) -> None:
 def create(runtime: dict) -> int:
     store = runtime["ollama_store"]
     os.makedirs(store, exist_ok=True)
+    # Pods sharing the store register the model one at a time; the others then find it done.
+    with file_lock(os.path.join(store, ".builder-create.lock"), f"create: another create in {store} is running; waiting for it"):
+        return _create_locked(runtime, store)
+
+
+def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
     model = runtime["model"]

@@ -11,17 +11,15 @@ merged lets the next run skip in well under a second.
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 import secrets
 import socket
 import subprocess
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .common import Progress, StepError, fsync_dir, human_bytes, log, read_json, write_json_atomic
+from .common import Progress, StepError, file_lock, fsync_dir, human_bytes, log, read_json, write_json_atomic
 from .gguf import GGUFError, GGUFHeader, check_file
 from .shards import shard_file_names
 
@@ -47,22 +45,11 @@ def temp_path(merged: str) -> str:
     return os.path.join(folder, f".{name}{TEMP_MARK}{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-@contextmanager
 def merge_lock(merged: str):
-    """Hold a POSIX lock beside the merged file (it works over NFSv4), so two
-    containers, or two hosts, never merge into the same file at once."""
+    """Two containers, or two hosts (pods of one Deployment), never merge into
+    the same file at once: a POSIX lock beside it, which works over NFSv4."""
     folder, name = os.path.split(merged)
-    path = os.path.join(folder, f".{name}.lock")
-    with open(path, "a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            log(f"merge: another merge of {merged} is running; waiting for it")
-            fcntl.lockf(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.lockf(handle, fcntl.LOCK_UN)
+    return file_lock(os.path.join(folder, f".{name}.lock"), f"merge: another merge of {merged} is running; waiting for it")
 
 
 def remove_leftovers(merged: str) -> list[str]:

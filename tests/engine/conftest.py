@@ -118,6 +118,7 @@ class TinyStack:
 
     def down(self) -> None:
         self.compose("down", "--volumes", "--remove-orphans", check=False)
+        docker("rm", "-f", self.project, check=False)  # the single-container target
         docker("image", "rm", "-f", self.image, check=False)
 
 

@@ -203,3 +203,21 @@ def test_down_works_even_when_the_config_no_longer_validates(tiny_stack: TinySta
     result = tiny_stack.builder("down")
     assert result.returncode == 0, result.stderr
     assert tiny_stack.container("serve") is None
+
+
+def test_single_container_target(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    result = tiny_stack.builder("up", "--target", "single")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{tiny_stack.url} serves tiny:latest"
+    run_sh = (tiny_stack.context / "single" / "run.sh").read_text()
+    assert f"--name {tiny_stack.project}" in run_sh and run_sh.rstrip().endswith("all")
+    assert tiny_stack.container("merge") is None, "no Compose services in the single target"
+    logs = docker("logs", tiny_stack.project).stdout
+    assert "merge: joining 3 shards" in logs and "create: registering tiny:latest" in logs and "serve: starting" in logs
+    answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False})
+    assert "one box" in answer["response"]
+    again = tiny_stack.builder("up", "--target", "single")
+    assert again.returncode == 0 and "already running with this config" in again.stderr
+    assert tiny_stack.builder("down").returncode == 0
+    assert docker("inspect", tiny_stack.project, check=False).returncode != 0

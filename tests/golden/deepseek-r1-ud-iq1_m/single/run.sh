@@ -1,0 +1,21 @@
+#!/bin/sh
+# Rendered by builder 0.1.0: the whole pipeline (merge, create,
+# serve) in one container, for hosts that run one image and nothing else.
+# `builder up --target single` runs exactly this.
+set -e
+docker rm -f deepseek-r1-ud-iq1-m 2>/dev/null || true
+docker run -d \
+  --name deepseek-r1-ud-iq1-m \
+  --restart unless-stopped \
+  --label io.builder.config.sha256=d31e902a8d9c5162b142ca561b5e797a741cea04e85b1c095434c5ef2b2768fd \
+  --label io.builder.project=deepseek-r1-ud-iq1-m \
+  --label io.builder.role=all \
+  --publish 127.0.0.1:11434:11434 \
+  --mount 'type=volume,source=deepseek-r1-ud-iq1-m_models,target=/models,volume-driver=local,volume-opt=type=nfs,"volume-opt=o=addr=192.0.2.10,rw,nfsvers=4.1,hard",volume-opt=device=:/export/models' \
+  --health-cmd 'python3 -m supervisor health' \
+  --health-interval 10s \
+  --health-timeout 5s \
+  --health-retries 3 \
+  --health-start-period 30s \
+  --gpus all \
+  --env OLLAMA_KEEP_ALIVE=-1 builder-deepseek-r1:ud-iq1-m all

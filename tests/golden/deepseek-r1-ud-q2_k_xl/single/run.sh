@@ -1,0 +1,21 @@
+#!/bin/sh
+# Rendered by builder 0.1.0: the whole pipeline (merge, create,
+# serve) in one container, for hosts that run one image and nothing else.
+# `builder up --target single` runs exactly this.
+set -e
+docker rm -f deepseek-r1-ud-q2-k-xl 2>/dev/null || true
+docker run -d \
+  --name deepseek-r1-ud-q2-k-xl \
+  --restart unless-stopped \
+  --label io.builder.config.sha256=243b220ca89a9de907369317f7e77821d6c38889c43d4e04604d3ae36468f749 \
+  --label io.builder.project=deepseek-r1-ud-q2-k-xl \
+  --label io.builder.role=all \
+  --publish 127.0.0.1:11434:11434 \
+  --mount 'type=volume,source=deepseek-r1-ud-q2-k-xl_models,target=/models,volume-driver=local,volume-opt=type=nfs,"volume-opt=o=addr=192.0.2.10,rw,nfsvers=4.1,hard",volume-opt=device=:/export/models' \
+  --health-cmd 'python3 -m supervisor health' \
+  --health-interval 10s \
+  --health-timeout 5s \
+  --health-retries 3 \
+  --health-start-period 30s \
+  --gpus all \
+  --env OLLAMA_KEEP_ALIVE=-1 builder-deepseek-r1:ud-q2-k-xl all

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Rendered by builder 0.1.0: the whole pipeline (merge, create,
+# serve) in one container, for hosts that run one image and nothing else.
+# `builder up --target single` runs exactly this.
+set -e
+docker rm -f tiny 2>/dev/null || true
+docker run -d \
+  --name tiny \
+  --restart unless-stopped \
+  --label io.builder.config.sha256=2a83164ee8d247e5a02d0c8f52f959f584391b78860c447e658ccd76befbb44e \
+  --label io.builder.project=tiny \
+  --label io.builder.role=all \
+  --publish 127.0.0.1:11434:11434 \
+  --mount type=bind,source=/srv/builder/models,target=/models \
+  --health-cmd 'python3 -m supervisor health' \
+  --health-interval 10s \
+  --health-timeout 5s \
+  --health-retries 3 \
+  --health-start-period 30s builder-tiny:latest all
