@@ -110,6 +110,7 @@ class Model:
     parameters: tuple[tuple[str, Any], ...]
     template: str | None
     system: str | None
+    merge_tool: str = "builder"
 
 
 @dataclass(frozen=True)
@@ -603,7 +604,9 @@ def _resolve_model(model: dict[str, Any], storage: dict[str, Any], base_dir: Pat
 
     if not ok or shards is None or merged is None:
         return None
-    return Model(model["name"], shards, merged, tuple(parameters), texts["template"], texts["system"])
+    return Model(
+        model["name"], shards, merged, tuple(parameters), texts["template"], texts["system"], model.get("merge_tool", "builder")
+    )
 
 
 def _resolve_shards(value: str, storage: dict[str, Any], base_dir: Path, fail: Any) -> Shards | None:

@@ -125,9 +125,17 @@ def make_plan(config: Config) -> Plan:
         ("PYTHONPATH", SUPERVISOR_HOME),
     )
     shards = model.shards
+    create_request = {"parameters": {name: list(value) if name == "stop" else value for name, value in model.parameters}}
+    if model.template is not None:
+        create_request["template"] = model.template
+    if model.system is not None:
+        create_request["system"] = model.system
     runtime = {
         "config_sha256": digest,
+        # What `create` POSTs to /api/create, as the Modelfile says it.
+        "create": create_request,
         "gguf_split": f"{LLAMA_CPP_BIN}/llama-gguf-split",
+        "merge_tool": model.merge_tool,
         "merged": merged_path,
         "model": model.name,
         "modelfile": f"{CONFIG_DIR}/Modelfile",

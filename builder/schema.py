@@ -199,6 +199,10 @@ def config_schema() -> dict[str, Any]:
                     ),
                     "merged": _str("Merged file, relative to the model storage; derived from the shards when omitted.", minLength=1),
                     "parameters": _parameters(),
+                    "merge_tool": {
+                        "description": "What joins the shards: builder (hashes as it writes, same bytes) or llama-gguf-split.",
+                        "enum": ["builder", "llama-gguf-split"],
+                    },
                     "template": _str("Modelfile TEMPLATE (Go template)."),
                     "system": _str("Modelfile SYSTEM message."),
                 },

@@ -125,7 +125,7 @@ def test_failed_tool_leaves_no_output(models: Path, tmp_path: Path, capsys) -> N
     fake = tmp_path / "fake-split"
     fake.write_text('#!/bin/sh\nhead -c 1000 /dev/zero > "$3"\necho "gguf_merge: failed to load input GGUF" >&2\nexit 1\n')
     fake.chmod(0o755)
-    runtime = runtime_for(models, str(fake))
+    runtime = dict(runtime_for(models, str(fake)), merge_tool="llama-gguf-split")
     with pytest.raises(StepError, match=r"llama-gguf-split failed \(exit 1\): gguf_merge: failed to load input GGUF"):
         merge(runtime)
     assert sorted(p.name for p in (models / "tiny").iterdir()) == [".tiny.gguf.lock"] + [f"tiny-0000{n}-of-00003.gguf" for n in (1, 2, 3)]
@@ -140,3 +140,40 @@ def test_hand_merged_file_is_adopted_not_merged_again(models: Path, gguf_split: 
     assert merge(runtime) == 0
     assert "already holds all 17 tensors; recorded it" in capsys.readouterr().out
     assert Path(runtime["merged"]).stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_builder_join_writes_what_llama_gguf_split_writes(tmp_path: Path, gguf_split: str, shards: int) -> None:
+    """The real tool is the oracle: both merges give the same bytes, and the
+    recorded sha256 is the file's."""
+    import hashlib
+    import json
+
+    outputs = {}
+    for tool in ("builder", "llama-gguf-split"):
+        root = tmp_path / tool
+        write_split_model(root / "tiny", "tiny", shards, blocks=4, width=48)
+        runtime = {
+            "shards": {"first": str(root / "tiny" / f"tiny-00001-of-{shards:05d}.gguf"), "count": shards, "prefix": "tiny"},
+            "merged": str(root / "tiny" / "tiny.gguf"),
+            "gguf_split": gguf_split,
+            "merge_tool": tool,
+        }
+        assert merge(runtime) == 0
+        data = Path(runtime["merged"]).read_bytes()
+        record = json.loads(Path(record_path(runtime["merged"])).read_text())
+        assert record["sha256"] == hashlib.sha256(data).hexdigest()
+        outputs[tool] = data
+    assert outputs["builder"] == outputs["llama-gguf-split"]
+
+
+def test_builder_join_reads_and_writes_each_byte_once(models: Path, gguf_split: str, capsys) -> None:
+    runtime = runtime_for(models, gguf_split)
+    merge(runtime)
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "merge: io read" in l)
+    read, written = int(line.split()[4]), int(line.split()[6])
+    size = Path(runtime["merged"]).stat().st_size
+    shards = sum(p.stat().st_size for p in (models / "tiny").glob("tiny-*"))
+    assert written <= size * 1.01 + 4096
+    assert read <= shards * 1.01 + 65536, "each shard is read once (plus headers)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import sys
@@ -64,6 +65,36 @@ class Progress:
         if self.tty:
             sys.stdout.write("\n")
         return seconds
+
+
+def io_counters(pid: str = "self") -> tuple[int, int]:
+    """Bytes a process has read and written through system calls (/proc/PID/io)."""
+    try:
+        with open(f"/proc/{pid}/io", encoding="ascii") as handle:
+            fields = dict(line.split(": ", 1) for line in handle.read().splitlines() if ": " in line)
+        return int(fields["rchar"]), int(fields["wchar"])
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+def sha256_of(path: str, label: str) -> str:
+    """Read `path` once to hash it, with progress (for files not merged by us)."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    progress = Progress(label, size)
+    done = 0
+    with open(path, "rb", buffering=0) as handle:
+        buffer = bytearray(8 << 20)
+        view = memoryview(buffer)
+        while True:
+            count = handle.readinto(view)
+            if not count:
+                break
+            digest.update(view[:count])
+            done += count
+            progress.update(done)
+    progress.finish()
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str, data: dict) -> None:

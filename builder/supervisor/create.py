@@ -1,20 +1,31 @@
-"""The `create` role: register the merged file with ollama from the Modelfile.
+"""The `create` role: register the merged file with ollama without copying it.
 
-`ollama create` needs a running server, so one is started on a private
-loopback port and stopped again. A record of what was created (the merged
-file's identity and the Modelfile's digest) lets the next run skip without
-starting anything, as long as ollama's manifest is still there.
+ollama's own `ollama create` reads the file twice (hash, upload) and its
+server writes a third copy into the blob store. Here the sha256 comes from
+the merge (computed as the file was written), the file is placed in the
+store as `blobs/sha256-HEX` by a hard link (the store is on the same
+volume), ollama confirms it has the blob (`HEAD /api/blobs/...`), and
+`POST /api/create` names it in `files`, with the Modelfile's template,
+system and parameters. Where a link is impossible, the file is uploaded as
+the documented API has it, and the log says so. Pruning is off (the private
+server runs with OLLAMA_NOPRUNE), so the blob is safe before the manifest
+names it.
+
+A record of what was created lets the next run skip without starting
+anything, as long as ollama's manifest is still there.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import subprocess
+import urllib.request
 
-from .common import StepError, file_lock, human_bytes, log, read_json, write_json_atomic
-from .ollama import PrivateServer, manifest_path, ollama_env, request
+from .common import StepError, file_lock, human_bytes, io_counters, log, read_json, write_json_atomic
+from .merge import merged_digest
+from .ollama import PrivateServer, manifest_path, request
 
 RECORD = ".builder-create.json"
 
@@ -25,24 +36,12 @@ def _identity(runtime: dict) -> dict:
         info = os.stat(merged)
     except FileNotFoundError:
         raise StepError(f"create: the merged model {merged} is missing; run the merge step first") from None
-    with open(runtime["modelfile"], "rb") as handle:
-        modelfile = hashlib.sha256(handle.read()).hexdigest()
+    request_body = json.dumps(runtime.get("create", {}), sort_keys=True).encode()
     return {
         "merged": {"path": merged, "size": info.st_size, "mtime_ns": info.st_mtime_ns},
         "model": runtime["model"],
-        "modelfile_sha256": modelfile,
+        "request_sha256": hashlib.sha256(request_body).hexdigest(),
     }
-
-
-def _check_space(store: str, size: int) -> None:
-    """`ollama create` copies the merged file into its blob store."""
-    stats = os.statvfs(store)
-    free = stats.f_bavail * stats.f_frsize
-    if free < size:
-        raise StepError(
-            f"create: ollama copies the merged model into {store}, which has {human_bytes(free)} free of the "
-            f"{human_bytes(size)} needed; free some space"
-        )
 
 
 def create(runtime: dict) -> int:
@@ -53,6 +52,54 @@ def create(runtime: dict) -> int:
         return _create_locked(runtime, store)
 
 
+def place_blob(merged: str, store: str, digest: str) -> str:
+    """Put the merged file in ollama's blob store; say how ('present', 'linked', or why not)."""
+    blobs = os.path.join(store, "blobs")
+    os.makedirs(blobs, exist_ok=True)
+    blob = os.path.join(blobs, f"sha256-{digest}")
+    if os.path.exists(blob):
+        if os.path.getsize(blob) == os.path.getsize(merged):
+            return "present"
+        os.unlink(blob)  # a partial upload from an earlier run: ollama's own temp would be misnamed
+    tmp = os.path.join(blobs, f".sha256-{digest}.link-{os.getpid()}")
+    try:
+        os.link(merged, tmp)
+        os.replace(tmp, blob)
+        return "linked"
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return f"not linked ({exc.strerror})"
+        raise
+
+
+def upload_blob(base: str, merged: str, digest: str) -> None:
+    """The documented path: POST the file to /api/blobs (ollama writes a copy)."""
+    size = os.path.getsize(merged)
+    with open(merged, "rb") as body:
+        req = urllib.request.Request(
+            f"{base}/api/blobs/sha256:{digest}", data=body, method="POST",
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        )
+        with urllib.request.urlopen(req, timeout=None) as response:
+            if response.status not in (200, 201):
+                raise StepError(f"create: uploading {merged} answered HTTP {response.status}")
+
+
+def _check_space(store: str, size: int) -> None:
+    """Only the copying path needs room for another copy."""
+    stats = os.statvfs(store)
+    free = stats.f_bavail * stats.f_frsize
+    if free < size:
+        raise StepError(
+            f"create: ollama would copy the merged model into {store}, which has {human_bytes(free)} free of the "
+            f"{human_bytes(size)} needed; put the store on the model's filesystem or free some space"
+        )
+
+
 def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
@@ -61,30 +108,38 @@ def _create_locked(runtime: dict, store: str) -> int:
     if records.get(model) == identity and os.path.isfile(manifest_path(store, model)):
         log(f"create: {model} is up to date with {runtime['merged']} and the Modelfile; nothing to do")
         return 0
-    _check_space(store, identity["merged"]["size"])
-    log(f"create: registering {model} from {runtime['merged']}")
+    merged = runtime["merged"]
+    digest = merged_digest(merged)
+    log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
+    before = io_counters()
+    how = place_blob(merged, store, digest)
     with PrivateServer(runtime["ollama"]) as server:
-        result = subprocess.run(
-            [runtime["ollama"], "create", model, "-f", runtime["modelfile"]],
-            env=ollama_env(server.host),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for line in result.stdout.splitlines():
-            if line.strip():
-                log(f"create: {line.strip()}")
-        if result.returncode != 0:
-            raise StepError(f"create: `ollama create {model}` failed (exit {result.returncode})")
+        server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
+        status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
+        if status != 200:
+            _check_space(store, identity["merged"]["size"])
+            log(f"create: blob {how}; uploading {human_bytes(identity['merged']['size'])} to ollama (it keeps a copy)")
+            upload_blob(server.base, merged, digest)
+        else:
+            log(f"create: blob {how} in {store}/blobs: no copy")
+        body = dict(runtime.get("create", {}), model=model, files={os.path.basename(merged): f"sha256:{digest}"}, stream=False)
+        status, answer = request(server.base, "POST", "/api/create", body, timeout=3600)
+        if status != 200:
+            raise StepError(f"create: ollama refused to create {model} (HTTP {status}: {answer[:300]!r})")
         try:
-            status, body = request(server.base, "POST", "/api/show", {"model": model})
+            status, shown = request(server.base, "POST", "/api/show", {"model": model})
         except OSError as exc:
             raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
         if status != 200:
-            raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {body[:200]!r})")
+            raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
+        server_after = io_counters(str(server.process.pid)) if server.process else (0, 0)
     records[model] = identity
     write_json_atomic(record_file, records)
-    details = json.loads(body or b"{}").get("details") or {}
+    after = io_counters()
+    details = json.loads(shown or b"{}").get("details") or {}
     facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
     log(f"create: {model} is ready" + (f" ({facts})" if facts else ""))
+    read = after[0] - before[0] + server_after[0] - server_before[0]
+    written = after[1] - before[1] + server_after[1] - server_before[1]
+    log(f"create: io read {read} written {written} bytes")
     return 0

@@ -80,6 +80,11 @@ class GGUFHeader:
     data_offset: int
     data_size: int  # bytes the tensor data needs, from the tensor table
     tensors: tuple[TensorInfo, ...] = ()
+    kv_spans: tuple[tuple[str, int, int], ...] = ()  # (key, start, end) of each entry, in file order
+
+    @property
+    def alignment(self) -> int:
+        return self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
 
     @property
     def expected_size(self) -> int:
@@ -159,9 +164,12 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
     if kv_count > reader.size // 12 or tensor_count > reader.size // 24:
         raise GGUFError(f"ends inside its header ({kv_count} keys and {tensor_count} tensors cannot fit in {reader.size} bytes)")
     metadata: dict[str, Any] = {}
+    spans = []
     for _ in range(kv_count):
+        start = reader.offset
         key = reader.string()
         metadata[key] = reader.value(reader.unpack("I"))
+        spans.append((key, start, reader.offset))
     data_size = 0
     tensors = []
     for _ in range(tensor_count):
@@ -185,7 +193,7 @@ def read_header(handle: BinaryIO) -> GGUFHeader:
     if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0:
         raise GGUFError(f"has an invalid general.alignment {alignment!r}")
     data_offset = (reader.offset + alignment - 1) // alignment * alignment
-    return GGUFHeader(version, metadata, tensor_count, data_offset, data_size, tuple(tensors))
+    return GGUFHeader(version, metadata, tensor_count, data_offset, data_size, tuple(tensors), tuple(spans))
 
 
 def read_header_file(path: str) -> GGUFHeader:

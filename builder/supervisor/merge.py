@@ -19,8 +19,20 @@ import subprocess
 import threading
 from dataclasses import dataclass
 
-from .common import Progress, StepError, file_lock, fsync_dir, human_bytes, log, read_json, write_json_atomic
+from .common import (
+    Progress,
+    StepError,
+    file_lock,
+    fsync_dir,
+    human_bytes,
+    io_counters,
+    log,
+    read_json,
+    sha256_of,
+    write_json_atomic,
+)
 from .gguf import GGUFError, GGUFHeader, check_file
+from .join import join
 from .shards import shard_file_names
 
 RECORD_SUFFIX = ".merge.json"
@@ -76,13 +88,28 @@ def shard_states(folder: str, names: list[str]) -> list[ShardState]:
     return states
 
 
-def _record(states: list[ShardState], merged: str, header: GGUFHeader) -> dict:
+def _record(states: list[ShardState], merged: str, header: GGUFHeader, sha256: str) -> dict:
     info = os.stat(merged)
     return {
         "shards": [{"name": s.name, "size": s.size, "mtime_ns": s.mtime_ns} for s in states],
         "merged": {"name": os.path.basename(merged), "size": info.st_size, "mtime_ns": info.st_mtime_ns},
+        "sha256": sha256,
         "tensors": header.tensor_count,
     }
+
+
+def merged_digest(merged: str) -> str:
+    """The merged file's sha256: from the merge record when it still describes
+    the file, else read once and remembered (an unsplit model, a hand merge)."""
+    record = read_json(record_path(merged)) or {}
+    info = os.stat(merged)
+    identity = {"name": os.path.basename(merged), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
+    if record.get("merged") == identity and isinstance(record.get("sha256"), str):
+        return record["sha256"]
+    digest = sha256_of(merged, "hashing")
+    record.update(merged=identity, sha256=digest)
+    write_json_atomic(record_path(merged), record)
+    return digest
 
 
 def up_to_date(states: list[ShardState], merged: str) -> bool:
@@ -99,9 +126,9 @@ def up_to_date(states: list[ShardState], merged: str) -> bool:
     return record.get("shards") == shards and record.get("merged") == expected
 
 
-def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[GGUFHeader, int]:
-    """Every shard parses, is whole, and belongs to this split; return shard 1's header and the tensor total."""
-    first: GGUFHeader | None = None
+def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[list[GGUFHeader], int]:
+    """Every shard parses, is whole, and belongs to this split; return the headers and the tensor total."""
+    headers: list[GGUFHeader] = []
     total = 0
     for index, state in enumerate(states):
         path = os.path.join(folder, state.name)
@@ -116,17 +143,15 @@ def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[GGU
                 f"merge: shard {path} says it is part {_part(header)}, expected part {index + 1} of {count}; "
                 "it belongs to another split model"
             )
-        if index == 0:
-            first = header
+        headers.append(header)
         total += header.tensor_count
-    assert first is not None
-    declared = first.metadata.get("split.tensors.count")
+    declared = headers[0].metadata.get("split.tensors.count")
     if declared is not None and declared != total:
         raise StepError(
             f"merge: the shards in {folder} hold {total} tensors but shard 1 declares {declared}; "
             "a shard belongs to another model"
         )
-    return first, total
+    return headers, total
 
 
 def _part(header: GGUFHeader) -> str:
@@ -219,13 +244,13 @@ def merge(runtime: dict) -> int:
         log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
         return 0
     # Every check that can fail on the user's shards comes before anything is written.
-    _header, tensors = check_shards(folder, states, count)
+    headers, tensors = check_shards(folder, states, count)
     os.makedirs(os.path.dirname(merged), exist_ok=True)
     with merge_lock(merged):
-        return _merge_locked(runtime, states, tensors)
+        return _merge_locked(runtime, states, headers, tensors)
 
 
-def _merge_locked(runtime: dict, states: list[ShardState], tensors: int) -> int:
+def _merge_locked(runtime: dict, states: list[ShardState], headers: list[GGUFHeader], tensors: int) -> int:
     first = runtime["shards"]["first"]
     count = runtime["shards"]["count"]
     merged = runtime["merged"]
@@ -244,7 +269,8 @@ def _merge_locked(runtime: dict, states: list[ShardState], tensors: int) -> int:
             existing = verify_merged(merged, tensors)
             newer = os.stat(merged).st_mtime_ns >= max(s.mtime_ns for s in states)
             if newer and existing.split_count in (None, 0):  # llama-gguf-split's output keeps split.count 0
-                write_json_atomic(record_path(merged), _record(states, merged, existing))
+                digest = sha256_of(merged, "hashing")
+                write_json_atomic(record_path(merged), _record(states, merged, existing, digest))
                 log(f"merge: {merged} already holds all {tensors} tensors; recorded it")
                 return 0
         except StepError as exc:
@@ -252,9 +278,15 @@ def _merge_locked(runtime: dict, states: list[ShardState], tensors: int) -> int:
     check_space(target_folder, data)
     out = temp_path(merged)
     _unlink(out)
-    log(f"merge: joining {count} shards ({human_bytes(data)}) into {merged}")
+    tool = runtime.get("merge_tool", "builder")
+    log(f"merge: joining {count} shards ({human_bytes(data)}) into {merged} with {tool}")
+    before = io_counters()
     try:
-        run_gguf_split(runtime["gguf_split"], first, out, data)
+        if tool == "llama-gguf-split":
+            run_gguf_split(runtime["gguf_split"], first, out, data)
+            digest = sha256_of(out, "hashing")  # one more read: this tool cannot hash as it writes
+        else:
+            digest = _join(runtime, states, headers, out, data)
         result = verify_merged(out, tensors)
         with open(out, "rb") as handle:
             os.fsync(handle.fileno())
@@ -263,9 +295,27 @@ def _merge_locked(runtime: dict, states: list[ShardState], tensors: int) -> int:
     except BaseException:
         _unlink(out)
         raise
-    write_json_atomic(record_path(merged), _record(states, merged, result))
-    log(f"merge: wrote {merged} ({human_bytes(_size(merged))}, {tensors} tensors)")
+    write_json_atomic(record_path(merged), _record(states, merged, result, digest))
+    after = io_counters()
+    log(f"merge: wrote {merged} ({human_bytes(_size(merged))}, {tensors} tensors, sha256 {digest[:12]}...)")
+    log(f"merge: io read {after[0] - before[0]} written {after[1] - before[1]} bytes")
     return 0
+
+
+def _join(runtime: dict, states: list[ShardState], headers: list[GGUFHeader], out: str, total: int) -> str:
+    folder = os.path.dirname(runtime["shards"]["first"])
+    progress = Progress("merging", total)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "wb", buffering=0) as handle:
+        try:
+            digest, _written = join([os.path.join(folder, s.name) for s in states], headers, handle, progress.update)
+        except ValueError as exc:
+            raise StepError(f"merge: {exc}") from None
+        except OSError as exc:
+            raise StepError(f"merge: writing {out} failed: {exc.strerror}; check the free space and the storage") from None
+    seconds = progress.finish()
+    log(f"merge: joined {human_bytes(total)} in {seconds:.1f} s")
+    return digest
 
 
 def _size(path: str) -> int:

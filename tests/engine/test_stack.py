@@ -64,6 +64,10 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     # The merged file is beside the shards; ollama's store is on the same volume.
     assert (tiny_stack.models / "tiny.gguf").is_file()
     assert (tiny_stack.root / "models" / "ollama" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest").is_file()
+    # Zero copy: the blob ollama serves is the merged file itself, by hard link.
+    assert "create: blob linked in /models/ollama/blobs: no copy" in result.stderr
+    blobs = [p for p in (tiny_stack.root / "models" / "ollama" / "blobs").iterdir() if p.stat().st_ino == (tiny_stack.models / "tiny.gguf").stat().st_ino]
+    assert len(blobs) == 1 and blobs[0].stat().st_nlink == 2
     tags = _get(f"{tiny_stack.url}/api/tags")
     assert [m["name"] for m in tags["models"]] == ["tiny:latest"]
     answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "hello", "stream": False})

@@ -7,7 +7,7 @@ docker rm -f deepseek-r1-ud-q2-k-xl 2>/dev/null || true
 docker run -d \
   --name deepseek-r1-ud-q2-k-xl \
   --restart unless-stopped \
-  --label io.builder.config.sha256=243b220ca89a9de907369317f7e77821d6c38889c43d4e04604d3ae36468f749 \
+  --label io.builder.config.sha256=32e6108e63160ebf84d15097cfbab527ae31781d8e782ad6a82ea0eed81885b6 \
   --label io.builder.project=deepseek-r1-ud-q2-k-xl \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \

@@ -7,7 +7,7 @@ docker rm -f tiny 2>/dev/null || true
 docker run -d \
   --name tiny \
   --restart unless-stopped \
-  --label io.builder.config.sha256=2a83164ee8d247e5a02d0c8f52f959f584391b78860c447e658ccd76befbb44e \
+  --label io.builder.config.sha256=3723198b0f2882e470742155049adf5a8c48ccddb320fa8bbf1000ac968f8db6 \
   --label io.builder.project=tiny \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \
