@@ -1,7 +1,7 @@
 # Developer shortcuts. The README's two commands are what users run.
 PYTHON ?= python3
 
-.PHONY: install test test-fast golden engine ci
+.PHONY: install test test-fast golden engine ci bench
 
 install:
 	$(PYTHON) -m pip install -e '.[test]'
@@ -24,3 +24,8 @@ golden:
 
 ci:
 	bash .ci/run
+
+# Performance figures (issue 7): merge vs cat, bytes per model byte, no-op up,
+# warm build, --help, image overhead. Needs root and a Docker engine.
+bench:
+	$(PYTHON) -m bench.benchmark

@@ -59,7 +59,7 @@ def serve(runtime: dict) -> int:
     while not stop.is_set():
         started = time.monotonic()
         log(f"serve: starting {binary} serve on {os.environ.get('OLLAMA_HOST', '127.0.0.1:11434')}")
-        child = subprocess.Popen([binary, "serve"], env=ollama_env(), start_new_session=True)
+        child = subprocess.Popen([binary, "serve"], env=ollama_env(store=runtime.get("ollama_store")), start_new_session=True)
         state["child"] = child
         if stop.is_set():  # the signal came while it was starting
             _signal_group(child.pid, state["signal"])

@@ -113,7 +113,7 @@ def _create_locked(runtime: dict, store: str) -> int:
     log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
     before = io_counters()
     how = place_blob(merged, store, digest)
-    with PrivateServer(runtime["ollama"]) as server:
+    with PrivateServer(runtime["ollama"], store) as server:
         server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
         status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
         if status != 200:

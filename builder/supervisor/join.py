@@ -17,13 +17,14 @@ bytes (GGUF_DEFAULT_ALIGNMENT).
 from __future__ import annotations
 
 import hashlib
-import os
+import queue
 import struct
+import threading
 from typing import BinaryIO, Callable
 
 from .gguf import DEFAULT_ALIGNMENT, MAGIC, GGUFHeader
 
-CHUNK = 8 << 20
+CHUNK = 16 << 20
 GGUF_TYPE_UINT16 = 2
 
 
@@ -68,34 +69,84 @@ def merged_metadata(first_raw: bytes, headers: list[GGUFHeader]) -> bytes:
     return meta + b"\0" * (_pad(len(meta), alignment) - len(meta))
 
 
+class _Hasher:
+    """sha256 on a second thread (hashlib lets go of the GIL), so hashing
+    overlaps the copy instead of adding to it. Buffers go round a small pool."""
+
+    def __init__(self, buffers: int = 4, size: int = CHUNK):
+        self.digest = hashlib.sha256()
+        self.free: queue.Queue = queue.Queue()
+        self.todo: queue.Queue = queue.Queue()
+        for _ in range(buffers):
+            self.free.put(bytearray(size))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            buffer, count = item
+            try:
+                self.digest.update(memoryview(buffer)[:count])
+            except BaseException as exc:  # pragma: no cover - hashlib does not fail on bytes
+                self.error = exc
+            self.free.put(buffer)
+
+    def take(self) -> bytearray:
+        return self.free.get()
+
+    def give(self, buffer: bytearray, count: int) -> None:
+        self.todo.put((buffer, count))
+
+    def finish(self) -> str:
+        self.todo.put(None)
+        self.thread.join()
+        if self.error:
+            raise self.error
+        return self.digest.hexdigest()
+
+
 def join(shards: list[str], headers: list[GGUFHeader], out: BinaryIO, progress: Callable[[int], None]) -> tuple[str, int]:
     """Write the merged file to `out`; return its sha256 and size."""
     with open(shards[0], "rb") as handle:
         first_raw = handle.read(headers[0].data_offset)
-    meta = merged_metadata(first_raw, headers)
-    digest = hashlib.sha256()
+    hasher = _Hasher()
     written = 0
 
-    def emit(data) -> None:
+    def emit_bytes(data: bytes) -> None:
         nonlocal written
+        if not data:
+            return
+        buffer = hasher.take()
+        buffer[: len(data)] = data
         out.write(data)
-        digest.update(data)
+        hasher.give(buffer, len(data))
         written += len(data)
 
-    emit(meta)
-    buffer = bytearray(CHUNK)
-    view = memoryview(buffer)
-    for path, header in zip(shards, headers):
-        with open(path, "rb", buffering=0) as source:
-            for tensor in header.tensors:
-                source.seek(header.data_offset + tensor.offset)
-                left = tensor.nbytes
-                while left:
-                    count = source.readinto(view[: min(CHUNK, left)])
-                    if not count:
-                        raise ValueError(f"{path} ends inside tensor {tensor.name}")
-                    emit(view[:count])
-                    left -= count
-                emit(b"\0" * (_pad(tensor.nbytes, DEFAULT_ALIGNMENT) - tensor.nbytes))
-                progress(written)
-    return digest.hexdigest(), written
+    try:
+        emit_bytes(merged_metadata(first_raw, headers))
+        for path, header in zip(shards, headers):
+            with open(path, "rb", buffering=0) as source:
+                for tensor in header.tensors:
+                    source.seek(header.data_offset + tensor.offset)
+                    left = tensor.nbytes
+                    while left:
+                        buffer = hasher.take()
+                        view = memoryview(buffer)
+                        count = source.readinto(view[: min(len(buffer), left)])
+                        if not count:
+                            hasher.free.put(buffer)
+                            raise ValueError(f"{path} ends inside tensor {tensor.name}")
+                        out.write(view[:count])
+                        view.release()
+                        hasher.give(buffer, count)
+                        written += count
+                        left -= count
+                    emit_bytes(b"\0" * (_pad(tensor.nbytes, DEFAULT_ALIGNMENT) - tensor.nbytes))
+                    progress(written)
+    finally:
+        digest = hasher.finish()
+    return digest, written

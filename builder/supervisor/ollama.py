@@ -14,7 +14,7 @@ import urllib.request
 from .common import StepError
 
 
-def ollama_env(host: str | None = None) -> dict[str, str]:
+def ollama_env(host: str | None = None, store: str | None = None) -> dict[str, str]:
     """ollama's environment: without llama.cpp's LD_LIBRARY_PATH (whose libggml
     would shadow the one ollama's runners expect) and with pruning off, so a
     blob builder placed is never deleted before a manifest names it."""
@@ -23,6 +23,8 @@ def ollama_env(host: str | None = None) -> dict[str, str]:
     env.setdefault("OLLAMA_NOPRUNE", "1")
     if host:
         env["OLLAMA_HOST"] = host
+    if store:
+        env["OLLAMA_MODELS"] = store  # where create placed the blob, whatever the environment says
     return env
 
 
@@ -61,8 +63,9 @@ def wait_until_up(base: str, process: subprocess.Popen | None, seconds: float) -
 class PrivateServer:
     """`ollama serve` on a free loopback port, for the create step only."""
 
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, store: str):
         self.binary = binary
+        self.store = store
         self.port = free_loopback_port()
         self.host = f"127.0.0.1:{self.port}"
         self.base = f"http://{self.host}"
@@ -70,7 +73,9 @@ class PrivateServer:
 
     def __enter__(self) -> "PrivateServer":
         try:
-            self.process = subprocess.Popen([self.binary, "serve"], env=ollama_env(self.host), start_new_session=True)
+            self.process = subprocess.Popen(
+                [self.binary, "serve"], env=ollama_env(self.host, self.store), start_new_session=True
+            )
         except OSError as exc:
             raise StepError(f"cannot run {self.binary}: {exc.strerror}; rebuild the image with `builder build`") from None
         try:

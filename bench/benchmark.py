@@ -1,0 +1,210 @@
+"""The performance figures of issue 7, measured side by side in one run.
+
+    make bench                      # a 4 GB model
+    python3 -m bench.benchmark --size-gb 1 --dir /data/bench
+
+Run as root on an idle machine with a Docker engine (`bash .ci/install-docker.sh`).
+Page caches are dropped before each timed copy so the disk, not memory, is
+measured. Prints one line per figure with its target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from builder.sample import write_split_model  # noqa: E402
+from tests.fixtures.artifact_server import ArtifactServer  # noqa: E402
+from tests.fixtures.llama_cpp_release import llama_cpp_release_zip  # noqa: E402
+from tests.fixtures.ollama_release import ollama_release_tgz  # noqa: E402
+
+OLLAMA_PATH = "/ollama/ollama/releases/download/v0.5.7/ollama-linux-amd64.tgz"
+LLAMA_PATH = "/ggml-org/llama.cpp/releases/download/b4610/llama-b4610-bin-ubuntu-x64.zip"
+DOUBLE = REPO / "tests" / "doubles" / "ollama_double.py"
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(argv: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.monotonic()
+    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    seconds = time.monotonic() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:4])} failed: {result.stdout[-500:]} {result.stderr[-500:]}")
+    return seconds, result
+
+
+def supervisor(role: str, runtime: dict, work: Path) -> tuple[float, str]:
+    path = work / f"runtime-{role}.json"
+    path.write_text(json.dumps(runtime))
+    env = dict(os.environ, BUILDER_RUNTIME=str(path), PYTHONPATH=str(REPO / "builder"))
+    seconds, result = timed([sys.executable, "-m", "supervisor", role], env=env)
+    return seconds, result.stdout
+
+
+def io_line(output: str, role: str) -> tuple[int, int]:
+    line = next(l for l in output.splitlines() if f"{role}: io read" in l)
+    words = line.split()
+    return int(words[-4]), int(words[-2])
+
+
+def measure_merge(work: Path, size_gb: float) -> dict:
+    """merge (with digest) / cat, bytes moved by merge + create per model byte."""
+    models = work / "models"
+    width = 4096
+    tensor = width * width * 4
+    blocks = max(2, round(size_gb * 1e9 / (4 * tensor)))
+    shards = write_split_model(models / "m", "m", 4, blocks=blocks, width=width, random=False)
+    size = sum(p.stat().st_size for p in shards)
+    llama = work / "llama"
+    with zipfile.ZipFile(llama_cpp_release_zip()) as archive:
+        archive.extractall(llama)
+    gguf_split = llama / "build" / "bin" / "llama-gguf-split"
+    gguf_split.chmod(0o755)
+    os.environ["LD_LIBRARY_PATH"] = str(gguf_split.parent)
+
+    figures: dict = {"model_bytes": size}
+    dropped = drop_caches()
+    figures["caches_dropped"] = dropped
+    cat_seconds, _ = timed(["sh", "-c", f"cat {' '.join(map(str, shards))} > {models / 'm' / 'cat.out'}; sync"])
+    (models / "m" / "cat.out").unlink()
+    figures["cat_seconds"] = cat_seconds
+
+    runtime = {
+        "shards": {"first": str(shards[0]), "count": 4, "prefix": "m"},
+        "merged": str(models / "m" / "m.gguf"),
+        "gguf_split": str(gguf_split),
+        "merge_tool": "builder",
+        "model": "bench:latest",
+        "ollama": str(DOUBLE),
+        "ollama_store": str(models / "ollama"),
+        "create": {"parameters": {"num_ctx": 2048}},
+        "modelfile": "/dev/null",
+        "port": 0,
+    }
+    drop_caches()
+    started = time.monotonic()
+    _, merge_out = supervisor("merge", runtime, work)
+    subprocess.run(["sync"], check=True)
+    figures["merge_seconds"] = time.monotonic() - started
+    merge_read, merge_written = io_line(merge_out, "merge")
+    _, create_out = supervisor("create", runtime, work)
+    create_read, create_written = io_line(create_out, "create")
+    figures["linked"] = "blob linked" in create_out
+    figures["bytes_per_model_byte"] = (merge_read + merge_written + create_read + create_written) / size
+
+    # What one core hashes per second: sha256 is sequential, so a merge that
+    # hashes as it copies takes at least S / this rate, however fast the disk.
+    import hashlib
+
+    block = bytes(64 << 20)
+    digest = hashlib.sha256()
+    started = time.monotonic()
+    for _ in range(16):
+        digest.update(block)
+    figures["sha256_bytes_per_second"] = 16 * len(block) / (time.monotonic() - started)
+
+    reference = models / "m" / "reference.gguf"
+    drop_caches()
+    started = time.monotonic()
+    timed([str(gguf_split), "--merge", str(shards[0]), str(reference)])
+    subprocess.run(["sync"], check=True)
+    figures["gguf_split_seconds"] = time.monotonic() - started
+    figures["same_bytes_as_gguf_split"] = subprocess.run(["cmp", "-s", str(reference), runtime["merged"]]).returncode == 0
+    return figures
+
+
+def measure_cli(work: Path) -> dict:
+    """--help, warm build, no-op up, and the image's own overhead."""
+    figures: dict = {}
+    builder = [sys.executable, "-m", "builder"]
+    runs = []
+    for _ in range(5):
+        seconds, _ = timed([*builder, "--help"])
+        runs.append(seconds)
+    figures["help_seconds"] = min(runs)
+
+    server = ArtifactServer(files={OLLAMA_PATH: ollama_release_tgz(), LLAMA_PATH: llama_cpp_release_zip().read_bytes()}).start()
+    try:
+        project = work / "stack"
+        project.mkdir()
+        text = (REPO / "builder" / "presets" / "tiny.yaml").read_text()
+        text += (
+            f"ollama:\n  url: {server.url}/ollama/ollama/releases/download/v{{version}}/ollama-linux-amd64.tgz\n"
+            f"llama_cpp:\n  url: {server.url}/ggml-org/llama.cpp/releases/download/{{build}}/llama-{{build}}-bin-ubuntu-x64.zip\n"
+        )
+        (project / "builder.yaml").write_text(text)
+        env = dict(os.environ, BUILDER_PROJECT="bench", BUILDER_IMAGE_TAG="bench", BUILDER_SERVE_PORT="18999",
+                   BUILDER_CACHE_DIR=str(work / "cache"), NO_PROXY="127.0.0.1")
+        timed([*builder, "sample-model"], cwd=project, env=env)
+        timed([*builder, "up"], cwd=project, env=env)
+        figures["noop_up_seconds"], _ = timed([*builder, "up"], cwd=project, env=env)
+        figures["warm_build_seconds"], _ = timed([*builder, "build"], cwd=project, env=env)
+        image = json.loads(subprocess.run(["docker", "image", "inspect", "builder-tiny:bench"], capture_output=True, text=True).stdout)[0]
+        base_ref = next(l.split()[1] for l in (project / "context" / "Dockerfile").read_text().splitlines() if l.startswith("FROM "))
+        base = json.loads(subprocess.run(["docker", "image", "inspect", base_ref], capture_output=True, text=True).stdout)[0]
+        staged = sum(p.stat().st_size for p in (project / "context" / "staged").rglob("*") if p.is_file() and not p.is_symlink())
+        figures["image_overhead_bytes"] = image["Size"] - base["Size"] - staged
+        subprocess.run([*builder, "down", "--volumes"], cwd=project, env=env, capture_output=True)
+        subprocess.run(["docker", "image", "rm", "-f", "builder-tiny:bench"], capture_output=True)
+    finally:
+        server.stop()
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-gb", type=float, default=4.0, help="model size (default 4)")
+    parser.add_argument("--dir", type=Path, default=None, help="work folder on the disk to measure (default: a temp folder)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="builder-bench-", dir=args.dir))
+    try:
+        merge = measure_merge(work, args.size_gb)
+        cli = measure_cli(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = merge["model_bytes"]
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"page caches dropped: {merge['caches_dropped']}")
+    print(f"model: {size / 1e9:.2f} GB in 4 shards")
+    rows = [
+        ("merge (with sha256) / cat", f"{merge['merge_seconds']:.1f} s / {merge['cat_seconds']:.1f} s = {merge['merge_seconds'] / merge['cat_seconds']:.2f}", "<= 1.05"),
+        ("merge / max(cat, sha256 of S on one core)",
+         f"{merge['merge_seconds']:.1f} s / {max(merge['cat_seconds'], size / merge['sha256_bytes_per_second']):.1f} s = "
+         f"{merge['merge_seconds'] / max(merge['cat_seconds'], size / merge['sha256_bytes_per_second']):.2f}", "-"),
+        ("sha256 on one core", f"{merge['sha256_bytes_per_second'] / 1e9:.2f} GB/s (cat read+wrote {size / merge['cat_seconds'] / 1e9:.2f} GB/s)", "-"),
+        ("llama-gguf-split --merge / cat (reference)", f"{merge['gguf_split_seconds']:.1f} s / {merge['cat_seconds']:.1f} s = {merge['gguf_split_seconds'] / merge['cat_seconds']:.2f}", "-"),
+        ("same bytes as llama-gguf-split", str(merge["same_bytes_as_gguf_split"]), "True"),
+        ("bytes read+written by merge + create per model byte", f"{merge['bytes_per_model_byte']:.3f} (blob linked: {merge['linked']})", "<= 2.05"),
+        ("no-op builder up", f"{cli['noop_up_seconds']:.2f} s", "<= 3 s"),
+        ("warm builder build", f"{cli['warm_build_seconds']:.2f} s", "<= 3 s"),
+        ("builder --help (best of 5)", f"{cli['help_seconds']:.3f} s", "<= 0.3 s"),
+        ("image - (base + ollama + llama.cpp trees)", f"{cli['image_overhead_bytes'] / 1e6:.2f} MB", "<= 10 MB"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:<40}  target {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
