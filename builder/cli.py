@@ -294,9 +294,12 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, of
     from builder.stack import up as stack_up
     from builder.stack import up_single
 
+    from builder.stack import check_storage
+
     config, plan, context = _prepare_stack(config_path, out_dir, target)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
+    check_storage(plan)  # before a build that could take minutes
     engine = DockerEngine()
     labels = engine.image_labels(plan.image)
     if labels is None:
@@ -426,6 +429,10 @@ def sample_model(config_path: str, force: bool) -> None:
             raise ConfigError(f"model.shards: {exc}") from None
         for path in written:
             os.replace(path, folder / path.name)
+    if os.geteuid() == 0 and config.storage.kind == "local":
+        # Root wrote them; the containers run as image.uid:image.gid and must write beside them.
+        for path in [Path(config.storage.path), folder, *(folder / p.name for p in written)]:
+            os.chown(path, config.uid, config.gid)
     click.echo(f"wrote {len(written)} shards of a tiny sample model to {folder}")
 
 

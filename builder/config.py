@@ -164,6 +164,8 @@ class Config:
     project: str
     image_name: str
     image_tag: str
+    uid: int
+    gid: int
     source_date_epoch: int
     base: Base
     ollama: Release
@@ -509,6 +511,8 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         project=project,
         image_name=image["name"] or f"builder-{project}",
         image_tag=image["tag"],
+        uid=image["uid"],
+        gid=image["gid"],
         source_date_epoch=image["source_date_epoch"],
         base=base,
         ollama=releases["ollama"],

@@ -62,6 +62,7 @@ class Plan:
     base: BasePlan
     labels: tuple[tuple[str, str], ...]
     image_env: tuple[tuple[str, str], ...]
+    user: str
     modelfile: str
     runtime: dict[str, Any]
     compose: dict[str, Any]
@@ -123,6 +124,8 @@ def make_plan(config: Config) -> Plan:
         ("OLLAMA_MODELS", OLLAMA_STORE),
         ("PYTHONDONTWRITEBYTECODE", "1"),
         ("PYTHONPATH", SUPERVISOR_HOME),
+        # Not root: HOME is somewhere this user can write (ollama keeps its key there).
+        ("HOME", "/tmp/builder-home"),
     )
     shards = model.shards
     create_request = {"parameters": {name: list(value) if name == "stop" else value for name, value in model.parameters}}
@@ -157,6 +160,7 @@ def make_plan(config: Config) -> Plan:
         base=plan_base(config),
         labels=labels,
         image_env=image_env,
+        user=f"{config.uid}:{config.gid}",
         modelfile=modelfile,
         runtime=runtime,
         compose=_compose_values(config, image, digest),

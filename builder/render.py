@@ -68,6 +68,7 @@ def render_context(plan: Plan, target: str = "compose") -> dict[str, bytes]:
         llama_cpp_build=plan.config.llama_cpp.version,
         copies=COPIES,
         image_env=plan.image_env,
+        user=plan.user,
         port=OLLAMA_PORT,
         labels=plan.labels,
     )

@@ -117,6 +117,8 @@ def config_schema() -> dict[str, Any]:
                 {
                     "name": _str("Image repository.", "a lowercase image name such as builder-tiny or registry.example/team/name", pattern="^[a-z0-9]+([._/-][a-z0-9]+)*$"),
                     "tag": _str("Image tag.", "letters, digits, _ . - (an image tag)", pattern="^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$"),
+                    "uid": {"description": "User the containers run as (match the model storage's owner; NFS root_squash).", "type": "integer", "minimum": 0, "maximum": 2147483647},
+                    "gid": {"description": "Group the containers run as.", "type": "integer", "minimum": 0, "maximum": 2147483647},
                     "source_date_epoch": {
                         "description": "SOURCE_DATE_EPOCH for reproducible builds.",
                         "type": "integer",

@@ -40,11 +40,39 @@ def endpoint_url(plan: Plan) -> str:
 
 
 def check_storage(plan: Plan) -> None:
-    storage = plan.config.storage
-    if storage.kind == "local" and not Path(storage.path).is_dir():
+    """Local storage must exist and be writable by the containers' user
+    (merge writes the merged file, create ollama's store)."""
+    config = plan.config
+    storage = config.storage
+    if storage.kind != "local":
+        return
+    root = Path(storage.path)
+    if not root.is_dir():
         raise ConfigError(
-            Problem("storage.local", f"the folder {storage.path} does not exist; create it and put the shards there", None, plan.config.source)
+            Problem("storage.local", f"the folder {root} does not exist; create it and put the shards there", None, config.source)
         )
+    for folder in (root, root / config.model.shards.folder):
+        if folder.is_dir() and not writable_by(folder, config.uid, config.gid):
+            raise ConfigError(
+                Problem(
+                    "storage.local",
+                    f"{folder} is not writable by the containers' user {config.uid}:{config.gid}; "
+                    f"chown -R {config.uid}:{config.gid} {root} (or set image.uid and image.gid)",
+                    None,
+                    config.source,
+                )
+            )
+
+
+def writable_by(path: Path, uid: int, gid: int) -> bool:
+    info = path.stat()
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        return bool(info.st_mode & 0o200)
+    if info.st_gid == gid:
+        return bool(info.st_mode & 0o020)
+    return bool(info.st_mode & 0o002)
 
 
 def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:

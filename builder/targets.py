@@ -177,7 +177,7 @@ def kubernetes_manifests(plan: Plan) -> tuple[dict[str, list[dict]], list[str]]:
         "env": [{"name": k, "value": v} for k, v in config.serve.env],
         "readinessProbe": dict(probe, failureThreshold=3),
         "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
-        "volumeMounts": mount,
+        "volumeMounts": [dict(mount[0], readOnly=True)],
     }
     if not serve["env"]:
         del serve["env"]

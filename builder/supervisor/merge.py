@@ -160,9 +160,9 @@ def _part(header: GGUFHeader) -> str:
     return f"{(header.split_no or 0) + 1} of {header.split_count}"
 
 
-def check_space(folder: str, needed: int) -> None:
+def check_space(folder: str, needed: int, reclaimable: int = 0) -> None:
     stats = os.statvfs(folder)
-    free = stats.f_bavail * stats.f_frsize
+    free = stats.f_bavail * stats.f_frsize + reclaimable
     if free < needed + FREE_SPACE_MARGIN:
         raise StepError(
             f"merge: {folder} has {human_bytes(free)} free, the merged file needs {human_bytes(needed)}; free some space"
@@ -246,6 +246,10 @@ def merge(runtime: dict) -> int:
     # Every check that can fail on the user's shards comes before anything is written.
     headers, tensors = check_shards(folder, states, count)
     os.makedirs(os.path.dirname(merged), exist_ok=True)
+    # Before anything is written (even the lock file): is there room, counting
+    # what the leftovers of a killed run would give back?
+    leftovers = glob.glob(os.path.join(glob.escape(os.path.dirname(merged)), f".{glob.escape(os.path.basename(merged))}{TEMP_MARK}*"))
+    check_space(os.path.dirname(merged), sum(s.size for s in states), sum(os.path.getsize(p) for p in leftovers))
     with merge_lock(merged):
         return _merge_locked(runtime, states, headers, tensors)
 

@@ -9,6 +9,7 @@ by builder itself, shards written by gguf-py, Compose v2 running the stack.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -84,7 +85,14 @@ class TinyStack:
         self.context = root / "context"
 
     def write_model(self, **kwargs) -> list[Path]:
-        return write_split_model(self.models, "tiny", 3, **kwargs)
+        shards = write_split_model(self.models, "tiny", 3, **kwargs)
+        self.own()
+        return shards
+
+    def own(self, uid: int = 1000, gid: int = 1000) -> None:
+        """The containers run as 1000:1000 (image.uid, image.gid): give them the storage."""
+        for path in [self.root / "models", *(self.root / "models").rglob("*")]:
+            os.chown(path, uid, gid)
 
     def builder(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         return run_builder(*args, "-c", str(self.config), cwd=self.root, env=self.env, timeout=timeout)

@@ -61,6 +61,10 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     assert serve["State"]["Health"]["Status"] == "healthy"
     assert f"BUILDER_TEST_NASTY={NASTY_VALUE}" in serve["Config"]["Env"]
     assert serve["NetworkSettings"]["Ports"]["11434/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(tiny_stack.port)}]
+    # Secure defaults: not root, and serve cannot write to the model storage.
+    assert serve["Config"]["User"] == "1000:1000" and merge["Config"]["User"] == "1000:1000"
+    assert [m["RW"] for m in serve["Mounts"] if m["Destination"] == "/models"] == [False]
+    assert [m["RW"] for m in merge["Mounts"] if m["Destination"] == "/models"] == [True]
     # The merged file is beside the shards; ollama's store is on the same volume.
     assert (tiny_stack.models / "tiny.gguf").is_file()
     assert (tiny_stack.root / "models" / "ollama" / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest").is_file()
@@ -225,3 +229,36 @@ def test_single_container_target(tiny_stack: TinyStack) -> None:
     assert again.returncode == 0 and "already running with this config" in again.stderr
     assert tiny_stack.builder("down").returncode == 0
     assert docker("inspect", tiny_stack.project, check=False).returncode != 0
+
+
+def test_storage_the_containers_cannot_write_is_refused_first(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    tiny_stack.own(0, 0)
+    (tiny_stack.root / "models").chmod(0o755)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"storage.local: {tiny_stack.root / 'models'} is not writable by the containers' user 1000:1000; "
+        f"chown -R 1000:1000 {tiny_stack.root / 'models'} (or set image.uid and image.gid)"
+    )
+    assert "building" not in result.stderr
+
+
+def test_full_storage_is_one_clear_error_and_leaves_nothing(tiny_stack: TinyStack) -> None:
+    import subprocess
+
+    models = tiny_stack.root / "models"
+    models.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(models)], check=True)
+    try:
+        tiny_stack.write_model(blocks=4, width=512)  # about 17 MB of shards: no room for a merged copy
+        before = tree_snapshot(tiny_stack.models)
+        result = tiny_stack.builder("up")
+        assert result.returncode == 1
+        last = result.stderr.strip().splitlines()[-1]
+        assert "merge: /models/tiny has" in last and "free, the merged file needs" in last and "free some space" in last
+        assert tree_snapshot(tiny_stack.models) == before
+        assert not list(tiny_stack.models.glob(".tiny.gguf.merging-*"))
+    finally:
+        tiny_stack.down()
+        subprocess.run(["umount", str(models)], check=False)

@@ -7,7 +7,7 @@ docker rm -f deepseek-r1-ud-iq1-m 2>/dev/null || true
 docker run -d \
   --name deepseek-r1-ud-iq1-m \
   --restart unless-stopped \
-  --label io.builder.config.sha256=d4d9397a934b7fcb9bdebf5c0f662569a930f1bfd0763e6ded4df66186cac41c \
+  --label io.builder.config.sha256=8c8c8b585d13fc48bd597a71524887f172dd20a67b6c8940276ed459f5143648 \
   --label io.builder.project=deepseek-r1-ud-iq1-m \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \

@@ -7,7 +7,7 @@ docker rm -f deepseek-r1-ud-iq1-s 2>/dev/null || true
 docker run -d \
   --name deepseek-r1-ud-iq1-s \
   --restart unless-stopped \
-  --label io.builder.config.sha256=54efbc0182f06f9287530fff9f35cca161ceda685600ca1fcbdefb424addc0fc \
+  --label io.builder.config.sha256=c625f7000521f216aa0751aa592019aa38babf8697e7e931e323d5c61121e361 \
   --label io.builder.project=deepseek-r1-ud-iq1-s \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \

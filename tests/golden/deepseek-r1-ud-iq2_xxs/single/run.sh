@@ -7,7 +7,7 @@ docker rm -f deepseek-r1-ud-iq2-xxs 2>/dev/null || true
 docker run -d \
   --name deepseek-r1-ud-iq2-xxs \
   --restart unless-stopped \
-  --label io.builder.config.sha256=65a4753372f117f5439d251c78d6985d7de2c5224716aaef72cadc095711e141 \
+  --label io.builder.config.sha256=2f5446662ae427fce5cf9f08f5984457e42af6adc7f395737d597f1ad8eac978 \
   --label io.builder.project=deepseek-r1-ud-iq2-xxs \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \

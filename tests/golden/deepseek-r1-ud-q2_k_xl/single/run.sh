@@ -7,7 +7,7 @@ docker rm -f deepseek-r1-ud-q2-k-xl 2>/dev/null || true
 docker run -d \
   --name deepseek-r1-ud-q2-k-xl \
   --restart unless-stopped \
-  --label io.builder.config.sha256=32e6108e63160ebf84d15097cfbab527ae31781d8e782ad6a82ea0eed81885b6 \
+  --label io.builder.config.sha256=7850e5d15e60a8051e22436c13203c5bf607d4f90eb41e5f9137556f40d66c0f \
   --label io.builder.project=deepseek-r1-ud-q2-k-xl \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \
