@@ -28,10 +28,13 @@ def shard_folder(config: Config) -> Path | None:
 
 
 def check_local_shards(config: Config) -> None:
-    """On local storage, every shard must be present; NFS cannot be seen from here."""
-    if config.storage.kind != "local":
+    """Where the shards can be read here (local storage, plan.shards_dir):
+    every shard is present, parses, is as long as its header says and belongs
+    to this split, exactly as the merge will check them, but before anything
+    is built or started. The merged file, if there, must be a whole GGUF file."""
+    folder = shard_folder(config)
+    if folder is None:
         return
-    folder = Path(config.storage.path) / config.model.shards.folder
     names = shard_names(config)
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
@@ -44,6 +47,28 @@ def check_local_shards(config: Config) -> None:
                 config.source,
             )
         )
+    from builder.supervisor.common import StepError
+    from builder.supervisor.gguf import check_file
+    from builder.supervisor.merge import check_shards, shard_states
+
+    count = config.model.shards.count
+    try:
+        if count:
+            check_shards(str(folder), shard_states(str(folder), names), count)
+        else:
+            check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)
+    except StepError as exc:
+        raise ConfigError(Problem("model.shards", str(exc).removeprefix("merge: "), None, config.source)) from None
+    except GGUFError as exc:
+        raise ConfigError(Problem("model.shards", f"{folder / names[0]} {exc}", None, config.source)) from None
+    merged = folder / PurePosixPath(config.model.merged).name
+    if count and merged.is_file():
+        try:
+            check_file(str(merged), merged.stat().st_size)
+        except GGUFError as exc:
+            raise ConfigError(
+                Problem("model.merged", f"{merged} {exc}; delete it and `builder up` merges again", None, config.source)
+            ) from None
 
 
 def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFHeader]:

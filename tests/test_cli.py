@@ -103,10 +103,9 @@ def test_validate_reports_missing_shards_then_passes(tmp_path: Path) -> None:
     result = run_builder("validate", cwd=tmp_path)
     assert result.returncode == 2
     assert "3 of 3 shard(s) missing in" in result.stderr and "tiny-00001-of-00003.gguf" in result.stderr
-    folder = tmp_path / "models" / "tiny"
-    folder.mkdir(parents=True)
-    for n in (1, 2, 3):
-        (folder / f"tiny-{n:05d}-of-00003.gguf").write_bytes(b"GGUF")
+    from builder.sample import write_split_model
+
+    write_split_model(tmp_path / "models" / "tiny", "tiny", 3)
     result = run_builder("validate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "ok (tiny:latest, local storage, image builder-tiny:latest)" in result.stdout
@@ -211,3 +210,45 @@ def test_render_prunes_stale_image_files(tmp_path: Path) -> None:
     keep.write_text("staged by build\n")
     assert run_builder("render", cwd=tmp_path).returncode == 0
     assert not stale.exists() and keep.read_text() == "staged by build\n"
+
+
+def _tiny_with_shards(tmp_path: Path) -> Path:
+    from builder.sample import write_split_model
+
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    write_split_model(tmp_path / "models" / "tiny", "tiny", 3)
+    return tmp_path / "models" / "tiny"
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("truncated", "error: builder.yaml: model.shards: shard {folder}/tiny-00002-of-00003.gguf is truncated"),
+        ("bad-magic", "error: builder.yaml: model.shards: shard {folder}/tiny-00002-of-00003.gguf is not a GGUF file (bad magic)"),
+        ("duplicate", "error: builder.yaml: model.shards: shard {folder}/tiny-00003-of-00003.gguf says it is part 2 of 3, expected part 3 of 3"),
+        ("other-model", "error: builder.yaml: model.shards: the shards in {folder} hold"),
+        ("merged-not-gguf", "error: builder.yaml: model.merged: {folder}/tiny.gguf is not a GGUF file (bad magic); delete it and `builder up` merges again"),
+    ],
+)
+def test_validate_checks_the_shard_set_before_anything_runs(tmp_path: Path, damage: str, expected: str) -> None:
+    from builder.sample import write_split_model
+
+    folder = _tiny_with_shards(tmp_path)
+    second, third = folder / "tiny-00002-of-00003.gguf", folder / "tiny-00003-of-00003.gguf"
+    if damage == "truncated":
+        second.write_bytes(second.read_bytes()[:-4096])
+    elif damage == "bad-magic":
+        second.write_bytes(b"GGUX" + second.read_bytes()[4:])
+    elif damage == "duplicate":
+        third.write_bytes(second.read_bytes())
+    elif damage == "other-model":
+        other = write_split_model(tmp_path / "other", "tiny", 3, blocks=6)
+        second.write_bytes(other[1].read_bytes())
+    else:
+        (folder / "tiny.gguf").write_bytes(b"not a model")
+    before = tree_snapshot(folder)
+    result = run_builder("validate", cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip().startswith(expected.format(folder=folder)), result.stderr
+    assert tree_snapshot(folder) == before
