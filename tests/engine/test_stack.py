@@ -262,3 +262,22 @@ def test_full_storage_is_one_clear_error_and_leaves_nothing(tiny_stack: TinyStac
     finally:
         tiny_stack.down()
         subprocess.run(["umount", str(models)], check=False)
+
+
+def test_killed_create_leaves_no_copy_to_pile_up(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("build").returncode == 0
+    assert tiny_stack.compose("up", "--no-deps", "--exit-code-from", "merge", "merge").returncode == 0
+    blobs = tiny_stack.root / "models" / "ollama" / "blobs"
+    tiny_stack.compose("up", "-d", "--no-deps", "create")
+    deadline = time.time() + 30
+    while not (blobs.is_dir() and any(blobs.iterdir())) and time.time() < deadline:
+        time.sleep(0.01)
+    docker("kill", tiny_stack.container("create"), check=False)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 0, result.stderr
+    merged = (tiny_stack.models / "tiny.gguf").stat()
+    same_size = [p for p in blobs.iterdir() if p.stat().st_size == merged.st_size]
+    assert [p.stat().st_ino for p in same_size] == [merged.st_ino], "one blob, and it is the merged file itself"
+    assert not [p.name for p in blobs.iterdir() if p.name.startswith(".")], "no temporary link left behind"
+    assert [m["name"] for m in _get(f"{tiny_stack.url}/api/tags")["models"]] == ["tiny:latest"]
