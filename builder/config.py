@@ -378,7 +378,12 @@ def _explain(error: Any, locate: _Locator) -> list[Problem]:
             if len(given) != 1:
                 found = f" (found {', '.join(given)})" if given else ""
                 return [locate.problem(path, f"give exactly one of {', '.join(choices)}{found}")]
-            return []  # the chosen branch's own errors are reported on their own
+            # One choice made: what is wrong is inside it.
+            branch = next(o for o in schema["oneOf"] if given[0] in o.get("properties", {}))
+            inner = list(_validator_class()(branch).iter_errors(value))
+            for sub in inner:
+                sub.path.extendleft(reversed(path))
+            return [p for sub in inner for p in _explain(sub, locate)]
         # When the value's type fits exactly one branch, that branch's error says most.
         fitting = [o for o in schema["oneOf"] if _type_fits(o, value)]
         if len(fitting) == 1:

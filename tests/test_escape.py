@@ -61,3 +61,25 @@ def test_nasty_env_values_render_into_compose() -> None:
     compose = yaml.safe_load(render_context(make_plan(config))["compose.yaml"])
     env = compose["services"]["serve"]["environment"]
     assert {k: v.replace("$$", "$") for k, v in env.items()} == {f"V{i}": v for i, v in enumerate(NASTY)}
+
+
+def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
+    import shlex
+
+    from builder.targets import single_argv
+
+    text = (
+        "version: 1\nmodel:\n  name: m\n  shards: m-00001-of-00002.gguf\nstorage:\n  local: /srv/m\n"
+        "serve:\n  env:\n"
+        + "".join(f"    V{i}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n" for i, v in enumerate(NASTY))
+    )
+    config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
+    plan = make_plan(config)
+    files = render_context(plan, "kubernetes")
+    deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
+    env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env == {f"V{i}": v for i, v in enumerate(NASTY)}
+    run_sh = render_context(plan, "single")["single/run.sh"].decode()
+    command = run_sh.split("\n", 6)[-1].replace("\\\n", " ")
+    assert shlex.split(command) == single_argv(plan)
+    assert [a.split("=", 1)[1] for a in single_argv(plan) if a.startswith("V") and "=" in a] == NASTY
