@@ -6,13 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def human_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"
+from builder.supervisor.common import human_bytes  # one formatter for host and image
 
 
 class Progress:

@@ -19,7 +19,7 @@ import time
 from .common import StepError, Stopped, log
 from .create import create
 from .merge import merge
-from .ollama import ollama_env, request
+from .ollama import ollama_env, request, signal_group
 
 RUNTIME_JSON = "/etc/builder/runtime.json"
 ROLES = ("merge", "create", "serve", "all", "health")
@@ -51,7 +51,7 @@ def serve(runtime: dict) -> int:
         state["signal"] = signum
         stop.set()
         if state["child"] is not None:
-            _signal_group(state["child"].pid, signum)
+            signal_group(state["child"].pid, signum)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -62,9 +62,9 @@ def serve(runtime: dict) -> int:
         child = subprocess.Popen([binary, "serve"], env=ollama_env(store=runtime.get("ollama_store")), start_new_session=True)
         state["child"] = child
         if stop.is_set():  # the signal came while it was starting
-            _signal_group(child.pid, state["signal"])
+            signal_group(child.pid, state["signal"])
         code = _wait_reaping(child)
-        _signal_group(child.pid, signal.SIGKILL)  # its runners, if it left any
+        signal_group(child.pid, signal.SIGKILL)  # its runners, if it left any
         state["child"] = None
         if stop.is_set():
             break
@@ -89,13 +89,6 @@ def _wait_reaping(child: subprocess.Popen) -> int:
         if pid == child.pid:
             child.returncode = os.waitstatus_to_exitcode(status)
             return child.returncode
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def health(runtime: dict) -> int:

@@ -90,12 +90,12 @@ class PrivateServer:
         if self.process is None:
             return
         if self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGTERM)
+            signal_group(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
-        _signal_group(self.process.pid, signal.SIGKILL)
+        signal_group(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
             self.process.wait()
 
@@ -103,7 +103,8 @@ class PrivateServer:
         self.stop()
 
 
-def _signal_group(pid: int, signum: int) -> None:
+def signal_group(pid: int, signum: int) -> None:
+    """Signal a process group (ollama and its runners); gone already is fine."""
     try:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
