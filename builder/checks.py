@@ -27,14 +27,16 @@ def shard_folder(config: Config) -> Path | None:
     return None
 
 
-def check_local_shards(config: Config) -> None:
+def check_local_shards(config: Config) -> Path | None:
     """Where the shards can be read here (local storage, plan.shards_dir):
     every shard is present, parses, is as long as its header says and belongs
-    to this split, exactly as the merge will check them, but before anything
-    is built or started. The merged file, if there, must be a whole GGUF file."""
+    to this split, and the model is one ollama can load, exactly as the merge
+    will check them, but before anything is built or started. The merged
+    file, if there, must be a whole GGUF file. Returns the folder checked, or
+    None when the shards cannot be read from here."""
     folder = shard_folder(config)
     if folder is None:
-        return
+        return None
     names = shard_names(config)
     missing = [name for name in names if not (folder / name).is_file()]
     if missing:
@@ -49,18 +51,22 @@ def check_local_shards(config: Config) -> None:
         )
     from builder.supervisor.common import StepError
     from builder.supervisor.gguf import check_file
+    from builder.supervisor.loadable import NotLoadable, check_loadable
     from builder.supervisor.merge import check_shards, shard_states
 
     count = config.model.shards.count
     try:
         if count:
-            check_shards(str(folder), shard_states(str(folder), names), count)
+            headers, _ = check_shards(str(folder), shard_states(str(folder), names), count)
         else:
-            check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)
+            headers = [check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)]
+        check_loadable([(str(folder / name), header) for name, header in zip(names, headers)])
     except StepError as exc:
         raise ConfigError(Problem("model.shards", str(exc).removeprefix("merge: "), None, config.source)) from None
     except GGUFError as exc:
         raise ConfigError(Problem("model.shards", f"{folder / names[0]} {exc}", None, config.source)) from None
+    except NotLoadable as exc:
+        raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     merged = folder / PurePosixPath(config.model.merged).name
     if count and merged.is_file():
         try:
@@ -69,6 +75,7 @@ def check_local_shards(config: Config) -> None:
             raise ConfigError(
                 Problem("model.merged", f"{merged} {exc}; delete it and `builder up` merges again", None, config.source)
             ) from None
+    return folder
 
 
 def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFHeader]:
@@ -87,6 +94,12 @@ def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFH
             raise ConfigError(Problem("model.shards", f"{path} is missing; the plan needs every shard's header", None, config.source)) from None
         except (GGUFError, OSError) as exc:
             raise ConfigError(Problem("model.shards", f"{path} {exc}", None, config.source)) from None
+    from builder.supervisor.loadable import NotLoadable, check_loadable
+
+    try:
+        check_loadable([(str(folder / name), header) for name, header in zip(shard_names(config), headers)])
+    except NotLoadable as exc:
+        raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     return headers
 
 

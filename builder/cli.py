@@ -129,7 +129,12 @@ def validate(config_path: str) -> None:
     config = _load(config_path)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    check_local_shards(config)
+    if check_local_shards(config) is None:
+        click.echo(
+            "warning: model.shards: the shards are on NFS and not readable here, so they were not checked "
+            "(mount the export and set plan.shards_dir to check them now; the merge step checks them before it writes)",
+            err=True,
+        )
     click.echo(f"{config_path}: ok ({config.model.name}, {config.storage.kind} storage, image {config.image})")
 
 
@@ -261,13 +266,16 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
         click.echo(f"{result.image} {result.image_id}")
 
 
-def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose"):
-    """Load, plan and render: what every stack command starts from."""
+def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose", preflight=None):
+    """Load, plan and render: what every stack command starts from.
+    `preflight(config, plan)` runs before anything is written."""
     from builder.plan import make_plan
     from builder.render import render_context, write_context
 
     config = _load(config_path, resolve_auto=True)
     plan = make_plan(config)
+    if preflight is not None:
+        preflight(config, plan)
     context = _context_dir(config_path, out_dir)
     write_context(render_context(plan, target), context, config.source_date_epoch)
     return config, plan, context
@@ -294,12 +302,18 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, of
     from builder.stack import up as stack_up
     from builder.stack import up_single
 
+    from builder.checks import check_local_shards
     from builder.stack import check_storage
 
-    config, plan, context = _prepare_stack(config_path, out_dir, target)
+    def preflight(config, plan) -> None:
+        # Before anything is written, built or merged: the shards are whole,
+        # one split and a model ollama can load; the storage is writable.
+        check_local_shards(config)
+        check_storage(plan)
+
+    config, plan, context = _prepare_stack(config_path, out_dir, target, preflight)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
-    check_storage(plan)  # before a build that could take minutes
     engine = DockerEngine()
     labels = engine.image_labels(plan.image)
     if labels is None:

@@ -102,12 +102,13 @@ def check_storage(config: Config, plan: Plan) -> list[Check]:
             return [Check("storage", OK, f"local folder {storage.path}")]
         return [Check("storage", FAIL, f"local folder {storage.path} does not exist", f"mkdir -p {storage.path} and put the shards there")]
     out = []
+    port = nfs_port(storage.options)
     try:
-        with socket.create_connection((storage.server, 2049), timeout=3):
-            out.append(Check("nfs-server", OK, f"{storage.server}:2049 answers"))
+        with socket.create_connection((storage.server, port), timeout=3):
+            out.append(Check("nfs-server", OK, f"{storage.server}:{port} answers"))
     except OSError as exc:
-        out.append(Check("nfs-server", FAIL, f"{storage.server}:2049 does not answer ({exc.strerror or exc})",
-                         "check storage.nfs.server, the server's nfsd and the firewall (TCP 2049)"))
+        out.append(Check("nfs-server", FAIL, f"{storage.server}:{port} does not answer ({exc.strerror or exc})",
+                         f"check storage.nfs.server, the server's nfsd and the firewall (TCP {port})"))
     if _kernel_has_nfs():
         out.append(Check("nfs-client", WARN, f"cannot test-mount {storage.server}:{storage.export} from here; the first `up` will",
                          "mount it by hand once: mount -t nfs -o " + storage.options + f" {storage.server}:{storage.export} /mnt"))
@@ -115,6 +116,15 @@ def check_storage(config: Config, plan: Plan) -> list[Check]:
         out.append(Check("nfs-client", FAIL, "this kernel has no NFS client, so Docker cannot mount the volume",
                          "install nfs-common and load the nfs module (modprobe nfs), or use storage.local"))
     return out
+
+
+def nfs_port(options: str) -> int:
+    """The TCP port the mount will use: the `port=N` mount option, else NFS's 2049."""
+    for item in options.split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "port" and value.strip().isdigit() and 0 < int(value) < 65536:
+            return int(value)
+    return 2049
 
 
 def _kernel_has_nfs() -> bool:

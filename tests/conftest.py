@@ -3,6 +3,10 @@
 Tests marked `engine` need a running Docker engine with buildx and Compose
 v2; `.ci/run` starts one. Without an engine they fail rather than skip, so a
 green run always means they ran. Deselect them locally with `-m "not engine"`.
+
+The network guard (`tests/netguard/`) is active in pytest's process and in
+every Python process the tests start: a connection or name lookup outside
+loopback is refused, and fails the test during which it was attempted.
 """
 
 from __future__ import annotations
@@ -10,11 +14,44 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+NETGUARD_DIR = REPO / "tests" / "netguard"
+NETGUARD_LOG_ENV = "TESTS_NETGUARD_LOG"
+
+
+def _start_netguard() -> Path:
+    """Guard this process and, through PYTHONPATH, every Python it starts."""
+    log = Path(tempfile.mkstemp(prefix="netguard-", suffix=".log")[1])
+    os.environ[NETGUARD_LOG_ENV] = str(log)
+    path = [str(NETGUARD_DIR), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(path))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tests_netguard", NETGUARD_DIR / "sitecustomize.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # installs itself
+    return log
+
+
+NETGUARD_LOG = _start_netguard()
+
+
+@pytest.fixture(autouse=True)
+def _netguard_watch():
+    """Fail the test during which any guarded process tried to leave loopback."""
+    before = NETGUARD_LOG.stat().st_size
+    yield
+    with open(NETGUARD_LOG, encoding="utf-8") as log:
+        log.seek(before)
+        attempts = log.read().strip()
+    if attempts:
+        pytest.fail(f"traffic outside loopback was attempted (refused by the network guard):\n{attempts}", pytrace=False)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -22,6 +22,20 @@ def run_builder(*args: str, cwd: Path | None = None, env: dict[str, str] | None 
     )
 
 
+def registry_client_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a package registry's own client (pip): the
+    tests' network guard (tests/netguard/) left out, since those are the only
+    hosts outside loopback the tests may reach."""
+    env = dict(os.environ if env is None else env)
+    kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).name != "netguard"]
+    if kept:
+        env["PYTHONPATH"] = os.pathsep.join(kept)
+    else:
+        env.pop("PYTHONPATH", None)
+    env.pop("TESTS_NETGUARD_LOG", None)
+    return env
+
+
 def tree_snapshot(root: Path) -> dict[str, bytes]:
     """Every file under `root` and its bytes, to prove nothing was touched."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

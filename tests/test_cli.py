@@ -175,10 +175,10 @@ def test_sample_model_never_overwrites_a_merged_file(tmp_path: Path) -> None:
 
 
 def test_sample_model_with_too_many_shards(tmp_path: Path) -> None:
-    (tmp_path / "builder.yaml").write_text("version: 1\nmodel:\n  name: m\n  shards: m/m-00001-of-00020.gguf\nstorage:\n  local: models\n")
+    (tmp_path / "builder.yaml").write_text("version: 1\nmodel:\n  name: m\n  shards: m/m-00001-of-00022.gguf\nstorage:\n  local: models\n")
     result = run_builder("sample-model", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: model.shards: a sample model of 3 blocks can be split in 1 to 17 shards, not 20"
+    assert result.stderr.strip() == "error: model.shards: a sample model of 2 blocks can be split in 1 to 21 shards, not 22"
     assert [p.name for p in (tmp_path / "models" / "m").iterdir()] == []
 
 

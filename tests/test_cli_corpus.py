@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from builder.sample import write_split_model
+from tests.fixtures.gguf_edit import edit_metadata
 from tests.helpers import run_builder, tree_snapshot
 
 CASES = yaml.safe_load((Path(__file__).parent / "corpus" / "cli" / "cases.yaml").read_text(encoding="utf-8"))
@@ -34,6 +35,9 @@ def set_up(root: Path, setup: dict) -> None:
         name, size = damage["truncate"]
         path = folder / name
         path.write_bytes(path.read_bytes()[:size])
+    if "edit" in damage:  # whole, well-formed shards that describe a model ollama cannot load
+        edit = damage["edit"]
+        edit_metadata(folder / edit["file"], tuple(edit.get("drop", ())), edit.get("values"))
     for name, text in (setup.get("files") or {}).items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -132,8 +132,8 @@ def test_unsafe_is_a_builder_error() -> None:
 
 def test_missing_llama_binary_names_what_is_there(tmp_path: Path, llama_zip: Path) -> None:
     ollama = write(tmp_path / "ollama.tgz", ollama_release_tgz())
-    with pytest.raises(BuilderError, match=r"has no build/bin/llama-server \(llama_cpp.binaries\); it has: llama-gguf-split"):
-        run_stage(tmp_path / "ctx", ollama, llama_zip, binaries=("llama-gguf-split", "llama-server"))
+    with pytest.raises(BuilderError, match=r"has no build/bin/llama-quantize \(llama_cpp.binaries\); it has: llama-gguf-split, llama-server, llama-simple$"):
+        run_stage(tmp_path / "ctx", ollama, llama_zip, binaries=("llama-gguf-split", "llama-quantize"))
 
 
 def test_corrupt_archive(tmp_path: Path, llama_zip: Path) -> None:

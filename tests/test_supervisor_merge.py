@@ -43,12 +43,23 @@ def runtime_for(models: Path, gguf_split: str, count: int = 3) -> dict:
     }
 
 
+def test_merge_refuses_a_model_ollama_cannot_load_before_writing(models: Path, gguf_split: str) -> None:
+    from tests.fixtures.gguf_edit import edit_metadata
+
+    edit_metadata(models / "tiny" / "tiny-00001-of-00003.gguf", drop=("tokenizer.ggml.tokens",))
+    before = tree_snapshot(models)
+    with pytest.raises(StepError, match=r"^merge: .*/tiny-00001-of-00003.gguf: tokenizer.ggml.tokens is missing: the model has no tokenizer"):
+        merge(runtime_for(models, gguf_split))
+    assert tree_snapshot(models) == before
+    assert sorted(p.name for p in (models / "tiny").iterdir()) == [f"tiny-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+
+
 def test_merge_joins_verifies_and_records(models: Path, gguf_split: str, capsys) -> None:
     runtime = runtime_for(models, gguf_split)
     assert merge(runtime) == 0
     merged = Path(runtime["merged"])
     reader = gguf.GGUFReader(merged)
-    assert len(reader.tensors) == 17
+    assert len(reader.tensors) == 21
     assert Path(record_path(runtime["merged"])).is_file()
     assert [p.name for p in (models / "tiny").iterdir() if p.name.startswith(".")] == [".tiny.gguf.lock"]
     # Nothing changed: the second run only reads its record.
@@ -66,7 +77,7 @@ def test_changed_shard_merges_again(models: Path, gguf_split: str, capsys) -> No
     merge(runtime)
     assert "joining 3 shards" in capsys.readouterr().out
     reader = gguf.GGUFReader(runtime["merged"])
-    assert len(reader.tensors) == 17
+    assert len(reader.tensors) == 21
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "other-model", "bad-magic"])
@@ -117,7 +128,7 @@ def test_leftovers_and_broken_merged_file_are_replaced(models: Path, gguf_split:
     out = capsys.readouterr().out
     assert "removed .tiny.gguf.merging-12345" in out
     assert "merging again" in out
-    assert len(gguf.GGUFReader(runtime["merged"]).tensors) == 17
+    assert len(gguf.GGUFReader(runtime["merged"]).tensors) == 21
     assert not (folder / ".tiny.gguf.merging-12345").exists()
 
 
@@ -138,7 +149,7 @@ def test_hand_merged_file_is_adopted_not_merged_again(models: Path, gguf_split: 
     subprocess.run([gguf_split, "--merge", runtime["shards"]["first"], runtime["merged"]], check=True, capture_output=True)
     before = Path(runtime["merged"]).stat().st_mtime_ns
     assert merge(runtime) == 0
-    assert "already holds all 17 tensors; recorded it" in capsys.readouterr().out
+    assert "already holds all 21 tensors; recorded it" in capsys.readouterr().out
     assert Path(runtime["merged"]).stat().st_mtime_ns == before
 
 

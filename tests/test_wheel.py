@@ -9,6 +9,7 @@ import venv
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.helpers import registry_client_env
 
 
 def test_wheel_renders_from_anywhere(tmp_path: Path) -> None:
@@ -17,6 +18,7 @@ def test_wheel_renders_from_anywhere(tmp_path: Path) -> None:
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
         check=True,
         capture_output=True,
+        env=registry_client_env(),  # the build backend comes from PyPI
     )
     wheel = next(wheels.glob("*.whl"))
     env_dir = tmp_path / "venv"

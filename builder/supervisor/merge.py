@@ -32,6 +32,7 @@ from .common import (
     write_json_atomic,
 )
 from .gguf import GGUFError, GGUFHeader, check_file
+from .loadable import NotLoadable, check_loadable
 from .join import join
 from .shards import shard_file_names
 
@@ -154,6 +155,14 @@ def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[lis
     return headers, total
 
 
+def preflight(files: list[tuple[str, GGUFHeader]], runtime: dict) -> None:
+    """Refuse, before anything is written, a model ollama cannot load."""
+    try:
+        check_loadable(files, runtime.get("ollama_generation", "0.5"))
+    except NotLoadable as exc:
+        raise StepError(f"merge: {exc}") from None
+
+
 def _part(header: GGUFHeader) -> str:
     if header.split_count is None:
         return "of no split (an unsplit file)"
@@ -233,9 +242,10 @@ def merge(runtime: dict) -> int:
     count = shards["count"]
     if count == 0:  # one unsplit file: nothing to join, only to check
         try:
-            check_file(first, _size(first))
+            header = check_file(first, _size(first))
         except GGUFError as exc:
             raise StepError(f"merge: {first} {exc}") from None
+        preflight([(first, header)], runtime)
         log(f"merge: {first} is a single whole GGUF file; nothing to merge")
         return 0
     names = shard_file_names(shards["prefix"], count)
@@ -245,6 +255,7 @@ def merge(runtime: dict) -> int:
         return 0
     # Every check that can fail on the user's shards comes before anything is written.
     headers, tensors = check_shards(folder, states, count)
+    preflight([(os.path.join(folder, s.name), h) for s, h in zip(states, headers)], runtime)
     os.makedirs(os.path.dirname(merged), exist_ok=True)
     # Before anything is written (even the lock file): is there room, counting
     # what the leftovers of a killed run would give back?

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -29,8 +30,28 @@ def test_doctor_tiny_is_healthy_once_the_shards_are_there(tmp_path: Path, docker
     assert checks["image"]["status"] in ("ok", "warn")
 
 
-def test_doctor_says_there_is_no_gpu_and_no_nfs_here(tmp_path: Path, docker_engine) -> None:
+def _nfs_preset_on_loopback(tmp_path: Path, port: int) -> None:
+    """The R1 preset with its NFS server moved to 127.0.0.1:PORT (the `port=`
+    mount option), where the test decides what answers: no test traffic may
+    leave loopback, and the preset's placeholder 192.0.2.10 is not ours."""
     assert run_builder("init", "--preset", "deepseek-r1-ud-iq1_m", cwd=tmp_path).returncode == 0
+    config = tmp_path / "builder.yaml"
+    text = config.read_text(encoding="utf-8")
+    nfs = "    server: 192.0.2.10\n    export: /export/models\n    options: rw,nfsvers=4.1,hard\n"
+    assert nfs in text
+    ours = f"    server: 127.0.0.1\n    export: /export/models\n    options: rw,nfsvers=4.1,hard,port={port}\n"
+    config.write_text(text.replace(nfs, ours), encoding="utf-8")
+
+
+def _unused_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]  # closed again: nothing listens there
+
+
+def test_doctor_says_there_is_no_gpu_and_no_nfs_here(tmp_path: Path, docker_engine) -> None:
+    port = _unused_port()
+    _nfs_preset_on_loopback(tmp_path, port)
     result = run_builder("doctor", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stdout + result.stderr
@@ -38,7 +59,18 @@ def test_doctor_says_there_is_no_gpu_and_no_nfs_here(tmp_path: Path, docker_engi
     assert lines[0].startswith("ok    engine: Docker 26.")
     assert "fail  nvidia-toolkit: neither the nvidia runtime nor an NVIDIA CDI spec is configured -> install nvidia-container-toolkit" in result.stdout
     assert "fail  gpus: nvidia-smi is missing or sees no GPU -> install the NVIDIA driver" in result.stdout
-    assert "fail  nfs-server: 192.0.2.10:2049 does not answer" in result.stdout
+    assert f"fail  nfs-server: 127.0.0.1:{port} does not answer (Connection refused) -> check storage.nfs.server, the server's nfsd and the firewall (TCP {port})" in result.stdout
     assert "fail  nfs-client: this kernel has no NFS client, so Docker cannot mount the volume" in result.stdout
     assert "warn  shards: on NFS, not readable from here" in result.stdout
     assert lines[-1].startswith("warn  image: builder-deepseek-r1:ud-iq1-m is not built yet") or lines[-1].startswith("warn  image: builder-deepseek-r1:ud-iq1-m was built")
+
+
+def test_doctor_sees_an_nfs_server_that_answers(tmp_path: Path, docker_engine) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        _nfs_preset_on_loopback(tmp_path, port)
+        result = run_builder("doctor", "--json", cwd=tmp_path)
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert checks["nfs-server"] == {"name": "nfs-server", "status": "ok", "detail": f"127.0.0.1:{port} answers", "fix": ""}
