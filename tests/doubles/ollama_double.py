@@ -56,7 +56,6 @@ import threading
 import time
 import unicodedata
 import urllib.parse
-import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 VERSION = "0.5.7"
@@ -1329,7 +1328,7 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/api/tags" and method in ("GET", "HEAD"):
                 return self._tags()
             if path == "/api/ps" and method == "GET":
-                return self._json(200, {"models": []})
+                return self._ps()
             if path.startswith("/api/blobs/") and "/" not in path[len("/api/blobs/") :] and len(path) > len("/api/blobs/"):
                 digest = urllib.parse.unquote(path[len("/api/blobs/") :])
                 if method == "HEAD":
@@ -1342,6 +1341,12 @@ class Handler(BaseHTTPRequestHandler):
                 return self._create()
             if method == "POST" and path == "/api/generate":
                 return self._generate()
+            if method == "POST" and path == "/api/chat":
+                return self._chat()
+            if method == "POST" and path == "/v1/chat/completions":
+                return self._openai(chat=True)
+            if method == "POST" and path == "/v1/completions":
+                return self._openai(chat=False)
             if method == "DELETE" and path == "/api/delete":
                 return self._delete()
             self._send(404, b"404 page not found", "text/plain")
@@ -1471,43 +1476,266 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream_line(event)
             self._stream_end()
 
-    def _generate(self) -> None:
+    def _model_for(self, model_name: str) -> tuple[Name, dict] | None:
+        """The named model, or None after answering 404 as ollama does."""
+        name = Name.parse(model_name)
+        if not name.is_valid():
+            self._error(404, f"model '{model_name}' not found")
+            return None
+        try:
+            name = existing_name(name)
+            return name, load_model(name)
+        except FileNotFoundError:
+            self._error(404, f"model '{model_name}' not found")
+            return None
+
+    def _run_completion(self, request: dict, name: Name, model: dict, prompt_for, respond) -> None:
+        """scheduleRunner + Completion, shared by generate, chat and the OpenAI routes.
+        `prompt_for(runner, options)` builds the prompt; `respond(kind, value)` is
+        called with ("piece", text) for each piece, then ("done", metrics) once."""
         started = time.monotonic_ns()
+        keep_alive = request_keep_alive(request.get("keep_alive"))
+        options = merge_options(model["options"], request.get("options"))
+        try:
+            runner, _took = scheduler().acquire(name, model, options, keep_alive)
+        except OllamaError as exc:
+            return respond("error", exc.message)
+        loaded = time.monotonic_ns()
+        try:
+            prompt = prompt_for(runner, options)
+            if prompt is None:  # a load-only request
+                return respond("load", {"total_duration": loaded - started, "load_duration": loaded - started})
+            text: list[str] = []
+
+            def piece(content: str) -> None:
+                text.append(content)
+                respond("piece", content)
+
+            metrics = runner.completion(prompt, options, piece)
+            metrics["prompt"], metrics["text"], metrics["runner"] = prompt, "".join(text), runner
+            now = time.monotonic_ns()
+            metrics["total_duration"], metrics["load_duration"] = max(now - started, 1), max(loaded - started, 1)
+            respond("done", metrics)
+        except OllamaError as exc:
+            respond("error", exc.message)
+        finally:
+            scheduler().release(runner, keep_alive)
+
+    def _answer(self, stream: bool, final_of, piece_of):
+        """A respond() for _run_completion writing ollama's NDJSON or one JSON object."""
+        state = {"started": False, "text": []}
+
+        def respond(kind: str, value) -> None:
+            if kind == "error":
+                if state["started"]:
+                    self._stream_line({"error": value})
+                    self._stream_end()
+                else:
+                    self._error(500, value)
+                return
+            if kind == "piece":
+                state["text"].append(value)
+                if stream:
+                    if not state["started"]:
+                        self._stream_start("application/x-ndjson")
+                        state["started"] = True
+                    self._stream_line(piece_of(value))
+                return
+            final = final_of(kind, value, "" if stream else "".join(state["text"]))
+            if stream:
+                if not state["started"]:
+                    self._stream_start("application/x-ndjson")
+                    state["started"] = True
+                self._stream_line(final)
+                self._stream_end()
+            else:
+                self._json(200, final)
+
+        return respond
+
+    def _generate(self) -> None:
         request = self._request_json()
-        model = self._field(request, "model", str, "")
+        model_name = self._field(request, "model", str, "")
         prompt = self._field(request, "prompt", str, "")
         stream = self._field(request, "stream", bool, True)
-        name = Name.parse(model)
-        if not name.is_valid():
-            return self._error(404, f"model '{model}' not found")
+        raw = self._field(request, "raw", bool, False)
+        found = self._model_for(model_name)
+        if found is None:
+            return
+        name, model = found
+        if not prompt and _zero_keep_alive(request.get("keep_alive")):
+            scheduler().expire(model["model_path"])
+            return self._json(200, {"model": model_name, "created_at": now_go_time(), "response": "", "done": True, "done_reason": "unload"})
+        system = self._field(request, "system", str, "")
+        template_text = self._field(request, "template", str, "")
+        context = request.get("context")
+        if raw and (template_text or system or context):
+            return self._error(400, "raw mode does not support template, system, or context")
+
+        def prompt_for(runner: Runner, _options: dict) -> str | None:
+            if not prompt:
+                return None
+            if raw:
+                return prompt
+            template = Template(template_text or model["template"])
+            messages = []
+            if system or model["system"]:
+                messages.append({"role": "system", "content": system or model["system"]})
+            if context is None:
+                messages += model["messages"]
+            messages.append({"role": "user", "content": prompt})
+            return template.execute(messages, suffix=self._field(request, "suffix", str, ""), prompt=prompt)
+
+        def final_of(kind: str, value: dict, text: str) -> dict:
+            if kind == "load":
+                return {"model": model_name, "created_at": now_go_time(), "response": "", "done": True, "done_reason": "load"}
+            answer = {"model": model_name, "created_at": now_go_time(), "response": text, "done": True, "done_reason": value["done_reason"]}
+            if not raw:
+                answer["context"] = value["runner"].tokenize(value["prompt"] + value["text"])
+            answer.update({k: value[k] for k in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")})
+            return answer
+
+        def piece_of(content: str) -> dict:
+            return {"model": model_name, "created_at": now_go_time(), "response": content, "done": False}
+
+        self._run_completion(request, name, model, prompt_for, self._answer(stream is not False, final_of, piece_of))
+
+    def _chat_prompt(self, model: dict, messages: list[dict], runner: Runner, options: dict) -> str:
+        """server/prompt.go chatPrompt: the latest messages that fit num_ctx, system messages kept."""
+        template = Template(model["template"])
+        keep = 0
+        for start in range(len(messages) - 1, -1, -1):
+            candidate = [m for m in messages[:start] if m.get("role") == "system"] + messages[start:]
+            if len(runner.tokenize(template.execute(candidate))) > int(options["num_ctx"]):
+                break
+            keep = start
+        return template.execute([m for m in messages[:keep] if m.get("role") == "system"] + messages[keep:])
+
+    def _chat(self) -> None:
+        request = self._request_json()
+        model_name = self._field(request, "model", str, "")
+        stream = self._field(request, "stream", bool, True)
+        messages = request.get("messages") or []
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise BadRequest("json: cannot unmarshal messages", 400)
+        found = self._model_for(model_name)
+        if found is None:
+            return
+        name, model = found
+        if not messages and _zero_keep_alive(request.get("keep_alive")):
+            scheduler().expire(model["model_path"])
+            return self._json(200, {"model": model_name, "created_at": now_go_time(), "message": {"role": "assistant", "content": ""}, "done_reason": "unload", "done": True})
+        history = list(model["messages"]) + messages
+        if messages and messages[0].get("role") != "system" and model["system"]:
+            history = [{"role": "system", "content": model["system"]}] + history
+
+        def prompt_for(runner: Runner, options: dict) -> str | None:
+            return self._chat_prompt(model, history, runner, options) if messages else None
+
+        def final_of(kind: str, value: dict, text: str) -> dict:
+            answer = {"model": model_name, "created_at": now_go_time(), "message": {"role": "assistant", "content": text}}
+            if kind == "load":
+                return {**answer, "done_reason": "load", "done": True}
+            answer.update(done_reason=value["done_reason"], done=True)
+            answer.update({k: value[k] for k in ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")})
+            return answer
+
+        def piece_of(content: str) -> dict:
+            return {"model": model_name, "created_at": now_go_time(), "message": {"role": "assistant", "content": content}, "done": False}
+
+        self._run_completion(request, name, model, prompt_for, self._answer(stream is not False, final_of, piece_of))
+
+    def _ps(self) -> None:
+        models = []
+        for runner in scheduler().loaded():
+            config: dict = {}
+            try:
+                config = load_model(runner.name)["config"]
+            except (OSError, ValueError, OllamaError):
+                pass
+            expires = runner.expires_wall
+            if expires == FOREVER:
+                expires_at = "2318-08-27T00:00:00Z"  # time.Now().Add(math.MaxInt64): about 292 years on
+            else:
+                expires_at = go_time(int(expires), int((expires % 1) * 1e9))
+            models.append({
+                "name": runner.name.display_shortest(), "model": runner.name.display_shortest(), "size": runner.size,
+                "digest": runner.digest, "details": _details(config, ""), "expires_at": expires_at, "size_vram": 0,
+            })
+        self._json(200, {"models": models})
+
+    # -- the OpenAI-compatible routes (openai/openai.go) ---------------------
+
+    def _openai_error(self, status: int, message: str) -> None:
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}})
+
+    @staticmethod
+    def _openai_options(request: dict) -> dict:
+        options: dict = {}
+        if isinstance(request.get("stop"), (str, list)):
+            options["stop"] = [request["stop"]] if isinstance(request["stop"], str) else request["stop"]
+        if request.get("max_tokens") is not None:
+            options["num_predict"] = request["max_tokens"]
+        options["temperature"] = 1.0 if request.get("temperature") is None else request["temperature"]
+        if request.get("seed") is not None:
+            options["seed"] = request["seed"]
+        options["frequency_penalty"] = request.get("frequency_penalty") or 0.0
+        options["presence_penalty"] = request.get("presence_penalty") or 0.0
+        options["top_p"] = 1.0 if request.get("top_p") is None else request["top_p"]
+        return options
+
+    def _openai(self, chat: bool) -> None:
         try:
-            read_manifest(existing_name(name))
-        except FileNotFoundError:
-            return self._error(404, f"model '{model}' not found")
-        if not prompt:
-            reason = "unload" if _zero_keep_alive(request.get("keep_alive")) else "load"
-            return self._json(200, {"model": model, "created_at": now_go_time(), "response": "", "done": True, "done_reason": reason})
-        loaded = time.monotonic_ns()
-        answer = f"[ollama double] {model} heard: {prompt}"
-        pieces = re.findall(r"\S+\s*|\s+", answer)
-        context = [zlib.crc32(word.encode()) % 32000 + 1 for word in (prompt + " " + answer).split()]
+            request = self._request_json()
+        except BadRequest as exc:
+            return self._openai_error(400, exc.message)
+        if request.get("stream"):
+            return self._openai_error(400, "the ollama double does not stream the OpenAI routes")
+        model_name = request.get("model") or ""
+        name = Name.parse(model_name)
+        try:
+            name = existing_name(name) if name.is_valid() else name
+            model = load_model(name)
+        except (FileNotFoundError, OllamaError):
+            return self._openai_error(404, f"model \"{model_name}\" not found, try pulling it first")
+        native = {"model": model_name, "options": self._openai_options(request), "keep_alive": request.get("keep_alive")}
+        if chat:
+            messages = request.get("messages") or []
+            history = list(model["messages"]) + messages
+            if messages and messages[0].get("role") != "system" and model["system"]:
+                history = [{"role": "system", "content": model["system"]}] + history
 
-        def final(response: str) -> dict:
-            now = time.monotonic_ns()
-            return {
-                "model": model, "created_at": now_go_time(), "response": response, "done": True, "done_reason": "stop",
-                "context": context, "total_duration": max(now - started, 1), "load_duration": max(loaded - started, 1),
-                "prompt_eval_count": max(len(prompt.split()), 1), "prompt_eval_duration": max(now - loaded, 1) // 2 or 1,
-                "eval_count": len(pieces), "eval_duration": max(now - loaded, 1) // 2 or 1,
-            }
+            def prompt_for(runner: Runner, options: dict) -> str:
+                return self._chat_prompt(model, history, runner, options)
+        else:
+            prompt = request.get("prompt") or ""
 
-        if stream is False:
-            return self._json(200, final(answer))
-        self._stream_start("application/x-ndjson")
-        for piece in pieces:
-            self._stream_line({"model": model, "created_at": now_go_time(), "response": piece, "done": False})
-        self._stream_line(final(""))
-        self._stream_end()
+            def prompt_for(runner: Runner, _options: dict) -> str:
+                messages = ([{"role": "system", "content": model["system"]}] if model["system"] else []) + [{"role": "user", "content": prompt}]
+                return Template(model["template"]).execute(messages, suffix=request.get("suffix") or "", prompt=prompt)
+
+        serial = int.from_bytes(os.urandom(2), "big") % 999
+
+        def respond(kind: str, value) -> None:
+            if kind == "error":
+                return self._openai_error(500, value)
+            if kind != "done":
+                return
+            finish = "length" if value["done_reason"] == "length" else "stop"
+            usage = {"prompt_tokens": value["prompt_eval_count"], "completion_tokens": value["eval_count"],
+                     "total_tokens": value["prompt_eval_count"] + value["eval_count"]}
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": value["text"]}, "finish_reason": finish}
+                body = {"id": f"chatcmpl-{serial}", "object": "chat.completion", "created": int(time.time()), "model": model_name,
+                        "system_fingerprint": "fp_ollama", "choices": [choice], "usage": usage}
+            else:
+                choice = {"text": value["text"], "index": 0, "finish_reason": finish}
+                body = {"id": f"cmpl-{serial}", "object": "text_completion", "created": int(time.time()), "model": model_name,
+                        "system_fingerprint": "fp_ollama", "choices": [choice], "usage": usage}
+            self._json(200, body)
+
+        self._run_completion(native, name, model, prompt_for, respond)
 
     def _delete(self) -> None:
         request = self._request_json()
@@ -1776,6 +2004,670 @@ def _create_model(request: dict, name: Name, base: list):
     return layers
 
 
+# --------------------------------------------------------------------------
+# Options (api/types.go: DefaultOptions, Options.FromMap)
+
+DEFAULT_OPTIONS = {
+    "num_predict": -1, "num_keep": 4, "temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0,
+    "typical_p": 1.0, "repeat_last_n": 64, "repeat_penalty": 1.1, "presence_penalty": 0.0,
+    "frequency_penalty": 0.0, "mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "seed": -1,
+    "stop": [], "num_ctx": 2048, "num_batch": 512, "num_gpu": -1, "main_gpu": 0, "num_thread": 0,
+    "low_vram": False, "use_mlock": False, "use_mmap": None,
+}
+# Options that shape the runner process: a change reloads the model (sched.go needsReload).
+RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "low_vram", "use_mlock", "use_mmap")
+
+
+def merge_options(model_options: dict, request_options) -> dict:
+    """modelOptions: the defaults, then the Modelfile's PARAMETERs, then the request's."""
+    options = dict(DEFAULT_OPTIONS)
+    for source in (model_options or {}, request_options or {}):
+        if not isinstance(source, dict):
+            raise BadRequest("json: cannot unmarshal options", 400)
+        for key, value in source.items():
+            if key not in options:
+                log("WARN", "invalid option provided", option=key)
+                continue
+            options[key] = value
+    if isinstance(options["stop"], str):
+        options["stop"] = [options["stop"]]
+    return options
+
+
+def parse_go_duration(text: str) -> float | None:
+    """time.ParseDuration, in seconds; None when it does not parse."""
+    text = text.strip()
+    if text in ("0", "+0", "-0"):
+        return 0.0
+    match = re.fullmatch(r"([+-]?)((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|ms|s|m|h))+", text)
+    if not match:
+        return None
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total = sum(float(number) * units[unit] for number, unit in re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)", text))
+    return -total if match.group(1) == "-" else total
+
+
+FOREVER = float("inf")
+
+
+def env_duration(key: str, default: float) -> float:
+    """envconfig.KeepAlive / LoadTimeout: a Go duration or whole seconds; negative is forever."""
+    value = env_var(key)
+    if not value:
+        return default
+    seconds = parse_go_duration(value)
+    if seconds is None:
+        try:
+            seconds = float(int(value))
+        except ValueError:
+            return default
+    return FOREVER if seconds < 0 else seconds
+
+
+def request_keep_alive(value) -> float | None:
+    """api.Duration's UnmarshalJSON: a number is seconds, a string a Go duration; negative is forever."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = parse_go_duration(value)
+        if seconds is None:
+            try:
+                seconds = float(int(value))
+            except ValueError:
+                raise BadRequest(f'time: invalid duration "{value}"', 400) from None
+    else:
+        raise BadRequest("json: cannot unmarshal keep_alive", 400)
+    return FOREVER if seconds < 0 else seconds
+
+
+def load_timeout() -> float:
+    """envconfig.LoadTimeout: default 5 minutes; zero or negative waits forever."""
+    value = env_duration("OLLAMA_LOAD_TIMEOUT", 300.0)
+    return FOREVER if value <= 0 else value
+
+
+def num_parallel() -> int:
+    """envconfig.NumParallel; unset on a machine without GPUs, ollama 0.5.7 uses 4."""
+    try:
+        value = int(env_var("OLLAMA_NUM_PARALLEL") or 0)
+    except ValueError:
+        value = 0
+    return value if value > 0 else 4
+
+
+# --------------------------------------------------------------------------
+# Templates (template/template.go): the subset of Go's text/template that the
+# Modelfile templates builder writes use. Anything else is refused loudly.
+
+_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
+
+
+class TemplateError(OllamaError):
+    pass
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    """[("text", s) | ("action", s)], with Go's trim markers applied."""
+    out: list[tuple[str, str]] = []
+    position, trim_next = 0, False
+    for match in _ACTION.finditer(text):
+        chunk = text[position : match.start()]
+        if trim_next:
+            chunk = chunk.lstrip(" \t\r\n")
+        if match.group(1):
+            chunk = chunk.rstrip(" \t\r\n")
+        if chunk:
+            out.append(("text", chunk))
+        body = match.group(2).strip()
+        if not (body.startswith("/*") and body.endswith("*/")):
+            out.append(("action", body))
+        trim_next = bool(match.group(3))
+        position = match.end()
+    chunk = text[position:]
+    if trim_next:
+        chunk = chunk.lstrip(" \t\r\n")
+    if "{{" in chunk:
+        raise TemplateError("template: :1: unclosed action")
+    if chunk:
+        out.append(("text", chunk))
+    return out
+
+
+def parse_template(text: str) -> list:
+    """A node list: ("text", s), ("field", path), ("if", [(cond, body)...], else), ("range", path, body, else)."""
+    tokens = _tokens(text)
+    position = 0
+
+    def block(stop: tuple[str, ...]) -> tuple[list, str]:
+        nonlocal position
+        nodes: list = []
+        while position < len(tokens):
+            kind, body = tokens[position]
+            position += 1
+            if kind == "text":
+                nodes.append(("text", body))
+                continue
+            word = body.split(None, 1)[0] if body else ""
+            if word in stop or (word == "else" and "else" in stop):
+                return nodes, body
+            if word in ("if", "with"):
+                branches, otherwise = [], None
+                condition = body[len(word):].strip()
+                while True:
+                    inner, ender = block(("else", "end"))
+                    branches.append((condition, inner))
+                    if ender == "end":
+                        break
+                    rest = ender[len("else"):].strip()
+                    if rest.startswith("if "):
+                        condition = rest[3:].strip()
+                        continue
+                    otherwise, _ = block(("end",))
+                    break
+                nodes.append((word, branches, otherwise or []))
+            elif word == "range":
+                inner, ender = block(("else", "end"))
+                otherwise = block(("end",))[0] if ender != "end" else []
+                nodes.append(("range", body[len("range"):].strip(), inner, otherwise))
+            elif word in ("end", "else"):
+                raise TemplateError(f"template: :1: unexpected {{{{{word}}}}}")
+            else:
+                nodes.append(("expr", body))
+        if stop:
+            raise TemplateError("template: :1: unexpected EOF")
+        return nodes, ""
+
+    nodes, _ = block(())
+    return nodes
+
+
+def template_vars(nodes: list) -> set[str]:
+    """Template.Vars: the identifiers used, lowercased."""
+    found: set[str] = set()
+
+    def walk(items: list) -> None:
+        for node in items:
+            if node[0] in ("expr",):
+                found.update(w.lower() for w in re.findall(r"\.([A-Za-z_]\w*)", node[1]))
+            elif node[0] in ("if", "with"):
+                for condition, body in node[1]:
+                    found.update(w.lower() for w in re.findall(r"\.([A-Za-z_]\w*)", condition))
+                    walk(body)
+                walk(node[2])
+            elif node[0] == "range":
+                found.update(w.lower() for w in re.findall(r"\.([A-Za-z_]\w*)", node[1]))
+                walk(node[2])
+                walk(node[3])
+
+    walk(nodes)
+    return found
+
+
+def _truthy(value) -> bool:
+    return bool(value) if value is not None else False
+
+
+def _evaluate(expr: str, dot, root):
+    expr = expr.strip()
+    if expr.startswith("(") and expr.endswith(")"):
+        expr = expr[1:-1].strip()
+    words = re.findall(r'"(?:[^"\\]|\\.)*"|\S+', expr)
+    if not words:
+        raise TemplateError("template: :1: missing value for command")
+    head, args = words[0], words[1:]
+    if head in ("eq", "ne", "and", "or", "not", "len", "json"):
+        values = [_evaluate(a, dot, root) for a in args]
+        if head == "eq":
+            return any(values[0] == v for v in values[1:])
+        if head == "ne":
+            return values[0] != values[1]
+        if head == "and":
+            result = True
+            for value in values:
+                result = value
+                if not _truthy(value):
+                    break
+            return result
+        if head == "or":
+            result = False
+            for value in values:
+                result = value
+                if _truthy(value):
+                    break
+            return result
+        if head == "not":
+            return not _truthy(values[0])
+        if head == "len":
+            return len(values[0] or [])
+        return json.dumps(values[0], separators=(",", ":"), ensure_ascii=False)
+    if args:
+        raise TemplateError(f"template: :1: the ollama double cannot evaluate {expr!r}")
+    if head.startswith('"'):
+        return json.loads(head)
+    if head == ".":
+        return dot
+    if head.startswith("$"):
+        value, path = root, head[1:]
+    elif head.startswith("."):
+        value, path = dot, head
+    else:
+        raise TemplateError(f"template: :1: the ollama double cannot evaluate {expr!r}")
+    for part in [p for p in path.split(".") if p]:
+        if isinstance(value, dict):
+            value = value.get(part, value.get(part.lower(), ""))
+        else:
+            value = ""
+    return value
+
+
+def render_nodes(nodes: list, dot, root=None) -> str:
+    root = dot if root is None else root
+    out: list[str] = []
+    for node in nodes:
+        kind = node[0]
+        if kind == "text":
+            out.append(node[1])
+        elif kind == "expr":
+            value = _evaluate(node[1], dot, root)
+            out.append("" if value is None else (value if isinstance(value, str) else json.dumps(value)))
+        elif kind in ("if", "with"):
+            for condition, body in node[1]:
+                value = _evaluate(condition, dot, root)
+                if _truthy(value):
+                    out.append(render_nodes(body, value if kind == "with" else dot, root))
+                    break
+            else:
+                out.append(render_nodes(node[2], dot, root))
+        elif kind == "range":
+            items = _evaluate(node[1], dot, root) or []
+            if items:
+                out.extend(render_nodes(node[2], item, root) for item in items)
+            else:
+                out.append(render_nodes(node[3], dot, root))
+    return "".join(out)
+
+
+def _cut_after_response(nodes: list) -> list:
+    """template.go's deleteNode: drop the {{ .Response }} node and everything after it."""
+    cut = False
+
+    def walk(items: list) -> list:
+        nonlocal cut
+        kept = []
+        for node in items:
+            if cut:
+                break
+            if node[0] == "expr" and re.search(r"\.Response\b", node[1]):
+                cut = True
+                break
+            if node[0] in ("if", "with"):
+                node = (node[0], [(c, walk(b)) for c, b in node[1]], walk(node[2]))
+            elif node[0] == "range":
+                node = ("range", node[1], walk(node[2]), walk(node[3]))
+            kept.append(node)
+        return kept
+
+    return walk(nodes)
+
+
+class Template:
+    """template.Parse: a template without .Messages or .Response gets
+    {{ .Response }} appended."""
+
+    def __init__(self, text: str):
+        self.raw = text
+        self.nodes = parse_template(text)
+        self.vars = template_vars(self.nodes)
+        if "messages" not in self.vars and "response" not in self.vars:
+            self.nodes = self.nodes + [("expr", ".Response")]
+            self.vars.add("response")
+
+    def execute(self, messages: list[dict], suffix: str = "", prompt: str = "") -> str:
+        """Template.Execute with Values{Messages} (or Prompt and Suffix)."""
+        system, collated = collate(messages)
+        if prompt and suffix:
+            return render_nodes(self.nodes, {"Prompt": prompt, "Suffix": suffix, "Response": ""})
+        if "messages" in self.vars:
+            return render_nodes(self.nodes, {"System": system, "Messages": collated, "Tools": None, "Response": ""})
+        out: list[str] = []
+        values = {"System": "", "Prompt": "", "Response": ""}
+
+        def execute() -> None:
+            out.append(render_nodes(self.nodes, dict(values)))
+            values.update(System="", Prompt="", Response="")
+
+        for message in collated:
+            role, content = message["role"], message["content"]
+            if role == "system":
+                if values["Prompt"] or values["Response"]:
+                    execute()
+                values["System"] = content
+            elif role == "user":
+                if values["Response"]:
+                    execute()
+                values["Prompt"] = content
+            elif role == "assistant":
+                values["Response"] = content
+        out.append(render_nodes(_cut_after_response(self.nodes), dict(values)))
+        return "".join(out)
+
+
+def collate(messages: list[dict]) -> tuple[str, list[dict]]:
+    """Consecutive messages of one role merge; every system message is collected."""
+    system: list[str] = []
+    collated: list[dict] = []
+    for message in messages:
+        message = {"role": message.get("role", ""), "content": message.get("content", "")}
+        if message["role"] == "system":
+            system.append(message["content"])
+        if collated and collated[-1]["role"] == message["role"]:
+            collated[-1]["content"] += "\n\n" + message["content"]
+        else:
+            collated.append(message)
+    return "\n\n".join(system), collated
+
+
+# --------------------------------------------------------------------------
+# The runner (llm/server.go, server/sched.go, runners/common.go)
+#
+# ollama 0.5.7 runs each model in a runner process (`ollama_llama_server`,
+# found under lib/ollama/runners/*/ next to the binary) that it talks to over
+# HTTP on loopback: /health, /completion (server-sent "data:" lines with
+# content, stop, stopped_limit and timings), /tokenize. Its runner is Go
+# around llama.cpp; the double's is llama.cpp's own llama-server, which takes
+# the same flags and requests (llm/server.go was written against it).
+
+RUNNER_ERROR_PREFIXES = ("error:", "CUDA error", "cudaMalloc failed", '"ERR"', "error loading model", "GGML_ASSERT",
+                         "Deepseek2 does not support K-shift")
+
+
+class LoadError(OllamaError):
+    pass
+
+
+def runners_dir() -> str:
+    """runners.Locate: lib/ollama/runners beside or above the executable."""
+    exe = os.path.realpath(sys.argv[0])
+    for candidate in (os.path.join(os.path.dirname(exe), "..", "lib", "ollama", "runners"),
+                      os.path.join(os.path.dirname(exe), "lib", "ollama", "runners")):
+        if os.path.isdir(candidate):
+            return os.path.normpath(candidate)
+    return ""
+
+
+def runner_binary() -> str:
+    directory = runners_dir()
+    for variant in sorted(os.listdir(directory)) if directory else []:
+        path = os.path.join(directory, variant, "ollama_llama_server")
+        if os.access(path, os.X_OK):
+            return path
+    raise LoadError("unable to locate runner: no ollama_llama_server under lib/ollama/runners", 500)
+
+
+class Runner:
+    """One loaded model: a runner process on a loopback port."""
+
+    def __init__(self, model: dict, name: Name, options: dict):
+        self.model_path = model["model_path"]
+        self.name = name
+        self.digest = model["manifest"].digest
+        self.options = {key: options[key] for key in RUNNER_OPTIONS}
+        self.parallel = num_parallel()
+        self.size = os.path.getsize(self.model_path)
+        self.expires_at = 0.0  # monotonic; FOREVER never expires
+        self.expires_wall = 0.0
+        self.busy = 0
+        self.last_error = ""
+        self.process = None
+        self.port = 0
+        self.lock = threading.Lock()
+
+    def command(self, binary: str) -> list[str]:
+        """NewLlamaServer's params."""
+        opts = self.options
+        argv = [binary, "--model", self.model_path, "--ctx-size", str(int(opts["num_ctx"]) * self.parallel),
+                "--batch-size", str(int(opts["num_batch"])), "--n-gpu-layers", "0"]
+        if int(opts["num_thread"]) > 0:
+            argv += ["--threads", str(int(opts["num_thread"]))]
+        if opts["use_mmap"] is False:
+            argv.append("--no-mmap")
+        if opts["use_mlock"]:
+            argv.append("--mlock")
+        return argv + ["--parallel", str(self.parallel), "--port", str(self.port)]
+
+    def start(self) -> float:
+        """Start the runner and wait until it answers (WaitUntilRunning); return the load time."""
+        import subprocess
+
+        binary = runner_binary()
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([os.path.dirname(binary), os.path.dirname(runners_dir())])
+        argv = self.command(binary)
+        log("INFO", "starting llama server", cmd=" ".join(argv))
+        started = time.monotonic()
+        self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._status_writer, daemon=True).start()
+        stall = load_timeout()
+        deadline = started + stall
+        log("INFO", "waiting for llama runner to start responding")
+        while True:
+            code = self.process.poll()
+            if code is not None:
+                self.process.wait()
+                time.sleep(0.05)  # the status writer's last lines
+                detail = self.last_error or f"exit status {code}"
+                if "unknown model" in self.last_error:
+                    detail = "this model is not supported by your version of Ollama. You may need to upgrade"
+                raise LoadError(f"llama runner process has terminated: {detail}", 500)
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LoadError(f"timed out waiting for llama runner to start - progress 0.00 - {self.last_error}", 500)
+            try:
+                status, _ = self._http("GET", "/health", None, timeout=0.2)
+                if status == 200:
+                    took = time.monotonic() - started
+                    log("INFO", f"llama runner started in {took:0.2f} seconds")
+                    return took
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    def _status_writer(self) -> None:
+        """StatusWriter: the runner's output goes to ours; the last error line is kept."""
+        assert self.process is not None and self.process.stdout is not None
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace")
+            for prefix in RUNNER_ERROR_PREFIXES:
+                head, sep, after = line.partition(prefix)
+                if sep:
+                    self.last_error = prefix + after.strip()
+            with _LOG_LOCK:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+
+    def _http(self, method: str, path: str, payload, timeout: float = 600):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            body = None if payload is None else json.dumps(payload, ensure_ascii=False).encode()
+            connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            return response.status, response.read()
+        finally:
+            connection.close()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def tokenize(self, text: str) -> list[int]:
+        """llmServer.Tokenize: no BOS, special tokens parsed."""
+        status, body = self._http("POST", "/tokenize", {"content": text, "add_special": False})
+        if status != 200:
+            raise OllamaError(body.decode("utf-8", "replace"), 500)
+        return json.loads(body)["tokens"]
+
+    def completion(self, prompt: str, options: dict, on_piece) -> dict:
+        """llmServer.Completion: stream pieces to on_piece; return the final metrics."""
+        num_predict = int(options["num_predict"])
+        if num_predict < 0 or num_predict > 10 * int(self.options["num_ctx"]):
+            num_predict = 10 * int(self.options["num_ctx"])
+        request = {
+            "prompt": prompt, "stream": True, "n_predict": num_predict, "n_keep": options["num_keep"],
+            "temperature": options["temperature"], "top_k": options["top_k"], "top_p": options["top_p"],
+            "min_p": options["min_p"], "typical_p": options["typical_p"], "repeat_last_n": options["repeat_last_n"],
+            "repeat_penalty": options["repeat_penalty"], "presence_penalty": options["presence_penalty"],
+            "frequency_penalty": options["frequency_penalty"], "mirostat": options["mirostat"],
+            "mirostat_tau": options["mirostat_tau"], "mirostat_eta": options["mirostat_eta"],
+            "seed": options["seed"], "stop": options["stop"], "cache_prompt": True,
+        }
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=3600)
+        try:
+            connection.request("POST", "/completion", body=json.dumps(request, ensure_ascii=False).encode(),
+                               headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status >= 400:
+                raise OllamaError(response.read().decode("utf-8", "replace"), 500)
+            for raw in response:
+                line = raw.strip()
+                if not line:
+                    continue
+                if line.startswith(b"data: "):
+                    line = line[len(b"data: "):]
+                event = json.loads(line)
+                if event.get("content"):
+                    on_piece(event["content"])
+                if event.get("stop"):
+                    timings = event.get("timings") or {}
+                    limit = event.get("stopped_limit", event.get("stop_type") == "limit")
+                    return {
+                        "done_reason": "length" if limit else "stop",
+                        "prompt_eval_count": int(timings.get("prompt_n", 0)),
+                        "prompt_eval_duration": int(float(timings.get("prompt_ms", 0)) * 1e6),
+                        "eval_count": int(timings.get("predicted_n", 0)),
+                        "eval_duration": int(float(timings.get("predicted_ms", 0)) * 1e6),
+                    }
+        except (OSError, http.client.HTTPException) as exc:
+            self.stop()
+            raise OllamaError(f"an error was encountered while running the model: {self.last_error or exc}", 500) from None
+        finally:
+            connection.close()
+        raise OllamaError("an error was encountered while running the model: unexpected EOF", 500)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - a runner that ignores SIGTERM
+                self.process.kill()
+                self.process.wait()
+
+
+class Scheduler:
+    """server/sched.go, reduced: one runner per model, reloaded when the
+    runner options change, unloaded when keep_alive runs out."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.runners: dict[str, Runner] = {}
+        threading.Thread(target=self._reaper, daemon=True).start()
+
+    def acquire(self, name: Name, model: dict, options: dict, keep_alive: float | None) -> tuple[Runner, float]:
+        """GetRunner: a loaded runner for the model (loading it if need be) and the load time."""
+        key = model["model_path"]
+        with self.lock:
+            runner = self.runners.get(key)
+            wanted = {k: options[k] for k in RUNNER_OPTIONS}
+            if runner is not None and (not runner.alive() or runner.options != wanted):
+                runner.stop()
+                self.runners.pop(key, None)
+                runner = None
+            took = 0.0
+            if runner is None:
+                check_loadable_by_ollama(model["model_path"])
+                runner = Runner(model, name, options)
+                took = runner.start()
+                self.runners[key] = runner
+            runner.busy += 1
+            self._set_expiry(runner, keep_alive)
+            return runner, took
+
+    def release(self, runner: Runner, keep_alive: float | None) -> None:
+        with self.lock:
+            runner.busy -= 1
+            self._set_expiry(runner, keep_alive)
+
+    @staticmethod
+    def _set_expiry(runner: Runner, keep_alive: float | None) -> None:
+        seconds = env_duration("OLLAMA_KEEP_ALIVE", 300.0) if keep_alive is None else keep_alive
+        runner.expires_at = FOREVER if seconds == FOREVER else time.monotonic() + seconds
+        runner.expires_wall = FOREVER if seconds == FOREVER else time.time() + seconds
+
+    def expire(self, model_path: str) -> None:
+        with self.lock:
+            runner = self.runners.get(model_path)
+            if runner is not None:
+                runner.expires_at, runner.expires_wall = 0.0, time.time()
+        self._reap()
+
+    def _reap(self) -> None:
+        with self.lock:
+            for key, runner in list(self.runners.items()):
+                if runner.busy == 0 and (runner.expires_at <= time.monotonic() or not runner.alive()):
+                    log("DEBUG", "runner expired", model=runner.model_path)
+                    runner.stop()
+                    del self.runners[key]
+
+    def _reaper(self) -> None:
+        while True:
+            time.sleep(0.2)
+            self._reap()
+
+    def loaded(self) -> list[Runner]:
+        with self.lock:
+            return [r for r in self.runners.values() if r.alive()]
+
+    def stop_all(self) -> None:
+        with self.lock:
+            for runner in self.runners.values():
+                runner.stop()
+            self.runners.clear()
+
+
+SCHEDULER: Scheduler | None = None
+
+
+def scheduler() -> Scheduler:
+    global SCHEDULER
+    if SCHEDULER is None:
+        SCHEDULER = Scheduler()
+    return SCHEDULER
+
+
+def check_loadable_by_ollama(path: str) -> None:
+    """What ollama 0.5.7 does with the GGUF before starting a runner
+    (llm.LoadModel, then EstimateGPULayers -> GGML.GraphSize): a file whose
+    header does not decode is an error; one without tokenizer.ggml.tokens
+    makes GraphSize panic, which takes the whole server down (exit 2)."""
+    kv = read_gguf_kv(path)
+    if "general.architecture" not in kv:
+        raise LoadError("unable to load model: " + path, 500)
+    if "tokenizer.ggml.tokens" not in kv:
+        with _LOG_LOCK:
+            sys.stderr.write(
+                "panic: interface conversion: interface {} is nil, not *llm.array\n\n"
+                "goroutine 1 [running]:\ngithub.com/ollama/ollama/llm.GGML.GraphSize(...)\n"
+                "github.com/ollama/ollama/llm.EstimateGPULayers(...)\n"
+            )
+            sys.stderr.flush()
+        os._exit(2)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1833,6 +2725,8 @@ def serve() -> int:
     log("INFO", f"Listening on {join_host_port(bound[0], bound[1])} (version {VERSION})")
     server.serve_forever(poll_interval=0.1)
     server.server_close()
+    if SCHEDULER is not None:
+        SCHEDULER.stop_all()
     return 0
 
 
@@ -2135,6 +3029,45 @@ def cmd_rm(args: list[str]) -> int:
     return 0
 
 
+def cmd_run(args: list[str]) -> int:
+    """RunHandler, non-interactive: `ollama run MODEL PROMPT...` (or the prompt
+    on stdin) streams the answer to stdout; --verbose adds the timings."""
+    flags, positional = _parse_flags(args, {"help": ("h", False), "verbose": (None, False), "keepalive": (None, True),
+                                             "nowordwrap": (None, False), "format": (None, True), "insecure": (None, False)})
+    if not positional:
+        raise OllamaError("requires at least 1 arg(s), only received 0")
+    model, words = positional[0], positional[1:]
+    prompt = " ".join(words)
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        prompt = piped + (" " + prompt if prompt else "") if piped else prompt
+    if not prompt:
+        raise OllamaError("the ollama double runs only with a prompt (no interactive mode)")
+    client = Client()
+    client.heartbeat()
+    client.do("POST", "/api/show", {"model": model})
+    request: dict = {"model": model, "prompt": prompt, "options": {}}
+    if flags.get("keepalive"):
+        request["keep_alive"] = flags["keepalive"]
+    if flags.get("format"):
+        request["format"] = flags["format"]
+    last: dict = {}
+
+    def show(event: dict) -> None:
+        last.update(event)
+        sys.stdout.write(event.get("response", ""))
+        sys.stdout.flush()
+
+    client.stream("POST", "/api/generate", request, show)
+    sys.stdout.write("\n")
+    if flags.get("verbose"):
+        for label, key in (("total duration", "total_duration"), ("load duration", "load_duration"), ("eval duration", "eval_duration")):
+            print(f"{label + ':':<22}{go_duration(int(last.get(key, 0)))}", file=sys.stderr)
+        print(f"{'prompt eval count:':<22}{last.get('prompt_eval_count', 0)} token(s)", file=sys.stderr)
+        print(f"{'eval count:':<22}{last.get('eval_count', 0)} token(s)", file=sys.stderr)
+    return 0
+
+
 def cmd_version() -> int:
     """versionHandler: the server's version when one answers, else a warning."""
     server_version = ""
@@ -2160,6 +3093,7 @@ Available Commands:
   serve       Start ollama
   create      Create a model from a Modelfile
   show        Show information for a model
+  run         Run a model
   list        List models
   rm          Remove a model
 
@@ -2168,7 +3102,7 @@ Flags:
   -v, --version   Show version information
 """
 
-UNIMPLEMENTED = ("run", "stop", "pull", "push", "ps", "cp")
+UNIMPLEMENTED = ("stop", "pull", "push", "ps", "cp")
 
 
 def main(argv: list[str]) -> int:
@@ -2181,7 +3115,7 @@ def main(argv: list[str]) -> int:
         command, rest = argv[0], argv[1:]
         if command in ("serve", "start"):
             return serve()
-        handlers = {"create": cmd_create, "list": cmd_list, "ls": cmd_list, "show": cmd_show, "rm": cmd_rm}
+        handlers = {"create": cmd_create, "list": cmd_list, "ls": cmd_list, "show": cmd_show, "rm": cmd_rm, "run": cmd_run}
         if command in handlers:
             if "-h" in rest or "--help" in rest:
                 sys.stdout.write(USAGE)
