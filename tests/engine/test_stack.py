@@ -74,8 +74,9 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     assert len(blobs) == 1 and blobs[0].stat().st_nlink == 2
     tags = _get(f"{tiny_stack.url}/api/tags")
     assert [m["name"] for m in tags["models"]] == ["tiny:latest"]
+    # A real forward pass (the double's runner is llama.cpp): greedy, 16 tokens (the preset's num_predict).
     answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "hello", "stream": False})
-    assert "hello" in answer["response"] and answer["done"] is True
+    assert answer["done"] is True and answer["eval_count"] == 16 and len(answer["response"]) == 16
 
     status = json.loads(tiny_stack.builder("status", "--json").stdout)
     assert status["services"]["serve"]["state"] == "running" and status["model_listed"] is True
@@ -223,8 +224,12 @@ def test_single_container_target(tiny_stack: TinyStack) -> None:
     assert tiny_stack.container("merge") is None, "no Compose services in the single target"
     logs = docker("logs", tiny_stack.project).stdout
     assert "merge: joining 3 shards" in logs and "create: registering tiny:latest" in logs and "serve: starting" in logs
-    answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False})
-    assert "one box" in answer["response"]
+    from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir
+    from tests.test_sample_model import greedy
+
+    answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False, "options": {"num_predict": 8}})
+    expected, _ = greedy(llama_cpp_bin_dir(), tiny_stack.models / "tiny.gguf", "one box", 8)
+    assert (answer["response"], answer["eval_count"]) == (expected, 8)
     again = tiny_stack.builder("up", "--target", "single")
     assert again.returncode == 0 and "already running with this config" in again.stderr
     assert tiny_stack.builder("down").returncode == 0

@@ -7,7 +7,7 @@ docker rm -f tiny 2>/dev/null || true
 docker run -d \
   --name tiny \
   --restart unless-stopped \
-  --label io.builder.config.sha256=b23beafde4f7f5983ae2ab2e675bd1f37adb1b3b3747e9f8494aa524a1817469 \
+  --label io.builder.config.sha256=78c76a6a283cd2abd21db0559e99d845bf51e7a43fad9d8f09753b939d6be090 \
   --label io.builder.project=tiny \
   --label io.builder.role=all \
   --publish 127.0.0.1:11434:11434 \
