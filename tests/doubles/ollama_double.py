@@ -12,28 +12,63 @@ manifest.go, layer.go, envconfig/):
   manifests/registry.ollama.ai/library/NAME/TAG), renames `sha256:HEX` blobs
   at start and, unless OLLAMA_NOPRUNE is set, prunes unreferenced or
   misnamed blobs. HTTP: / , /api/version, /api/tags, /api/ps, /api/show,
-  HEAD|POST /api/blobs/:digest, /api/create, /api/generate, /api/delete.
+  HEAD|POST /api/blobs/:digest, /api/create, /api/generate, /api/chat,
+  /api/delete, /v1/chat/completions, /v1/completions.
+* Inference is real. Like ollama 0.5.7 (llm/server.go, server/sched.go,
+  runners/common.go) it starts a runner process found under
+  lib/ollama/runners/*/ollama_llama_server beside the binary, with the same
+  flags (--model --ctx-size num_ctx*parallel --batch-size --n-gpu-layers
+  --parallel --port ...), waits for its /health within OLLAMA_LOAD_TIMEOUT,
+  sends /completion requests with the same fields (n_predict, temperature,
+  seed, stop, top_k, ... from DefaultOptions <- Modelfile PARAMETERs <-
+  request options) and relays the streamed pieces and timings. The
+  Modelfile TEMPLATE is applied as template/template.go does (legacy
+  .Prompt/.Response templates executed per turn and cut at {{ .Response }};
+  .Messages templates once), chat history truncated to num_ctx as
+  server/prompt.go does. A runner that dies while loading fails the request
+  with "llama runner process has terminated: <its last error line>"; a model
+  without tokenizer.ggml.tokens makes the server panic and exit 2, as
+  GraphSize does in 0.5.7. Models stay loaded for keep_alive (request,
+  OLLAMA_KEEP_ALIVE, default 5m; negative is forever, 0 unloads).
 * The client: `create NAME [-f Modelfile] [-q TYPE]`, `list|ls [PREFIX]`,
   `show NAME [--modelfile|--parameters|--template|--system|--license]`,
-  `rm NAME...`, `-v|--version`. It talks to the server over HTTP as the real
-  client does (HEAD / first; blobs are POSTed with no HEAD before them) and
-  parses Modelfiles with a port of ollama's parser state machine.
+  `rm NAME...`, `run NAME PROMPT... [--verbose]`, `-v|--version`. It talks
+  to the server over HTTP as the real client does (HEAD / first; blobs are
+  POSTed with no HEAD before them) and parses Modelfiles with a port of
+  ollama's parser state machine.
 
-Where it knowingly differs from ollama:
-* It runs no model: /api/generate answers "[ollama double] NAME heard: PROMPT".
-* A GGUF blob only needs the b"GGUF" magic. The header (key/values, tensor
-  shapes) is decoded when it can be, else left empty: real ollama refuses a
-  file that does not decode. No chat template is autodetected from the GGUF,
-  TEMPLATE text is not checked as a Go template, nothing is pulled from a
-  registry (a FROM naming a model that is not local fails with a
-  "pull model manifest" error), quantizing is refused, safetensors are not
-  converted.
+Where it knowingly differs from ollama (its fakes):
+* The runner is llama.cpp's llama-server, not ollama's Go runner around
+  llama.cpp: same flags and request fields, but llama-server reports no load
+  progress (so a stalled load and a slow one look alike), and its sampler
+  chain is llama.cpp's common one (ollama 0.5.7's runner uses the same
+  common_sampler). No GPU: every layer runs on the CPU, `size_vram` is 0,
+  num_gpu is passed as 0 and no memory estimate (EstimateGPULayers) is made;
+  parallelism is OLLAMA_NUM_PARALLEL or 4 (ollama's choice without GPUs).
+* Options are taken as JSON gives them: Options.FromMap's type coercions and
+  errors are not reproduced; unknown options are logged and ignored.
+* Templates: only the subset of Go's text/template the presets use (fields,
+  if/else if/else, range, with, eq/ne/and/or/not/len/json, trim markers);
+  anything else is an error, never a guess. TEMPLATE text given to create is
+  not checked as a Go template.
+* /api/ps: size is the model file's size (ollama adds its memory estimate).
+  The OpenAI routes do not stream; tools, images, format/grammar, suffix
+  insertion and embeddings are not implemented. `ollama run` is
+  non-interactive only.
+* A GGUF blob only needs the b"GGUF" magic at create. The header (key/values,
+  tensor shapes) is decoded when it can be, else left empty: real ollama
+  refuses a file that does not decode. No chat template is autodetected from
+  the GGUF, nothing is pulled from a registry (a FROM naming a model that is
+  not local fails with a "pull model manifest" error), quantizing is
+  refused, safetensors are not converted. ggufLayers always reuses the blob
+  (ollama 0.5.7 copies a GGUF whose decoded length is not its file size).
 * Maps ollama iterates in random order (parameters in `show`) come sorted.
 * Request lines go to stderr (gin writes its [GIN] lines to stdout), and each
-  pruned blob is logged by name (ollama logs only the counts).
+  pruned blob is logged by name (ollama logs only the counts). No
+  [GIN-debug] route table is printed at start.
 * `--version` adds a line saying this is the double. No key pair is written.
-* Unimplemented ollama commands and routes (run, pull, push, cp, ps, stop;
-  /api/chat, /api/embed, /api/pull, /api/push, /api/copy, /v1/...) fail.
+* Unimplemented ollama commands and routes (stop, pull, push, cp, ps;
+  /api/embed, /api/pull, /api/push, /api/copy, other /v1/ routes) fail.
 Standard library only, Python 3.10+: it runs inside the test image.
 """
 
@@ -1654,10 +1689,9 @@ class Handler(BaseHTTPRequestHandler):
             except (OSError, ValueError, OllamaError):
                 pass
             expires = runner.expires_wall
-            if expires == FOREVER:
-                expires_at = "2318-08-27T00:00:00Z"  # time.Now().Add(math.MaxInt64): about 292 years on
-            else:
-                expires_at = go_time(int(expires), int((expires % 1) * 1e9))
+            if expires == FOREVER:  # time.Now().Add(math.MaxInt64): about 292.3 years on
+                expires = time.time() + (2**63 - 1) / 1e9
+            expires_at = go_time(int(expires), int((expires % 1) * 1e9))
             models.append({
                 "name": runner.name.display_shortest(), "model": runner.name.display_shortest(), "size": runner.size,
                 "digest": runner.digest, "details": _details(config, ""), "expires_at": expires_at, "size_vram": 0,
@@ -1680,9 +1714,10 @@ class Handler(BaseHTTPRequestHandler):
         options["temperature"] = 1.0 if request.get("temperature") is None else request["temperature"]
         if request.get("seed") is not None:
             options["seed"] = request["seed"]
-        options["frequency_penalty"] = request.get("frequency_penalty") or 0.0
-        options["presence_penalty"] = request.get("presence_penalty") or 0.0
-        options["top_p"] = 1.0 if request.get("top_p") is None else request["top_p"]
+        for key in ("frequency_penalty", "presence_penalty"):
+            if request.get(key) is not None:
+                options[key] = request[key]
+        options["top_p"] = request.get("top_p") or 1.0
         return options
 
     def _openai(self, chat: bool) -> None:
@@ -1699,7 +1734,7 @@ class Handler(BaseHTTPRequestHandler):
             model = load_model(name)
         except (FileNotFoundError, OllamaError):
             return self._openai_error(404, f"model \"{model_name}\" not found, try pulling it first")
-        native = {"model": model_name, "options": self._openai_options(request), "keep_alive": request.get("keep_alive")}
+        native = {"model": model_name, "options": self._openai_options(request)}  # keep_alive is not mapped
         if chat:
             messages = request.get("messages") or []
             history = list(model["messages"]) + messages
@@ -2069,16 +2104,13 @@ def request_keep_alive(value) -> float | None:
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = float(int(value))  # whole seconds, fractions truncated
     elif isinstance(value, str):
         seconds = parse_go_duration(value)
-        if seconds is None:
-            try:
-                seconds = float(int(value))
-            except ValueError:
-                raise BadRequest(f'time: invalid duration "{value}"', 400) from None
+        if seconds is None:  # a bare "300" is no Go duration
+            raise BadRequest(f'time: missing unit in duration "{value}"', 400)
     else:
-        raise BadRequest("json: cannot unmarshal keep_alive", 400)
+        raise BadRequest(f"Unsupported type: '{type(value).__name__}'", 400)
     return FOREVER if seconds < 0 else seconds
 
 
@@ -2514,13 +2546,16 @@ class Runner:
     def completion(self, prompt: str, options: dict, on_piece) -> dict:
         """llmServer.Completion: stream pieces to on_piece; return the final metrics."""
         num_predict = int(options["num_predict"])
-        if num_predict < 0 or num_predict > 10 * int(self.options["num_ctx"]):
-            num_predict = 10 * int(self.options["num_ctx"])
+        total_ctx = int(self.options["num_ctx"]) * self.parallel
+        if num_predict < 0 or num_predict > 10 * total_ctx:
+            num_predict = 10 * total_ctx
         request = {
             "prompt": prompt, "stream": True, "n_predict": num_predict, "n_keep": options["num_keep"],
             "temperature": options["temperature"], "top_k": options["top_k"], "top_p": options["top_p"],
             "min_p": options["min_p"], "typical_p": options["typical_p"], "repeat_last_n": options["repeat_last_n"],
-            "repeat_penalty": options["repeat_penalty"], "presence_penalty": options["presence_penalty"],
+            # llama/llama.go NewSamplingContext (0.5.7) passes the frequency
+            # penalty as the presence penalty too: presence_penalty is ignored.
+            "repeat_penalty": options["repeat_penalty"], "presence_penalty": options["frequency_penalty"],
             "frequency_penalty": options["frequency_penalty"], "mirostat": options["mirostat"],
             "mirostat_tau": options["mirostat_tau"], "mirostat_eta": options["mirostat_eta"],
             "seed": options["seed"], "stop": options["stop"], "cache_prompt": True,
