@@ -72,7 +72,7 @@ def measure_merge(work: Path, size_gb: float) -> dict:
     models = work / "models"
     width = 4096
     tensor = width * width * 4
-    blocks = max(2, round(size_gb * 1e9 / (4 * tensor)))
+    blocks = max(2, round(size_gb * 1e9 / (10 * tensor)))  # a block: 4 attention and 3 FFN (twice as wide) tensors
     shards = write_split_model(models / "m", "m", 4, blocks=blocks, width=width, random=False)
     size = sum(p.stat().st_size for p in shards)
     llama = work / "llama"

@@ -179,7 +179,10 @@ def _check_digest(artifact: Artifact, path: Path, expected: str | None, actual: 
 
 def _download(artifact: Artifact, partial: Path, settings: FetchSettings) -> None:
     import httpx
-    from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+    from tenacity import RetryError, Retrying, retry_if_exception, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+    def retry_if_not_exception(predicate):
+        return retry_if_exception(lambda error: not predicate(error))
 
     url = artifact.download_url
     timeout = httpx.Timeout(settings.timeout_seconds, connect=min(10.0, settings.timeout_seconds))
@@ -191,7 +194,8 @@ def _download(artifact: Artifact, partial: Path, settings: FetchSettings) -> Non
     retrying = Retrying(
         stop=stop_after_attempt(settings.attempts),
         wait=wait_exponential(multiplier=settings.wait_seconds, max=30),
-        retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
+        # An unknown host name will not become known by waiting: fail at once.
+        retry=retry_if_exception_type((httpx.TransportError, _Retryable)) & retry_if_not_exception(_unknown_host),
         before_sleep=note_retry,
         reraise=False,
     )
@@ -201,6 +205,14 @@ def _download(artifact: Artifact, partial: Path, settings: FetchSettings) -> Non
             for attempt in retrying:
                 with attempt:
                     _attempt(client, url, artifact.filename, partial)
+        except httpx.TransportError as exc:
+            if not _unknown_host(exc):
+                raise
+            host = httpx.URL(url).host
+            raise BuilderError(
+                f"cannot download {url}: the host {host} is unknown here ({_reason(exc)}); set mirrors.github "
+                "(or BUILDER_MIRROR_GITHUB) to a proxy this machine can resolve, or carry the archives in and use --offline --from DIR"
+            ) from None
         except RetryError as exc:
             last = exc.last_attempt.exception()
             kept = f"; {partial.stat().st_size} bytes kept and resumed next time" if partial.exists() and partial.stat().st_size else ""
@@ -208,6 +220,21 @@ def _download(artifact: Artifact, partial: Path, settings: FetchSettings) -> Non
                 f"cannot download {url} after {settings.attempts} attempts ({_reason(last)}); "
                 f"check the network, the proxy variables or mirrors.github{kept}"
             ) from None
+
+
+def _unknown_host(error: BaseException) -> bool:
+    """A DNS answer that the name does not exist (not a temporary failure)."""
+    import socket
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, socket.gaierror) and error.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return True
+        if "Name or service not known" in str(error) or "No address associated with hostname" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _reason(error: BaseException | None) -> str:

@@ -263,3 +263,22 @@ def test_lock_downloads_again(tmp_path: Path, server: ArtifactServer) -> None:
     before = len(server.requests)
     assert project.builder("lock").returncode == 0
     assert len(server.requests) == before + 2, "`builder lock` records what it fetches now"
+
+
+def test_unknown_host_fails_at_once_naming_the_mirror_and_offline(tmp_path: Path, server: ArtifactServer) -> None:
+    # The default URLs name github.com; this machine resolves no such name.
+    # The network guard answers the lookup as DNS would ("unknown name") and
+    # records it: exactly one lookup means no retry.
+    (tmp_path / "builder.yaml").write_text(
+        "version: 1\nmodel:\n  name: tiny\n  shards: tiny/tiny-00001-of-00003.gguf\nstorage:\n  local: ./models\n"
+    )
+    log = tmp_path / "netguard.log"
+    env = {"BUILDER_CACHE_DIR": str(tmp_path / "cache"), "BUILDER_RETRIES": "4", "BUILDER_RETRY_WAIT": "0.01", "TESTS_NETGUARD_LOG": str(log)}
+    result = run_builder("fetch", cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("error: cannot download https://github.com/") and "the host github.com is unknown here" in last, last
+    assert "set mirrors.github (or BUILDER_MIRROR_GITHUB)" in last and "--offline --from DIR" in last
+    assert "retrying" not in result.stderr
+    lookups = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(entry["kind"], entry["target"]) for entry in lookups] == [("name lookup of", "github.com")]

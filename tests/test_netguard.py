@@ -36,7 +36,7 @@ def test_name_lookups_outside_loopback_are_refused(tmp_path: Path) -> None:
     log = tmp_path / "netguard.log"
     code = (
         "import socket\n"
-        "try:\n    socket.getaddrinfo('github.com', 443)\nexcept PermissionError as e:\n    print(e)\n"
+        "try:\n    socket.getaddrinfo('github.com', 443)\nexcept socket.gaierror as e:\n    print(e.args[1])\n"
         "print(socket.getaddrinfo('localhost', 80)[0][4][0] in ('127.0.0.1', '::1'))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "TESTS_NETGUARD_LOG": str(log)})

@@ -116,16 +116,142 @@ def test_bad_shard_stops_the_stack_before_serve(tiny_stack: TinyStack, damage: s
     # cannot read the storage: tests/test_supervisor_merge.py).
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: builder.yaml: model.shards: ")
+    assert last.startswith(f"error: {tiny_stack.config}: model.shards: ")
     expected = {
         "missing": f"1 of 3 shard(s) missing in {tiny_stack.models}: tiny-00002-of-00003.gguf",
         "truncated": f"shard {tiny_stack.models}/tiny-00002-of-00003.gguf is truncated",
         "other-model": "a shard belongs to another model",
     }[damage]
     assert expected in last, last
-    assert tiny_stack.container("merge") is None and tiny_stack.container("serve") is None
     assert not tiny_stack.context.exists(), "nothing is rendered before the shards pass"
+    started = docker("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={tiny_stack.project}").stdout.split()
+    assert started == [], "no container is started"
     assert tree_snapshot(tiny_stack.models) == before
+
+
+def test_killed_merge_leaves_no_file_under_the_final_name(tiny_stack: TinyStack) -> None:
+    # Big enough (1 GiB) that the merge takes a moment to catch; if it still
+    # finishes first, start over (the race is the test's, not builder's).
+    tiny_stack.write_model(blocks=6, width=2048, random=False)  # about 1 GB
+    assert tiny_stack.builder("build").returncode == 0
+    merged = tiny_stack.models / "tiny.gguf"
+    for _attempt in range(4):
+        tiny_stack.compose("up", "-d", "--no-deps", "merge")
+        container = tiny_stack.container("merge")
+        deadline = time.time() + 120
+        while not any(p.stat().st_size > 0 for p in tiny_stack.models.glob(".tiny.gguf.merging-*")) and not merged.exists():
+            assert time.time() < deadline, "the merge never started"
+            time.sleep(0.01)
+        docker("pause", container, check=False)  # freeze it at once, then kill
+        docker("kill", container, check=False)
+        if not merged.exists():
+            break
+        merged.unlink()
+        Path(str(merged) + ".merge.json").unlink()
+    else:
+        pytest.fail("the merge finished before it could be killed, four times")
+    assert list(tiny_stack.models.glob(".tiny.gguf.merging-*")), "the kill should have left the temporary file"
+    result = tiny_stack.builder("up")
+    assert result.returncode == 0, result.stderr
+    assert "removed .tiny.gguf.merging-" in result.stderr
+    assert list(tiny_stack.models.glob(".tiny.gguf.merging-*")) == []
+    assert merged.is_file()
+
+
+def test_killed_ollama_comes_back(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    container = tiny_stack.container("serve")
+    kill = (
+        "import os, signal\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    cmd = open(f'/proc/{pid}/cmdline', 'rb').read().split(b'\\0')\n"
+        "    if cmd[:1] == [b'/usr/local/bin/ollama'] or (len(cmd) > 1 and cmd[1].endswith(b'/usr/local/bin/ollama')):\n"
+        "        os.kill(int(pid), signal.SIGKILL); print('killed', pid)\n"
+    )
+    out = docker("exec", container, "python3", "-c", kill).stdout
+    assert out.startswith("killed")
+    deadline = time.time() + 30
+    while True:
+        try:
+            if [m["name"] for m in _get(f"{tiny_stack.url}/api/tags")["models"]] == ["tiny:latest"]:
+                break
+        except OSError:
+            pass
+        assert time.time() < deadline, "ollama did not come back within 30 s"
+        time.sleep(0.5)
+    logs = tiny_stack.compose("logs", "serve").stdout
+    assert "restart 1 of 5" in logs
+    assert tiny_stack.inspect("serve")["RestartCount"] == 0, "the supervisor, not Docker, restarted it"
+
+
+def test_gpu_request_reaches_the_engine(gpu_stack: TinyStack) -> None:
+    gpu_stack.write_model()
+    result = gpu_stack.builder("up")
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: serve did not start: ")
+    assert 'could not select device driver "nvidia" with capabilities: [[gpu]]' in last
+    assert last.endswith("the NVIDIA container toolkit is missing on this host (or set gpus: none)")
+    assert gpu_stack.inspect("create")["State"]["ExitCode"] == 0
+
+
+def test_a_changed_config_rebuilds_and_creates_again(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    text = tiny_stack.config.read_text().replace("temperature: 0", "temperature: 0.7")
+    tiny_stack.config.write_text(text)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 0, result.stderr
+    assert "building: builder-tiny:" in result.stderr and "was built from another config" in result.stderr
+    assert "merge: /models/tiny/tiny.gguf is up to date" in result.stderr, "the shards did not change"
+    assert "create: registering tiny:latest" in result.stderr, "the Modelfile did"
+    show = _get(f"{tiny_stack.url}/api/show", {"model": "tiny"})
+    assert "temperature" in show["parameters"] and "0.7" in show["parameters"]
+
+
+def test_down_works_even_when_the_config_no_longer_validates(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    tiny_stack.config.write_text(tiny_stack.config.read_text().replace("shards: tiny/", "shards: /gone/"))
+    result = tiny_stack.builder("down")
+    assert result.returncode == 0, result.stderr
+    assert tiny_stack.container("serve") is None
+
+
+def test_single_container_target(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    result = tiny_stack.builder("up", "--target", "single")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{tiny_stack.url} serves tiny:latest"
+    run_sh = (tiny_stack.context / "single" / "run.sh").read_text()
+    assert f"--name {tiny_stack.project}" in run_sh and run_sh.rstrip().endswith("all")
+    assert tiny_stack.container("merge") is None, "no Compose services in the single target"
+    logs = docker("logs", tiny_stack.project).stdout
+    assert "merge: joining 3 shards" in logs and "create: registering tiny:latest" in logs and "serve: starting" in logs
+    from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir
+    from tests.test_sample_model import greedy
+
+    answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False, "options": {"num_predict": 8}})
+    expected, _ = greedy(llama_cpp_bin_dir(), tiny_stack.models / "tiny.gguf", "one box", 8)
+    assert (answer["response"], answer["eval_count"]) == (expected, 8)
+    again = tiny_stack.builder("up", "--target", "single")
+    assert again.returncode == 0 and "already running with this config" in again.stderr
+    assert tiny_stack.builder("down").returncode == 0
+    assert docker("inspect", tiny_stack.project, check=False).returncode != 0
+
+
+def test_storage_the_containers_cannot_write_is_refused_first(tiny_stack: TinyStack) -> None:
+    tiny_stack.write_model()
+    tiny_stack.own(0, 0)
+    (tiny_stack.root / "models").chmod(0o755)
+    result = tiny_stack.builder("up")
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        f"storage.local: {tiny_stack.root / 'models'} is not writable by the containers' user 1000:1000; "
+        f"chown -R 1000:1000 {tiny_stack.root / 'models'} (or set image.uid and image.gid)"
+    )
+    assert "building" not in result.stderr
 
 
 def test_full_storage_is_one_clear_error_and_leaves_nothing(tiny_stack: TinyStack) -> None:

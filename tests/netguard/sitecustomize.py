@@ -12,8 +12,9 @@ process. From then on the process refuses
   ``localhost`` (a DNS lookup is traffic too); IP literals are not looked up
   and pass to ``connect``, which decides.
 
-A refusal raises ``PermissionError`` whose message starts with ``netguard:``
-and names the address, and appends one JSON line to ``$TESTS_NETGUARD_LOG``
+A refused connect raises ``PermissionError``, a refused lookup
+``socket.gaierror`` (EAI_NONAME, as an unknown name does); either message
+starts with ``netguard:`` and names the address. A refusal also appends one JSON line to ``$TESTS_NETGUARD_LOG``
 (when set): the conftest fails the test during which any process wrote one,
 even when the code under test swallowed the error. Unix sockets (the Docker
 engine) are left alone.
@@ -69,6 +70,13 @@ def _is_literal(host: object) -> bool:
 
 def _refuse(kind: str, target: str) -> None:
     message = f"netguard: refused {kind} {target}: tests may reach only loopback (see tests/netguard/sitecustomize.py)"
+    _record(kind, target)
+    if kind == "name lookup of":
+        raise socket.gaierror(socket.EAI_NONAME, message)
+    raise PermissionError(message)
+
+
+def _record(kind: str, target: str) -> None:
     path = os.environ.get(LOG_ENV)
     if path:
         try:
@@ -76,7 +84,6 @@ def _refuse(kind: str, target: str) -> None:
                 log.write(json.dumps({"pid": os.getpid(), "argv": sys.argv, "kind": kind, "target": target}) + "\n")
         except OSError:
             pass
-    raise PermissionError(message)
 
 
 def _check_address(sock: socket.socket, address: object) -> None:
