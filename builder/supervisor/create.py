@@ -13,6 +13,12 @@ names it.
 
 A record of what was created lets the next run skip without starting
 anything, as long as ollama's manifest is still there.
+
+After a create that replaced an earlier version of the model, the blobs of
+that version which no manifest in the store references any more are removed
+(the previous merged file's hard link above all: 150 GB for an R1 quant).
+ollama would do it itself, but only with pruning on, which the private
+server must keep off. A blob another model uses is never touched.
 """
 
 from __future__ import annotations
@@ -100,6 +106,53 @@ def _check_space(store: str, size: int) -> None:
         )
 
 
+def manifest_digests(path: str) -> set[str]:
+    """The hex digests of a manifest's config and layers (empty if there is none)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        return set()
+    entries = [data.get("config") or {}] + list(data.get("layers") or [])
+    return {str(e.get("digest", "")).partition(":")[2] for e in entries if isinstance(e, dict) and e.get("digest")}
+
+
+def referenced_digests(store: str) -> set[str] | None:
+    """Every digest any manifest in the store names; None if a manifest cannot be read."""
+    found: set[str] = set()
+    for folder, _dirs, files in os.walk(os.path.join(store, "manifests")):
+        for name in files:
+            path = os.path.join(folder, name)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError):
+                return None
+            found |= manifest_digests(path) if isinstance(data, dict) else set()
+    return found
+
+
+def remove_unreferenced(store: str, candidates: set[str], model: str) -> None:
+    """Remove the blobs among `candidates` (what the replaced version of
+    `model` used) that no manifest references now."""
+    if not candidates:
+        return
+    referenced = referenced_digests(store)
+    if referenced is None:
+        log(f"create: a manifest in {store}/manifests cannot be read; the blobs the old {model} used are kept")
+        return
+    freed = 0
+    for digest in sorted(candidates - referenced):
+        blob = os.path.join(store, "blobs", f"sha256-{digest}")
+        try:
+            size = os.stat(blob).st_size
+            os.unlink(blob)
+        except FileNotFoundError:
+            continue
+        freed += size
+        log(f"create: removed blob sha256-{digest[:12]}... ({human_bytes(size)}): the old {model} used it and no model does now")
+    if freed:
+        log(f"create: {human_bytes(freed)} of blobs the old {model} left behind removed")
+
+
 def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
@@ -110,6 +163,7 @@ def _create_locked(runtime: dict, store: str) -> int:
         return 0
     merged = runtime["merged"]
     digest = merged_digest(merged)
+    previous = manifest_digests(manifest_path(store, model))
     log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
     before = io_counters()
     how = place_blob(merged, store, digest)
@@ -135,6 +189,7 @@ def _create_locked(runtime: dict, store: str) -> int:
         server_after = io_counters(str(server.process.pid)) if server.process else (0, 0)
     records[model] = identity
     write_json_atomic(record_file, records)
+    remove_unreferenced(store, previous - {digest}, model)
     after = io_counters()
     details = json.loads(shown or b"{}").get("details") or {}
     facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
