@@ -23,9 +23,51 @@ class BuildResult:
     context: str
 
 
-def build_labels(lock_sha256: str) -> dict[str, str]:
-    """Labels known only once the artifacts are locked (the rest are in the Dockerfile)."""
-    return {"io.builder.lock.sha256": lock_sha256}
+LOCK_LABEL = "io.builder.lock.sha256"
+CONTEXT_LABEL = "io.builder.context.sha256"
+CONFIG_LABEL = "io.builder.config.sha256"
+VERSION_LABEL = "io.builder.builder.version"
+
+
+def build_labels(lock_sha256: str, context_sha256: str) -> dict[str, str]:
+    """Labels known only at build time (the rest are in the Dockerfile): the
+    lock's digest and the digest of what the image is made of besides the
+    release archives (Dockerfile, Modelfile, runtime.json, supervisor code)."""
+    return {LOCK_LABEL: lock_sha256, CONTEXT_LABEL: context_sha256}
+
+
+def image_context_digest(plan: Plan) -> str:
+    """sha256 over the rendered files that go into the image (not staged/,
+    which the lock covers): changes with the config, the templates and
+    builder's own supervisor code, so an upgraded builder rebuilds."""
+    import hashlib
+
+    from builder.plan import ROOTFS
+    from builder.render import render_context
+
+    digest = hashlib.sha256()
+    for name, data in render_context(plan).items():
+        if name == "Dockerfile" or name.startswith(f"{ROOTFS}/"):
+            digest.update(f"{name}\0{len(data)}\0".encode() + data)
+    return digest.hexdigest()
+
+
+def image_staleness(plan: Plan, labels: dict[str, str] | None, lock_sha256: str | None) -> str:
+    """Why the image must be built again ("" when it is current): the one
+    rule `up`, `status` and `doctor` share."""
+    from builder import __version__
+
+    if labels is None:
+        return f"{plan.image} is not built yet"
+    if labels.get(CONFIG_LABEL) != plan.config_digest:
+        return f"{plan.image} was built from another config (its Modelfile and plan are in the image)"
+    if labels.get(VERSION_LABEL) != __version__:
+        return f"{plan.image} was built by builder {labels.get(VERSION_LABEL) or 'unknown'}; this is builder {__version__}"
+    if labels.get(CONTEXT_LABEL) != image_context_digest(plan):
+        return f"{plan.image} was built from other templates or supervisor code than this builder renders"
+    if lock_sha256 and labels.get(LOCK_LABEL) != lock_sha256:
+        return f"{plan.image} was built from another builder.lock (other release archives)"
+    return ""
 
 
 def buildx_argv(plan: Plan, context: Path, labels: dict[str, str], iidfile: Path, no_cache: bool) -> list[str]:
@@ -80,4 +122,4 @@ def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_
     if staged:
         echo(f"staged {', '.join(staged)} into {context / 'staged'}")
     ensure_base(plan.base, config.source_date_epoch, engine, echo, settings.cache_dir)
-    return build_image(plan, context, build_labels(lock_digest(entries)), no_cache, engine, echo)
+    return build_image(plan, context, build_labels(lock_digest(entries), image_context_digest(plan)), no_cache, engine, echo)

@@ -48,8 +48,9 @@ class Group(click.Group):
         except OSError as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            where = f" {exc.filename}" if exc.filename else ""
-            click.echo(f"error:{where} {exc.strerror or exc}; check the path and its permissions", err=True)
+            from builder.errors import os_error_line
+
+            click.echo(f"error: {os_error_line(exc)}", err=True)
             sys.exit(1)
         except Exception as exc:  # noqa: BLE001 - the engine's, httpx's and escaping errors: one line, not a traceback
             name = type(exc).__module__.split(".")[0]
@@ -69,8 +70,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _load(config_path: str, resolve_auto: bool = False):
-    """Load the config; with `resolve_auto`, turn num_gpu: auto into a number and say why."""
+def _load(config_path: str, resolve_auto: bool = False, quiet: bool = False):
+    """Load the config; with `resolve_auto`, turn num_gpu: auto into a number and say why (unless `quiet`)."""
     from builder.config import load_config
 
     config = load_config(config_path)
@@ -78,7 +79,7 @@ def _load(config_path: str, resolve_auto: bool = False):
         from builder.checks import resolve_num_gpu
 
         config, reason = resolve_num_gpu(config)
-        if reason:
+        if reason and not quiet:
             click.echo(reason, err=True)
     return config
 
@@ -297,7 +298,7 @@ context_option = click.option(
 @_with_offline_options
 def up(config_path: str, out_dir: str | None, force_build: bool, target: str, offline: bool, carried_dir: str | None) -> None:
     """Merge, create, serve: bring the stack up and wait until the model is listed."""
-    from builder.build import build_all
+    from builder.build import build_all, image_staleness
     from builder.engine import DockerEngine
     from builder.stack import up as stack_up
     from builder.stack import up_single
@@ -315,19 +316,23 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, of
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     engine = DockerEngine()
-    labels = engine.image_labels(plan.image)
-    if labels is None:
-        reason = f"{plan.image} is not built yet"
-    elif labels.get("io.builder.config.sha256") != plan.config_digest:
-        reason = f"{plan.image} was built from another config (its Modelfile and plan are in the image)"
-    else:
-        reason = "--build" if force_build else ""
+    reason = image_staleness(plan, engine.image_labels(plan.image), _lock_sha256(config_path))
+    if not reason and force_build:
+        reason = "--build"
     if reason:
         _echo_err(f"building: {reason}")
         result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
         _echo_err(f"built {result.image} {result.image_id}")
     endpoint = (up_single if target == "single" else stack_up)(plan, context, engine, _echo_err)
     click.echo(f"{endpoint.url} serves {endpoint.model}")
+
+
+def _lock_sha256(config_path: str) -> str | None:
+    """The digest of builder.lock beside the config, if there is one."""
+    from builder.lock import lock_digest, lock_path, read_lock
+
+    entries = read_lock(lock_path(config_path))
+    return lock_digest(entries) if entries else None
 
 
 def _project_name(config_path: str) -> str:
@@ -376,18 +381,21 @@ def down(config_path: str, volumes: bool) -> None:
 @context_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
-    """Each service's state, the model, the endpoint, the image."""
+    """Each service's state, the model, the endpoint, the image (reads only)."""
     import json
 
     from builder.engine import DockerEngine
+    from builder.plan import make_plan
     from builder.stack import status as stack_status
 
-    _config, plan, context = _prepare_stack(config_path, out_dir)
-    report = stack_status(plan, context, DockerEngine())
+    del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
+    config = _load(config_path, resolve_auto=True, quiet=True)
+    report = stack_status(make_plan(config), DockerEngine(), _lock_sha256(config_path))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
-    click.echo(f"image     {report['image']} ({report['image_id'] or 'not built'})")
+    current = f", stale: {report['image_stale']}" if report["image_stale"] else ""
+    click.echo(f"image     {report['image']} ({report['image_id'] or 'not built'}{current})")
     for name, service in report["services"].items():
         state = service.get("state")
         extra = f", exit {service['exit_code']}" if state == "exited" else ""

@@ -7,9 +7,7 @@ first problem and never prints a traceback.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,39 +32,31 @@ class Check:
         return asdict(self)
 
 
-def _run(argv: list[str], timeout: int = 20) -> subprocess.CompletedProcess | None:
-    if shutil.which(argv[0]) is None:
-        return None
+def check_engine():
+    """The engine, through the same adapter every other command uses."""
+    from builder.engine import DockerEngine
+    from builder.errors import BuilderError
+
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+        engine = DockerEngine()
+        info = engine.info()
+    except BuilderError as exc:
+        detail, _, fix = str(exc).removeprefix("cannot reach the Docker engine ").partition("; ")
+        return Check("engine", FAIL, f"not reachable {detail}", fix), None, None
+    return Check("engine", OK, f"Docker {info.get('ServerVersion')} ({info.get('Driver')}) reachable"), info, engine
 
 
-def check_engine() -> tuple[Check, dict | None]:
-    import json
-
-    result = _run(["docker", "info", "--format", "{{json .}}"])
-    if result is None:
-        return Check("engine", FAIL, "no docker CLI", "install Docker (docker.io) and start dockerd"), None
-    if result.returncode != 0:
-        reason = (result.stderr.strip().splitlines() or ["no answer"])[-1]
-        return Check("engine", FAIL, f"not reachable ({reason})", "start dockerd, or set DOCKER_HOST"), None
-    info = json.loads(result.stdout)
-    return Check("engine", OK, f"Docker {info.get('ServerVersion')} ({info.get('Driver')}) reachable"), info
-
-
-def check_plugins() -> list[Check]:
+def check_plugins(engine) -> list[Check]:
     out = []
-    buildx = _run(["docker", "buildx", "version"])
-    if buildx is not None and buildx.returncode == 0:
-        out.append(Check("buildx", OK, buildx.stdout.strip().split("\n")[0]))
+    buildx = engine.plugin_version("buildx")
+    if buildx:
+        out.append(Check("buildx", OK, buildx))
     else:
         out.append(Check("buildx", WARN, "missing: builds fall back to the classic builder, which is not reproducible",
                          "install docker-buildx into ~/.docker/cli-plugins"))
-    compose = _run(["docker", "compose", "version", "--short"])
-    if compose is not None and compose.returncode == 0 and compose.stdout.strip().lstrip("v").startswith("2"):
-        out.append(Check("compose", OK, f"Compose v{compose.stdout.strip().lstrip('v')}"))
+    compose = engine.plugin_version("compose")
+    if compose and compose.lstrip("v").startswith("2"):
+        out.append(Check("compose", OK, f"Compose v{compose.lstrip('v')}"))
     else:
         out.append(Check("compose", FAIL, "Compose v2 (`docker compose`) is missing", "install the docker-compose v2 plugin"))
     return out
@@ -168,29 +158,24 @@ def check_shards(config: Config) -> list[Check]:
     return out
 
 
-def check_image(plan: Plan, lock_sha256: str | None, info: dict | None) -> Check:
-    if info is None:
+def check_image(plan: Plan, lock_sha256: str | None, engine) -> Check:
+    if engine is None:
         return Check("image", WARN, "not checked (no engine)")
-    import json
+    from builder.build import image_staleness
 
-    result = _run(["docker", "image", "inspect", "--format", "{{json .Config.Labels}}", plan.image])
-    if result is None or result.returncode != 0:
-        return Check("image", WARN, f"{plan.image} is not built yet", "builder build (or builder up)")
-    labels = json.loads(result.stdout) or {}
-    if labels.get("io.builder.config.sha256") != plan.config_digest:
-        return Check("image", WARN, f"{plan.image} was built from another config", "builder build")
-    if lock_sha256 and labels.get("io.builder.lock.sha256") != lock_sha256:
-        return Check("image", WARN, f"{plan.image} was built from another builder.lock", "builder build")
-    return Check("image", OK, f"{plan.image} is built from this config and lock")
+    reason = image_staleness(plan, engine.image_labels(plan.image), lock_sha256)
+    if reason:
+        return Check("image", WARN, reason, "builder build (or builder up, which builds it)")
+    return Check("image", OK, f"{plan.image} is built from this config, builder and lock")
 
 
 def run_checks(config: Config, plan: Plan, lock_sha256: str | None) -> list[Check]:
-    engine, info = check_engine()
-    checks = [engine]
-    if info is not None:
-        checks += check_plugins()
+    check, info, engine = check_engine()
+    checks = [check]
+    if engine is not None:
+        checks += check_plugins(engine)
     checks += check_gpus(config, info)
     checks += check_storage(config, plan)
     checks += check_shards(config)
-    checks.append(check_image(plan, lock_sha256, info))
+    checks.append(check_image(plan, lock_sha256, engine))
     return checks

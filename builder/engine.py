@@ -41,16 +41,31 @@ class DockerEngine:
     """The Docker engine: SDK for image queries and loads, CLIs for the rest."""
 
     def __init__(self) -> None:
+        import os
+
         import docker
         from docker.errors import DockerException
 
+        from builder.errors import engine_error_line
+
+        host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         try:
             self._client = docker.from_env()
             self._client.ping()
         except DockerException as exc:
-            raise BuilderError(
-                f"cannot reach the Docker engine ({exc.__class__.__name__}); start it, or set DOCKER_HOST"
-            ) from None
+            raise BuilderError(engine_error_line(exc, host)) from None
+
+    def info(self) -> dict:
+        """The engine's `docker info`."""
+        return dict(self._client.info())
+
+    def plugin_version(self, plugin: str) -> str | None:
+        """The first line of `docker PLUGIN version` (buildx, compose), or None when missing."""
+        if shutil.which("docker") is None:
+            return None
+        args = ["docker", plugin, "version"] + (["--short"] if plugin == "compose" else [])
+        result = run_command(args)
+        return result.stdout.strip().splitlines()[0] if result.returncode == 0 and result.stdout.strip() else None
 
     def image_labels(self, ref: str) -> dict[str, str] | None:
         """The labels of image `ref`, or None when the engine does not have it."""

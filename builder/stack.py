@@ -183,9 +183,13 @@ def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
         engine.remove_volume(name)
 
 
-def status(plan: Plan, context: Path, engine) -> dict:
-    """Each service's state, the endpoint and the model, the image."""
-    result = engine.compose(context / "compose.yaml", "ps", "-a", "--format", "json")
+def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
+    """A query, reading only: the stack's containers (found by project, so
+    no context is rendered), the image's labels, the endpoint."""
+    from builder.build import image_staleness
+
+    project = plan.config.project
+    result = engine.compose_project(project, "ps", "-a", "--format", "json")
     if result.returncode != 0:
         raise BuilderError(f"docker compose ps failed: {result.stderr.strip()}")
     services = {}
@@ -200,17 +204,26 @@ def status(plan: Plan, context: Path, engine) -> dict:
                 "exit_code": entry.get("ExitCode"),
                 "status": entry.get("Status"),
             }
+    single = engine.container(project)
+    if single is not None and single["labels"].get("io.builder.role") == "all":
+        target = "single"
+        services = {"all": {"state": single["status"], "health": single["health"], "exit_code": single["exit_code"], "status": single["status"]}}
+    else:
+        target = "compose"
+        services = {name: services.get(name, {"state": "absent"}) for name in ("merge", "create", "serve")}
     url = endpoint_url(plan)
     names = listed_models(url)
     model_listed = None if names is None else full_name(plan.config.model.name) in names
     return {
-        "project": plan.config.project,
+        "project": project,
+        "target": target,
         "image": plan.image,
         "image_id": engine.image_id(plan.image),
+        "image_stale": image_staleness(plan, engine.image_labels(plan.image), lock_sha256) or None,
         "endpoint": url,
         "model": plan.config.model.name,
         "model_listed": model_listed,
-        "services": {name: services.get(name, {"state": "absent"}) for name in ("merge", "create", "serve")},
+        "services": services,
     }
 
 

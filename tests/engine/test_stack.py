@@ -235,6 +235,9 @@ def test_single_container_target(tiny_stack: TinyStack) -> None:
     answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False, "options": {"num_predict": 8}})
     expected, _ = greedy(llama_cpp_bin_dir(), tiny_stack.models / "tiny.gguf", "one box", 8)
     assert (answer["response"], answer["eval_count"]) == (expected, 8)
+    report = json.loads(tiny_stack.builder("status", "--json").stdout)
+    assert report["target"] == "single" and report["services"] == {"all": report["services"]["all"]}
+    assert report["services"]["all"]["state"] == "running" and report["model_listed"] is True
     again = tiny_stack.builder("up", "--target", "single")
     assert again.returncode == 0 and "already running with this config" in again.stderr
     assert tiny_stack.builder("down").returncode == 0
@@ -291,3 +294,36 @@ def test_killed_create_leaves_no_copy_to_pile_up(tiny_stack: TinyStack) -> None:
     assert [p.stat().st_ino for p in same_size] == [merged.st_ino], "one blob, and it is the merged file itself"
     assert not [p.name for p in blobs.iterdir() if p.name.startswith(".")], "no temporary link left behind"
     assert [m["name"] for m in _get(f"{tiny_stack.url}/api/tags")["models"]] == ["tiny:latest"]
+
+
+def test_status_only_reads_and_a_new_lock_rebuilds(tiny_stack: TinyStack, release_server) -> None:
+    import shutil
+
+    from tests.engine.conftest import OLLAMA_PATH
+    from tests.fixtures.ollama_release import ollama_release_tgz
+
+    tiny_stack.write_model()
+    assert tiny_stack.builder("up").returncode == 0
+    # A query writes nothing: no context is rendered, a stray file there is no obstacle.
+    shutil.rmtree(tiny_stack.context)
+    result = tiny_stack.builder("status", "--json")
+    assert result.returncode == 0, result.stderr
+    assert not tiny_stack.context.exists()
+    report = json.loads(result.stdout)
+    assert report["target"] == "compose" and report["image_stale"] is None and report["model_listed"] is True
+    assert report["services"]["serve"]["state"] == "running"
+    # New release archives, a new lock: the image is stale and up rebuilds it.
+    original = release_server.files[OLLAMA_PATH]
+    try:
+        release_server.files[OLLAMA_PATH] = ollama_release_tgz(extra={"./lib/ollama/NOTICE": b"a newer release\n"})
+        assert tiny_stack.builder("lock").returncode == 0
+        report = json.loads(tiny_stack.builder("status", "--json").stdout)
+        assert report["image_stale"] == f"{tiny_stack.image} was built from another builder.lock (other release archives)"
+        doctor = json.loads(tiny_stack.builder("doctor", "--json").stdout)
+        assert {c["name"]: c for c in doctor}["image"]["detail"] == report["image_stale"]
+        again = tiny_stack.builder("up")
+        assert again.returncode == 0, again.stderr
+        assert f"building: {tiny_stack.image} was built from another builder.lock" in again.stderr
+        assert json.loads(tiny_stack.builder("status", "--json").stdout)["image_stale"] is None
+    finally:
+        release_server.files[OLLAMA_PATH] = original
