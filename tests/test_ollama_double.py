@@ -64,7 +64,9 @@ def gguf_bytes(architecture: str = "llama", file_type: int = 15) -> bytes:
         string("general.file_type") + struct.pack("<I", 4) + struct.pack("<I", file_type),
     ]
     tensor = string("token_embd.weight") + struct.pack("<I", 2) + struct.pack("<QQ", 4, 8) + struct.pack("<IQ", 0, 0)
-    return b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs)) + b"".join(kvs) + tensor + b"\0" * 64
+    header = b"GGUF" + struct.pack("<IQQ", 3, 1, len(kvs)) + b"".join(kvs) + tensor
+    padding = -len(header) % 32
+    return header + b"\0" * padding + b"\0" * (4 * 8 * 4)  # the 4x8 f32 tensor, nothing after it
 
 
 def env_for(host: str, models: Path, **extra: str) -> dict[str, str]:
@@ -198,6 +200,23 @@ def test_create_prints_ollamas_statuses(created) -> None:
         assert expected in lines, (expected, lines)
     assert sum(line.startswith("creating new layer sha256:") for line in lines) == 3  # template, system, params
     assert lines[-1] == "success"
+
+
+def test_a_gguf_with_bytes_after_its_last_tensor_is_copied_like_ollama_0_5_7(created, tmp_path) -> None:
+    # ggufLayers reuses the blob only when the GGUF decodes to the file's
+    # length; padding after the last tensor (llama-gguf-split writes it when
+    # that tensor's size is not a multiple of 32) means a copy.
+    srv, _result, _work = created
+    padded = gguf_bytes() + b"\0" * 32
+    model = tmp_path / "padded.gguf"
+    model.write_bytes(padded)
+    (tmp_path / "Modelfile").write_text("FROM ./padded.gguf\n", encoding="utf-8")
+    assert srv.cli("create", "padded", "-f", str(tmp_path / "Modelfile"), cwd=tmp_path).returncode == 0
+    manifest = json.loads((srv.models / "manifests" / "registry.ollama.ai" / "library" / "padded" / "latest").read_bytes())
+    layer = manifest["layers"][0]
+    assert layer["digest"] == f"sha256:{sha256_hex(gguf_bytes())}" and layer["size"] == len(gguf_bytes())
+    assert "from" not in layer  # a new layer, written by copying
+    assert (srv.models / "blobs" / f"sha256-{sha256_hex(padded)}").is_file()  # the uploaded blob stays (no pruning here)
 
 
 def test_create_lays_out_blobs_and_manifest_like_ollama(created) -> None:

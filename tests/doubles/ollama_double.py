@@ -60,8 +60,10 @@ Where it knowingly differs from ollama (its fakes):
   refuses a file that does not decode. No chat template is autodetected from
   the GGUF, nothing is pulled from a registry (a FROM naming a model that is
   not local fails with a "pull model manifest" error), quantizing is
-  refused, safetensors are not converted. ggufLayers always reuses the blob
-  (ollama 0.5.7 copies a GGUF whose decoded length is not its file size).
+  refused, safetensors are not converted. Like ggufLayers, the blob is
+  reused only when the GGUF decodes to exactly its file length, else the
+  decoded part is copied; the decoder does not look for a second GGUF after
+  the first (ollama's loop would).
 * Maps ollama iterates in random order (parameters in `show`) come sorted.
 * Request lines go to stderr (gin writes its [GIN] lines to stdout), and each
   pruned blob is logged by name (ollama logs only the counts). No
@@ -793,6 +795,16 @@ def is_gguf(path: str) -> bool:
         return handle.read(4) == b"GGUF"
 
 
+# ggml type -> (elements per block, bytes per block), as ggml.c has them.
+GGML_BLOCKS = {
+    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
+    10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
+    16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110), 22: (256, 82),
+    23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8), 29: (256, 56), 30: (1, 2),
+    34: (256, 54), 35: (256, 66),
+}
+
+
 def read_gguf_kv(path: str, max_array: int = 5) -> dict:
     """The header's key/values plus general.parameter_count from the tensor shapes.
 
@@ -800,25 +812,38 @@ def read_gguf_kv(path: str, max_array: int = 5) -> dict:
     verbose). Whatever cannot be decoded is left out: a file need only start
     with b"GGUF" here, where ollama would refuse it.
     """
+    return _read_gguf(path, max_array)[0]
+
+
+def gguf_decoded_length(path: str) -> int | None:
+    """llm.DecodeGGML's n: the header, the aligned data section, up to the
+    last byte of the last tensor (no padding after it). None if it does not decode."""
+    return _read_gguf(path, 0)[1]
+
+
+def _read_gguf(path: str, max_array: int) -> tuple[dict, int | None]:
     kv: dict = {}
+    decoded = None
     try:
         with open(path, "rb") as handle:
             reader = _GGUFReader(handle)
             if handle.read(4) != b"GGUF":
-                return kv
+                return kv, None
             version = reader.scalar("<I")
             if version not in (1, 2, 3):
-                return kv
+                return kv, None
             reader.v1 = version == 1
             count_fmt = "<I" if version == 1 else "<Q"
             tensors = reader.scalar(count_fmt)
             entries = reader.scalar(count_fmt)
             if entries > 1 << 20 or tensors > 1 << 24:
-                return kv
+                return kv, None
             for _ in range(entries):
                 key = reader.string()
                 kv[key] = reader.value(reader.scalar("<I"), max_array)
             parameters = 0
+            end = 0
+            known = True
             for _ in range(tensors):
                 reader.string()
                 dims = reader.scalar("<I")
@@ -827,13 +852,21 @@ def read_gguf_kv(path: str, max_array: int = 5) -> dict:
                 count = 1
                 for _ in range(dims):
                     count *= reader.scalar("<Q")
-                reader.scalar("<I")
-                reader.scalar("<Q")
+                kind = reader.scalar("<I")
+                offset = reader.scalar("<Q")
                 parameters += count
+                if kind in GGML_BLOCKS:
+                    block, size = GGML_BLOCKS[kind]
+                    end = max(end, offset + count // block * size)
+                else:
+                    known = False
             kv["general.parameter_count"] = parameters
+            alignment = kv.get("general.alignment", 32) or 32
+            data_offset = -(-handle.tell() // alignment) * alignment
+            decoded = data_offset + end if known else None
     except (OSError, ValueError, struct.error, UnicodeDecodeError):
         pass
-    return kv
+    return kv, decoded
 
 
 class _GGUFReader:
@@ -1971,8 +2004,27 @@ def _layers_from_files(files: dict, adapter: bool):
             log("ERROR", "unsupported content type: unknown")
             raise OllamaError("supplied file was not in GGUF format", 400)
         kv = read_gguf_kv(path)
-        layers.append((new_layer_from_layer(str(digest), kv_media_type(kv), path), kv))
+        # ggufLayers: the blob itself is the layer only when the GGUF decodes
+        # to exactly its length; otherwise the decoded part is copied into a
+        # new blob (llama-gguf-split pads after the last tensor, which the
+        # decoder does not count).
+        decoded = gguf_decoded_length(path)
+        if decoded is not None and decoded != os.path.getsize(path):
+            layers.append((new_layer(_file_chunks(path, decoded), kv_media_type(kv)), kv))
+        else:
+            layers.append((new_layer_from_layer(str(digest), kv_media_type(kv), path), kv))
     return layers
+
+
+def _file_chunks(path: str, length: int):
+    with open(path, "rb") as handle:
+        left = length
+        while left > 0:
+            chunk = handle.read(min(CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
 
 
 def _create_model(request: dict, name: Name, base: list):
