@@ -20,7 +20,8 @@ engine:
 
 # Rewrite tests/golden from the current render; read the diff before committing.
 golden:
-	$(PYTHON) -m pytest tests/test_render_golden.py --update-golden -q
+	-$(PYTHON) -m pytest tests/test_render_golden.py --update-golden -q -k test_golden
+	git --no-pager diff --stat -- tests/golden
 
 ci:
 	bash .ci/run

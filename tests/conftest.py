@@ -54,6 +54,11 @@ def _netguard_watch():
         pytest.fail(f"traffic outside loopback was attempted (refused by the network guard):\n{attempts}", pytrace=False)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that restart the engine run after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_engine") is not None)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", help="Rewrite golden files from the current output.")
 

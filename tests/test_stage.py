@@ -3,9 +3,11 @@ normalized, and which archives are refused (with nothing left behind)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def tree(root: Path) -> dict[str, tuple[str, int, int, str]]:
         elif path.is_dir():
             out[rel] = ("dir", info.st_mode & 0o777, int(info.st_mtime), "")
         else:
-            out[rel] = ("file", info.st_mode & 0o777, int(info.st_mtime), path.read_bytes()[:32].hex())
+            out[rel] = ("file", info.st_mode & 0o777, int(info.st_mtime), hashlib.sha256(path.read_bytes()).hexdigest())
     return out
 
 
@@ -60,6 +62,17 @@ def test_stages_what_the_image_needs(tmp_path: Path, llama_zip: Path) -> None:
     assert staged["ollama/lib/ollama/libggml-base.so"][::3] == ("link", "libggml-base.so.double")
     assert staged["llama.cpp/llama.cpp/build/bin/libllama.so"][:2] == ("file", 0o644)
     assert {entry[2] for entry in staged.values()} == {EPOCH}
+    # Every staged file is its archive member, whole.
+    with tarfile.open(ollama) as archive:
+        for member in archive.getmembers():
+            if member.isfile():
+                rel = "ollama/" + member.name.removeprefix("./")
+                assert staged[rel][3] == hashlib.sha256(archive.extractfile(member).read()).hexdigest(), rel
+    with zipfile.ZipFile(llama_zip) as archive:
+        for rel, entry in staged.items():
+            if rel.startswith("llama.cpp/llama.cpp/") and entry[0] == "file":
+                member = rel.removeprefix("llama.cpp/llama.cpp/")
+                assert entry[3] == hashlib.sha256(archive.read(member)).hexdigest(), rel
     assert {entry[1] for entry in staged.values() if entry[0] == "dir"} == {0o755}
     # Unchanged archives: nothing is staged again.
     assert run_stage(context, ollama, llama_zip) == []

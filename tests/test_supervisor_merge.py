@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 import zipfile
 from pathlib import Path
 
@@ -62,22 +61,36 @@ def test_merge_joins_verifies_and_records(models: Path, gguf_split: str, capsys)
     assert len(reader.tensors) == 21
     assert Path(record_path(runtime["merged"])).is_file()
     assert [p.name for p in (models / "tiny").iterdir() if p.name.startswith(".")] == [".tiny.gguf.lock"]
-    # Nothing changed: the second run only reads its record.
-    started = time.monotonic()
+    # Nothing changed: the second run only reads its record (how fast that is
+    # is a benchmark figure): the merged file is the same inode, untouched.
+    before = merged.stat()
+    capsys.readouterr()
     assert merge(runtime) == 0
-    assert time.monotonic() - started < 0.5
-    assert "is up to date" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "is up to date" in out and "joining" not in out and "hashing" not in out
+    after = merged.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
 
 
 def test_changed_shard_merges_again(models: Path, gguf_split: str, capsys) -> None:
+    import hashlib
+    import json
+    import subprocess
+
     runtime = runtime_for(models, gguf_split)
-    merge(runtime)
+    assert merge(runtime) == 0
+    old = hashlib.sha256(Path(runtime["merged"]).read_bytes()).hexdigest()
     write_split_model(models / "tiny", "tiny", 3, seed=1)  # same names, new bytes
     capsys.readouterr()
-    merge(runtime)
+    assert merge(runtime) == 0
     assert "joining 3 shards" in capsys.readouterr().out
-    reader = gguf.GGUFReader(runtime["merged"])
-    assert len(reader.tensors) == 21
+    # The oracle: llama-gguf-split's own merge of the new shards.
+    oracle = models / "oracle.gguf"
+    subprocess.run([gguf_split, "--merge", runtime["shards"]["first"], str(oracle)], check=True, capture_output=True)
+    expected = hashlib.sha256(oracle.read_bytes()).hexdigest()
+    assert expected != old
+    assert hashlib.sha256(Path(runtime["merged"]).read_bytes()).hexdigest() == expected
+    assert json.loads(Path(record_path(runtime["merged"])).read_text())["sha256"] == expected
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "other-model", "bad-magic"])
@@ -186,5 +199,5 @@ def test_builder_join_reads_and_writes_each_byte_once(models: Path, gguf_split: 
     read, written = int(line.split()[4]), int(line.split()[6])
     size = Path(runtime["merged"]).stat().st_size
     shards = sum(p.stat().st_size for p in (models / "tiny").glob("tiny-*"))
-    assert written <= size * 1.01 + 4096
-    assert read <= shards * 1.01 + 65536, "each shard is read once (plus headers)"
+    assert size <= written <= size * 1.01 + 4096, "the merged file is written once"
+    assert shards - 65536 <= read <= shards * 1.01 + 65536, "each shard is read once (plus headers)"

@@ -1943,7 +1943,7 @@ def create_events(request: dict, name: Name):
             yield {"error": go_os_error(exc) if isinstance(exc, OSError) else str(exc), "status": 400}
             return
     try:
-        layers = yield from _create_model(request, name, base)
+        yield from _create_model(request, name, base)
     except OllamaError as exc:
         yield {"error": exc.message, **({"status": exc.status} if exc.status else {})}
         return

@@ -82,13 +82,10 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     assert status["services"]["serve"]["state"] == "running" and status["model_listed"] is True
     assert status["services"]["merge"]["exit_code"] == 0
 
-    started = time.monotonic()
-    again = tiny_stack.builder("up")
-    seconds = time.monotonic() - started
+    again = tiny_stack.builder("up")  # how fast a no-op up is: a benchmark figure
     assert again.returncode == 0, again.stderr
     assert "is up to date with its 3 shards; nothing to do" in again.stderr
     assert "is up to date with /models/tiny/tiny.gguf and the Modelfile; nothing to do" in again.stderr
-    assert seconds < 20, f"a no-op up took {seconds:.1f} s"
     assert tiny_stack.inspect("serve")["State"]["StartedAt"] == serve["State"]["StartedAt"], "serve must keep running"
     assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted(tiny_stack.models.glob("tiny-*"))]
 
@@ -281,12 +278,29 @@ def test_killed_create_leaves_no_copy_to_pile_up(tiny_stack: TinyStack) -> None:
     tiny_stack.write_model()
     assert tiny_stack.builder("build").returncode == 0
     assert tiny_stack.compose("up", "--no-deps", "--exit-code-from", "merge", "merge").returncode == 0
-    blobs = tiny_stack.root / "models" / "ollama" / "blobs"
-    tiny_stack.compose("up", "-d", "--no-deps", "create")
-    deadline = time.time() + 30
-    while not (blobs.is_dir() and any(blobs.iterdir())) and time.time() < deadline:
-        time.sleep(0.01)
-    docker("kill", tiny_stack.container("create"), check=False)
+    store = tiny_stack.root / "models" / "ollama"
+    blobs = store / "blobs"
+    manifest = store / "manifests" / "registry.ollama.ai" / "library" / "tiny" / "latest"
+    # Kill create once the blob is placed and before ollama wrote the manifest;
+    # if create still finishes first, undo it and try again (the race is the test's).
+    for _attempt in range(4):
+        tiny_stack.compose("up", "-d", "--no-deps", "create")
+        container = tiny_stack.container("create")
+        deadline = time.time() + 60
+        while not (blobs.is_dir() and any(blobs.iterdir())):
+            assert time.time() < deadline, "create never placed the blob"
+            time.sleep(0.005)
+        docker("pause", container, check=False)
+        docker("kill", container, check=False)
+        state = json.loads(docker("inspect", container).stdout)[0]["State"]
+        if state["ExitCode"] == 137 and not manifest.exists():
+            break
+        docker("rm", "-f", container, check=False)
+        for path in [manifest, store / ".builder-create.json", *blobs.iterdir()]:
+            path.unlink(missing_ok=True)
+    else:
+        pytest.fail("create finished before it could be killed, four times")
+    assert state["ExitCode"] == 137 and not manifest.exists()
     result = tiny_stack.builder("up")
     assert result.returncode == 0, result.stderr
     merged = (tiny_stack.models / "tiny.gguf").stat()

@@ -1,5 +1,6 @@
 """The Docker engine restarted under a running stack: it comes back by its
-restart policy. (Named to run after the other engine tests.)"""
+restart policy. Marked `restarts_engine`: the conftest runs it after every
+other test, whatever the file names."""
 
 from __future__ import annotations
 
@@ -15,23 +16,28 @@ import pytest
 from tests.conftest import REPO
 from tests.engine.conftest import TinyStack, docker
 
-pytestmark = pytest.mark.engine
+pytestmark = [pytest.mark.engine, pytest.mark.restarts_engine]
+PIDFILE = "/var/run/docker.pid"  # where .ci/install-docker.sh has dockerd write its pid
 
 
-def _dockerd_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+def _ci_dockerd() -> int | None:
+    """The dockerd .ci/install-docker.sh started, by its pid file; None once it is gone."""
+    try:
+        pid = int(open(PIDFILE).read().strip())
+        with open(f"/proc/{pid}/comm") as comm:
+            return pid if comm.read().strip() == "dockerd" else None
+    except (OSError, ValueError):
+        return None
 
 
 def test_stack_comes_back_after_an_engine_restart(tiny_stack: TinyStack) -> None:
     tiny_stack.write_model()
     assert tiny_stack.builder("up").returncode == 0
-    pids = _dockerd_pids()
-    assert pids, "this test restarts the dockerd that .ci/install-docker.sh started"
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
+    pid = _ci_dockerd()
+    assert pid, f"this test restarts only the dockerd .ci/install-docker.sh started ({PIDFILE} names no running dockerd)"
+    os.kill(pid, signal.SIGTERM)
     deadline = time.time() + 60
-    while _dockerd_pids():
+    while os.path.exists(f"/proc/{pid}") and _ci_dockerd() == pid:
         assert time.time() < deadline, "dockerd did not stop"
         time.sleep(0.5)
     restart = subprocess.run(["bash", str(REPO / ".ci" / "install-docker.sh")], capture_output=True, text=True, timeout=600)
