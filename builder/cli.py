@@ -295,9 +295,10 @@ context_option = click.option(
     "--target", type=click.Choice(["compose", "single"]), default="compose", show_default=True,
     help="compose: merge, create and serve as three services; single: all in one container.",
 )
+@click.option("--no-load", is_flag=True, help="Return once the model is listed, without waiting for it to load.")
 @_with_offline_options
-def up(config_path: str, out_dir: str | None, force_build: bool, target: str, offline: bool, carried_dir: str | None) -> None:
-    """Merge, create, serve: bring the stack up and wait until the model is listed."""
+def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no_load: bool, offline: bool, carried_dir: str | None) -> None:
+    """Merge, create, serve: bring the stack up and wait until the model is loaded."""
     from builder.build import build_all, image_staleness
     from builder.engine import DockerEngine
     from builder.stack import up as stack_up
@@ -324,7 +325,36 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, of
         result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
         _echo_err(f"built {result.image} {result.image_id}")
     endpoint = (up_single if target == "single" else stack_up)(plan, context, engine, _echo_err)
+    if not no_load:
+        from builder.stack import LoadFailed, describe_load, wait_for_load
+
+        container = config.project if target == "single" else engine.service_container(config.project, "serve")
+        try:
+            load = wait_for_load(plan, engine, container, _echo_err, sys.stderr.isatty())
+        except LoadFailed as exc:
+            logs = f"docker logs {config.project}" if target == "single" else "builder logs serve"
+            raise BuilderError(
+                f"{config.model.name} did not load: {exc}{_oom_advice(config, str(exc))}; the stack is left up for `{logs}`"
+            ) from None
+        _echo_err(f"load: {describe_load(plan, load)}")
     click.echo(f"{endpoint.url} serves {endpoint.model}")
+
+
+def _oom_advice(config, cause: str) -> str:
+    """For a load that ran out of GPU memory: the num_gpu the planner picks for the GPUs here."""
+    if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
+        return ""
+    try:
+        from builder.checks import gpu_memory, read_shard_headers
+        from builder.offload import model_shape, plan_offload
+
+        memory, source = gpu_memory(config)
+        parameters = dict(config.model.parameters)
+        planned = plan_offload(model_shape(read_shard_headers(config)), memory, int(parameters.get("num_ctx", 2048)),
+                               int(config.plan.margin_gib * (1 << 30)))
+        return f"; out of GPU memory: for the GPUs here ({source}) builder plan puts {planned.num_gpu} layers on them (model.parameters.num_gpu: {planned.num_gpu})"
+    except Exception:  # noqa: BLE001 - advice only: the cause above stands on its own
+        return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
 
 
 def _lock_sha256(config_path: str) -> str | None:
@@ -403,6 +433,14 @@ def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
         click.echo(f"{name:<9} {state}{extra}{health}")
     listed = {True: "listed", False: "not listed", None: "endpoint not answering"}[report["model_listed"]]
     click.echo(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
+    loaded = report["loaded"]
+    if loaded:
+        from builder.supervisor.common import human_bytes
+
+        share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
+        click.echo(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {share} in GPU memory, until {loaded['expires_at']}")
+    elif report["model_listed"]:
+        click.echo("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
 
 
 @main.command()

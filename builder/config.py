@@ -60,7 +60,9 @@ RESERVED_ENV = {
     "PYTHONPATH": "the supervisor needs its own",
     "LD_LIBRARY_PATH": "the supervisor sets it for each program",
     "BUILDER_RUNTIME": "the supervisor reads it",
+    "BUILDER_SERVE": "it carries serve.keep_alive, load_timeout and parallel",
 }
+_GO_DURATION = re.compile(r"^[+-]?((\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h))+$")
 
 _NEAR_SHARD = re.compile(r"-[0-9]+-of-[0-9]+\.gguf$")
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
@@ -154,6 +156,19 @@ class Serve:
     bind: str
     env: tuple[tuple[str, str], ...]
     ready_timeout: int = 1800
+    keep_alive: str = "-1"
+    load_timeout: int | None = None  # None: auto
+    read_mb_s: float = 200
+    parallel: int | None = None  # None: auto
+    single_sequence_above_gib: float = 16
+
+    def limits(self) -> dict:
+        """The rule the supervisor sizes ollama by (BUILDER_SERVE; builder.supervisor.limits)."""
+        return {
+            "keep_alive": self.keep_alive,
+            "load_timeout": {"read_mb_s": self.read_mb_s, "seconds": self.load_timeout},
+            "parallel": {"single_above_gib": self.single_sequence_above_gib, "value": self.parallel},
+        }
 
 
 @dataclass(frozen=True)
@@ -720,4 +735,12 @@ def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
             fail(("serve", "env", name), "must be one line (no newline or NUL characters)")
             continue
         env.append((name, text))
-    return Serve(serve["port"], bind, tuple(env), serve["ready_timeout"])
+    keep_alive = serve["keep_alive"]
+    if isinstance(keep_alive, str) and not _GO_DURATION.match(keep_alive.strip()):
+        fail(("serve", "keep_alive"), f"'{keep_alive}' is not a duration: use -1 (forever), a number of seconds, or a duration such as 30m")
+    load_timeout = None if serve["load_timeout"] == "auto" else serve["load_timeout"]
+    parallel = None if serve["parallel"] == "auto" else serve["parallel"]
+    return Serve(
+        serve["port"], bind, tuple(env), serve["ready_timeout"], str(keep_alive).strip(), load_timeout,
+        serve["read_mb_s"], parallel, serve["single_sequence_above_gib"],
+    )

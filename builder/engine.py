@@ -170,6 +170,23 @@ class DockerEngine:
             "labels": attrs.get("Config", {}).get("Labels") or {},
         }
 
+    def service_container(self, project: str, service: str) -> str | None:
+        """The ID of a Compose service's container, found by its labels."""
+        found = self._client.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={project}", f"com.docker.compose.service={service}",
+        ]})
+        return found[0].id if found else None
+
+    def exec_in(self, container: str, argv: list[str]) -> tuple[int, str]:
+        """Run `argv` inside a running container: (exit status, output)."""
+        from docker.errors import APIError, NotFound
+
+        try:
+            result = self._client.containers.get(container).exec_run(argv, demux=False)
+        except (NotFound, APIError) as exc:
+            return 125, str(exc)
+        return result.exit_code, (result.output or b"").decode("utf-8", "replace")
+
     def container_logs(self, name: str, tail: int = 15) -> str:
         return self._client.containers.get(name).logs(tail=tail).decode("utf-8", "replace")
 

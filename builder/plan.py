@@ -7,6 +7,7 @@ choices (NFS or bind, which GPUs, which base) are made here as data.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -198,6 +199,8 @@ def _compose_values(config: Config, image: str, digest: str) -> dict[str, Any]:
             "host_ip": config.serve.bind,
             "protocol": "tcp",
         },
-        "serve_env": dict(config.serve.env),
+        # What serve's environment gets: BUILDER_SERVE (the rule the supervisor
+        # sizes ollama's limits by, at start, from the model's size), then serve.env.
+        "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **dict(config.serve.env)},
         "models_dir": MODELS_DIR,
     }

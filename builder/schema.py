@@ -279,6 +279,31 @@ def config_schema() -> dict[str, Any]:
                         "type": "integer",
                         "minimum": 1,
                     },
+                    "keep_alive": {
+                        "description": "How long ollama keeps the model loaded after a request (OLLAMA_KEEP_ALIVE): seconds, or a Go duration such as 30m; -1 is forever.",
+                        "type": ["integer", "string"],
+                        "x-expect": "-1, a number of seconds, or a duration such as 30m",
+                    },
+                    "load_timeout": {
+                        "description": "OLLAMA_LOAD_TIMEOUT in seconds, or auto: the time to read the model at serve.read_mb_s, never below ollama's 300. `up` waits for the load this long plus 2 minutes.",
+                        "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+                        "x-expect": "a number of seconds or auto",
+                    },
+                    "read_mb_s": {
+                        "description": "How fast the model storage reads, in MB/s (NFS: about 200), for load_timeout: auto.",
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                    },
+                    "parallel": {
+                        "description": "OLLAMA_NUM_PARALLEL, or auto: 1 for models above serve.single_sequence_above_gib, else 4. The KV cache is num_ctx times this.",
+                        "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
+                        "x-expect": "a number of sequences or auto",
+                    },
+                    "single_sequence_above_gib": {
+                        "description": "With parallel: auto, models larger than this (GiB) get one sequence.",
+                        "type": "number",
+                        "minimum": 0,
+                    },
                     "env": {
                         "description": "Extra environment for ollama serve, e.g. OLLAMA_KEEP_ALIVE.",
                         "type": "object",

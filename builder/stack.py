@@ -125,6 +125,73 @@ def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoi
     return Endpoint(url, plan.config.model.name)
 
 
+@dataclass(frozen=True)
+class Load:
+    seconds: float
+    size: int
+    size_vram: int
+
+
+def wait_for_load(plan: Plan, engine, container: str, echo: Callable[[str], None], tty: bool) -> Load:
+    """Wait until the supervisor in `container` reports the model loaded
+    (`health --loaded --json`), with progress; raise with the cause if the
+    load failed or the container stopped. The deadline is ollama's own load
+    timeout (the supervisor reports it) plus two minutes: by then ollama has
+    given up itself."""
+    import sys
+
+    model = plan.config.model.name
+    started = time.monotonic()
+    deadline = started + plan.config.serve.ready_timeout
+    shown = -1
+    while True:
+        code, output = engine.exec_in(container, ["python3", "-m", "supervisor", "health", "--loaded", "--json"])
+        try:
+            state = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
+        except ValueError:
+            state = {}
+        if code == 0 and state.get("state") == "loaded":
+            if tty and shown >= 0:
+                sys.stderr.write("\n")
+            return Load(float(state.get("load_seconds", 0.0)), int(state.get("size", 0)), int(state.get("size_vram", 0)))
+        if state.get("state") == "failed":
+            if tty and shown >= 0:
+                sys.stderr.write("\n")
+            raise LoadFailed(state.get("error") or "unknown cause")
+        info = engine.container(container)
+        if info is None or info["status"] in ("exited", "dead"):
+            raise LoadFailed(f"the serve container stopped (exit {info and info.get('exit_code')}) before the model loaded")
+        if state.get("load_timeout_s"):
+            deadline = started + float(state["load_timeout_s"]) + 120
+        elapsed = int(time.monotonic() - started)
+        if tty:
+            sys.stderr.write(f"\rload: {model} loading, {elapsed} s")
+            sys.stderr.flush()
+            shown = elapsed
+        elif elapsed // 30 > shown:
+            shown = elapsed // 30
+            echo(f"load: {model} loading, {elapsed} s")
+        if time.monotonic() > deadline:
+            raise LoadFailed(f"not loaded after {elapsed} s (ollama's load timeout plus 2 minutes)")
+        time.sleep(0.5)
+
+
+class LoadFailed(BuilderError):
+    """The model did not load: exit 1, the stack left up for `builder logs`."""
+
+
+def describe_load(plan: Plan, load: Load) -> str:
+    from builder.supervisor.common import human_bytes
+
+    planned = dict(plan.config.model.parameters).get("num_gpu")
+    share = f"{load.size_vram * 100 // load.size}%" if load.size else "0%"
+    plan_note = f"; planned num_gpu {planned}" if planned is not None else ""
+    if plan.config.gpus.kind == "none":
+        plan_note = "; planned: no GPU (gpus: none)"
+    return (f"{plan.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
+            f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}")
+
+
 def wait_for_model(url: str, model: str, timeout: float) -> None:
     """Ask the endpoint until it answers and lists the model (httpx + tenacity)."""
     from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
@@ -167,6 +234,23 @@ def listed_models(url: str) -> set[str] | None:
         return {m.get("name") for m in response.json().get("models", []) if isinstance(m, dict)}
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
+
+
+def loaded_model(url: str, model: str) -> dict | None:
+    """The model's /api/ps entry (size, size_vram, expires_at) while it is loaded."""
+    import httpx
+
+    wanted = full_name(model)
+    try:
+        response = httpx.get(f"{url}/api/ps", timeout=10, trust_env=False)
+        if response.status_code != 200:
+            return None
+        for entry in response.json().get("models", []):
+            if isinstance(entry, dict) and wanted in (entry.get("name"), entry.get("model")):
+                return {k: entry.get(k) for k in ("size", "size_vram", "expires_at")}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return None
 
 
 def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
@@ -223,6 +307,7 @@ def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
         "endpoint": url,
         "model": plan.config.model.name,
         "model_listed": model_listed,
+        "loaded": loaded_model(url, plan.config.model.name) if model_listed else None,
         "services": services,
     }
 

@@ -57,7 +57,7 @@ def single_argv(plan: Plan) -> list[str]:
     argv += ["--health-cmd", "python3 -m supervisor health", "--health-interval", "10s",
              "--health-timeout", "5s", "--health-retries", "3", "--health-start-period", "30s"]
     argv += single_gpus(plan)
-    for name, value in config.serve.env:
+    for name, value in plan.compose["serve_env"].items():
         argv += ["--env", f"{name}={value}"]
     argv += [plan.image, "all"]
     return argv
@@ -77,7 +77,7 @@ def render_single(plan: Plan, env) -> dict[str, bytes]:
         ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
         ("PYTHONPATH", SUPERVISOR_HOME),
         ("PYTHONDONTWRITEBYTECODE", "1"),
-        *plan.config.serve.env,
+        *plan.compose["serve_env"].items(),
     ]
     autodl = env.get_template("targets/single/autodl.sh.j2").render(
         builder_version=__version__,
@@ -174,7 +174,7 @@ def kubernetes_manifests(plan: Plan) -> tuple[dict[str, list[dict]], list[str]]:
         "image": plan.image,
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": v} for k, v in config.serve.env],
+        "env": [{"name": k, "value": v} for k, v in plan.compose["serve_env"].items()],
         "readinessProbe": dict(probe, failureThreshold=3),
         "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
         "volumeMounts": [dict(mount[0], readOnly=True)],

@@ -40,6 +40,11 @@ def _start_netguard() -> Path:
 
 
 NETGUARD_LOG = _start_netguard()
+# The compiled llama.cpp tools are cached outside the clone; pin the folder
+# now, so a test that changes HOME does not send the fixture to build again.
+os.environ.setdefault(
+    "BUILDER_TEST_CACHE", str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder-tests")
+)
 
 
 @pytest.fixture(autouse=True)

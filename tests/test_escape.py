@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -60,6 +62,7 @@ def test_nasty_env_values_render_into_compose() -> None:
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
     compose = yaml.safe_load(render_context(make_plan(config))["compose.yaml"])
     env = compose["services"]["serve"]["environment"]
+    assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()  # builder's own, beside the user's
     assert {k: v.replace("$$", "$") for k, v in env.items()} == {f"V{i}": v for i, v in enumerate(NASTY)}
 
 
@@ -78,6 +81,7 @@ def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     files = render_context(plan, "kubernetes")
     deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()
     assert env == {f"V{i}": v for i, v in enumerate(NASTY)}
     run_sh = render_context(plan, "single")["single/run.sh"].decode()
     command = run_sh.split("\n", 6)[-1].replace("\\\n", " ")

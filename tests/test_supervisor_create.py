@@ -37,17 +37,16 @@ def blobs(store: Path) -> dict[str, int]:
     return {p.name.removeprefix("sha256-"): p.stat().st_size for p in (store / "blobs").iterdir() if p.name.startswith("sha256-")}
 
 
-def merged_and_created(tmp_path: Path, ollama: Path, monkeypatch) -> tuple[dict, Path, str]:
+def merged_and_created(tmp_path: Path, ollama: Path) -> tuple[dict, Path, str]:
     """tiny merged from seed-0 shards and created; (runtime, store, model digest)."""
-    monkeypatch.setenv("HOME", str(tmp_path))
     runtime = runtime_for(tmp_path / "models", ollama)
     write_split_model(tmp_path / "models" / "tiny", "tiny", 3, seed=0)
     assert merge(runtime) == 0 and create(runtime) == 0
     return runtime, tmp_path / "models" / "ollama", merged_digest(runtime["merged"])
 
 
-def test_re_create_after_a_re_merge_leaves_no_unreferenced_blob_and_spares_other_models(tmp_path: Path, ollama: Path, monkeypatch) -> None:
-    runtime, store, first = merged_and_created(tmp_path, ollama, monkeypatch)
+def test_re_create_after_a_re_merge_leaves_no_unreferenced_blob_and_spares_other_models(tmp_path: Path, ollama: Path) -> None:
+    runtime, store, first = merged_and_created(tmp_path, ollama)
     models = tmp_path / "models"
 
     # A second model in the same store, created by the user by hand from a
@@ -85,8 +84,8 @@ def test_re_create_after_a_re_merge_leaves_no_unreferenced_blob_and_spares_other
     assert all(layer["digest"].partition(":")[2] in present for layer in other["layers"])
 
 
-def test_re_create_frees_the_old_model_blob_when_no_one_else_uses_it(tmp_path: Path, ollama: Path, monkeypatch, capsys) -> None:
-    runtime, store, first = merged_and_created(tmp_path, ollama, monkeypatch)
+def test_re_create_frees_the_old_model_blob_when_no_one_else_uses_it(tmp_path: Path, ollama: Path, capsys) -> None:
+    runtime, store, first = merged_and_created(tmp_path, ollama)
     models = tmp_path / "models"
     before = set(blobs(store))
     write_split_model(models / "tiny", "tiny", 3, seed=1)

@@ -1,9 +1,11 @@
 """`python3 -m supervisor ROLE`: the image's entrypoint.
 
 Roles: merge (join the shards), create (register the model with ollama),
-serve (run ollama serve, restarting it a bounded number of times), all
-(merge, create, then serve, for platforms that run one container), health
-(exit 0 when ollama's API answers; the container healthcheck).
+serve (run ollama serve, restarting it a bounded number of times, and load
+the model once it answers), all (merge, create, then serve, for platforms
+that run one container), health (exit 0 when ollama's API answers; the
+container healthcheck; `health --loaded` only while the model is loaded,
+`--json` prints the load's record).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ import time
 
 from .common import StepError, Stopped, log
 from .create import create
+from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
 from .ollama import ollama_env, request, signal_group
+from .warmup import OutputTail, Warmer, health_loaded
+
+DEFAULT_SERVE = {
+    "keep_alive": "-1",
+    "load_timeout": {"read_mb_s": 200, "seconds": None},
+    "parallel": {"single_above_gib": 16, "value": None},
+}
 
 RUNTIME_JSON = "/etc/builder/runtime.json"
 ROLES = ("merge", "create", "serve", "all", "health")
@@ -45,7 +55,17 @@ def serve(runtime: dict) -> int:
     if not os.access(binary, os.X_OK):
         raise StepError(f"serve: {binary} is missing or not executable; rebuild the image with `builder build`")
     stop = threading.Event()
-    state: dict = {"signal": 0, "child": None}
+    state: dict = {"signal": 0, "child": None, "generation": 0}
+    env, rule, size = serve_environment(runtime)
+    tail = OutputTail()
+    host = env.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")[2] or "11434"
+    warmer = Warmer(
+        f"http://127.0.0.1:{host}", runtime.get("model", ""), env["OLLAMA_KEEP_ALIVE"],
+        load_timeout_seconds(size, rule["load_timeout"]), stop,
+        lambda: state["generation"] if state["child"] is not None else None, tail,
+    )
+    if runtime.get("model"):
+        warmer.start()
 
     def on_signal(signum, _frame):
         state["signal"] = signum
@@ -58,8 +78,11 @@ def serve(runtime: dict) -> int:
     failures = 0
     while not stop.is_set():
         started = time.monotonic()
-        log(f"serve: starting {binary} serve on {os.environ.get('OLLAMA_HOST', '127.0.0.1:11434')}")
-        child = subprocess.Popen([binary, "serve"], env=ollama_env(store=runtime.get("ollama_store")), start_new_session=True)
+        log(f"serve: starting {binary} serve on {env.get('OLLAMA_HOST', '127.0.0.1:11434')}")
+        child = subprocess.Popen([binary, "serve"], env=env, start_new_session=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        threading.Thread(target=_relay, args=(child, tail), daemon=True).start()
+        state["generation"] += 1
         state["child"] = child
         if stop.is_set():  # the signal came while it was starting
             signal_group(child.pid, state["signal"])
@@ -79,6 +102,46 @@ def serve(runtime: dict) -> int:
     return 0
 
 
+def serve_environment(runtime: dict) -> tuple[dict[str, str], dict, int]:
+    """ollama's environment for serving: its limits sized to the model
+    (BUILDER_SERVE's rule; a value set in serve.env wins), release mode."""
+    rule = dict(DEFAULT_SERVE)
+    try:
+        rule.update(json.loads(os.environ.get("BUILDER_SERVE") or "{}"))
+    except ValueError:
+        log("serve: BUILDER_SERVE is not JSON; using the default limits")
+    model_file = runtime.get("merged") if os.path.exists(runtime.get("merged", "")) else runtime.get("shards", {}).get("first", "")
+    try:
+        size = os.path.getsize(model_file)
+    except OSError:
+        size = 0
+    env = ollama_env(store=runtime.get("ollama_store"))
+    env.setdefault("GIN_MODE", "release")
+    for (name, value), why in zip(sorted(ollama_limits(size, rule).items()), _explained(size, rule)):
+        if name in env:
+            log(f"serve: {name}={env[name]} (serve.env; builder's rule would say {value})")
+        else:
+            env[name] = value
+            log(f"serve: {why}")
+    return env, rule, size
+
+
+def _explained(size: int, rule: dict) -> list[str]:
+    """explain()'s lines in the sorted order of ollama_limits()."""
+    lines = {line.split("=", 1)[0]: line for line in explain(size, rule)}
+    return [lines[name] for name in sorted(lines)]
+
+
+def _relay(child: subprocess.Popen, tail: OutputTail) -> None:
+    """ollama's output, line by line, to ours; the last lines kept for causes."""
+    assert child.stdout is not None
+    for raw in iter(child.stdout.readline, b""):
+        line = raw.decode("utf-8", "replace")
+        tail.add(line)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 def _wait_reaping(child: subprocess.Popen) -> int:
     """Wait for `child`, reaping any other child (orphans re-parented to PID 1) meanwhile."""
     while True:
@@ -91,8 +154,16 @@ def _wait_reaping(child: subprocess.Popen) -> int:
             return child.returncode
 
 
-def health(runtime: dict) -> int:
-    base = f"http://127.0.0.1:{runtime['port']}"
+def health(runtime: dict, flags: list[str]) -> int:
+    port = os.environ.get("OLLAMA_HOST", "").rpartition(":")[2] or runtime["port"]
+    base = f"http://127.0.0.1:{port}"
+    if "--loaded" in flags:
+        code, state = health_loaded(base, runtime["model"])
+        if "--json" in flags:
+            print(json.dumps(state, sort_keys=True))
+        elif code:
+            print(f"health: {runtime['model']} is not loaded ({state.get('state')}{': ' + state['error'] if state.get('error') else ''})", file=sys.stderr)
+        return code
     try:
         status, _ = request(base, "GET", "/", timeout=4)
     except OSError as exc:
@@ -102,8 +173,9 @@ def health(runtime: dict) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0] not in ROLES:
-        print(f"usage: python3 -m supervisor {{{','.join(ROLES)}}}", file=sys.stderr)
+    flags = argv[1:]
+    if not argv or argv[0] not in ROLES or (flags and (argv[0] != "health" or set(flags) - {"--loaded", "--json"})):
+        print(f"usage: python3 -m supervisor {{{','.join(ROLES)}}}  (health [--loaded] [--json])", file=sys.stderr)
         return 2
     role = argv[0]
     path = os.environ.get("BUILDER_RUNTIME", RUNTIME_JSON)
@@ -113,7 +185,7 @@ def main(argv: list[str]) -> int:
         print(f"supervisor: cannot read the runtime plan {path}: {exc}", file=sys.stderr)
         return 2
     if role == "health":
-        return health(runtime)
+        return health(runtime, flags)
 
     def stopped(signum, _frame):
         raise Stopped(signum)

@@ -51,6 +51,8 @@ Where it knowingly differs from ollama (its fakes):
   if/else if/else, range, with, eq/ne/and/or/not/len/json, trim markers);
   anything else is an error, never a guess. TEMPLATE text given to create is
   not checked as a Go template.
+* OLLAMA_DOUBLE_RUNNER_STALL (tests only, no ollama variable): the runner's
+  /health is never asked, so the load stalls until OLLAMA_LOAD_TIMEOUT.
 * /api/ps: size is the model file's size (ollama adds its memory estimate).
   The OpenAI routes do not stream; tools, images, format/grammar, suffix
   insertion and embeddings are not implemented. `ollama run` is
@@ -2552,6 +2554,9 @@ class Runner:
             if time.monotonic() > deadline:
                 self.stop()
                 raise LoadError(f"timed out waiting for llama runner to start - progress 0.00 - {self.last_error}", 500)
+            if env_bool("OLLAMA_DOUBLE_RUNNER_STALL"):  # tests: a load that makes no progress
+                time.sleep(0.05)
+                continue
             try:
                 status, _ = self._http("GET", "/health", None, timeout=0.2)
                 if status == 200:

@@ -53,6 +53,12 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     result = tiny_stack.builder("up")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tiny_stack.url} serves tiny:latest"
+    # up returned once the supervisor had loaded the model, and said so.
+    assert "load: tiny:latest loaded in " in result.stderr and "0 B (0%) in GPU memory; planned: no GPU (gpus: none)" in result.stderr
+    (loaded,) = _get(f"{tiny_stack.url}/api/ps")["models"]
+    assert loaded["name"] == "tiny:latest" and int(loaded["expires_at"][:4]) > 2300  # keep_alive -1
+    healthy = docker("exec", tiny_stack.container("serve"), "python3", "-m", "supervisor", "health", "--loaded", check=False)
+    assert healthy.returncode == 0, healthy.stderr
     merge, create, serve = (tiny_stack.inspect(s) for s in ("merge", "create", "serve"))
     for one_shot in (merge, create):
         assert one_shot["State"]["Status"] == "exited" and one_shot["State"]["ExitCode"] == 0
@@ -341,3 +347,27 @@ def test_status_only_reads_and_a_new_lock_rebuilds(tiny_stack: TinyStack, releas
         assert json.loads(tiny_stack.builder("status", "--json").stdout)["image_stale"] is None
     finally:
         release_server.files[OLLAMA_PATH] = original
+
+
+def test_a_model_llama_cpp_refuses_fails_up_with_the_cause(tiny_stack: TinyStack) -> None:
+    from tests.fixtures.gguf_edit import edit_metadata
+
+    shards = tiny_stack.write_model()
+    # Whole, one split, a tokenizer: the preflight passes. But the embedding
+    # width disagrees with the tensors, which llama.cpp checks at load.
+    edit_metadata(shards[0], values={"llama.embedding_length": 32})
+    tiny_stack.own()
+    quick = tiny_stack.builder("up", "--no-load")  # does not wait for the load: the failure is not its business
+    assert quick.returncode == 0, quick.stderr
+    assert "load:" not in quick.stderr
+    result = tiny_stack.builder("up")
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tiny:latest did not load: llama runner process has terminated: error loading model: "), last
+    assert "error loading model hyperparameters: invalid n_rot: 16, expected 8" in last
+    assert last.endswith("(HTTP 500); the stack is left up for `builder logs serve`")
+    assert tiny_stack.inspect("serve")["State"]["Running"] is True, "not a restart loop: ollama itself is fine"
+    unhealthy = docker("exec", tiny_stack.container("serve"), "python3", "-m", "supervisor", "health", "--loaded", check=False)
+    assert unhealthy.returncode == 1 and "is not loaded (failed: llama runner process has terminated" in unhealthy.stderr
+    status = json.loads(tiny_stack.builder("status", "--json").stdout)
+    assert status["loaded"] is None

@@ -16,4 +16,5 @@ docker run -d \
   --health-interval 10s \
   --health-timeout 5s \
   --health-retries 3 \
-  --health-start-period 30s builder-tiny:latest all
+  --health-start-period 30s \
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-tiny:latest all
