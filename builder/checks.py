@@ -120,11 +120,14 @@ def query_gpus() -> list[tuple[int, str, int]] | None:
     return gpus
 
 
-def gpu_memory(config: Config) -> tuple[list[int], str]:
-    """Each GPU's memory in bytes, and where that came from."""
+def gpu_memory(config: Config, required: bool = True) -> tuple[list[int], str]:
+    """Each GPU's memory in bytes, and where that came from (([], "") when
+    none is known and not `required`)."""
     if config.plan.gpu_memory_gib:
         return [int(g * (1 << 30)) for g in config.plan.gpu_memory_gib], "plan.gpu_memory_gib"
     found = query_gpus()
+    if not found and not required:
+        return [], ""
     if not found:
         raise ConfigError(
             Problem("plan.gpu_memory_gib", "no GPU found (nvidia-smi is missing or sees none); give each GPU's memory, e.g. [24, 24]", None, config.source)
@@ -136,6 +139,50 @@ def gpu_memory(config: Config) -> tuple[list[int], str]:
     elif gpus.kind == "count":
         found = found[: gpus.count]
     return [g[2] for g in found], "nvidia-smi"
+
+
+def effective_parallel(config: Config, model_bytes: int) -> tuple[int, str]:
+    """The sequences ollama will run: serve.env's OLLAMA_NUM_PARALLEL, else the
+    rule the supervisor applies (builder.supervisor.limits)."""
+    from builder.supervisor.limits import parallel_sequences
+
+    env = dict(config.serve.env)
+    if "OLLAMA_NUM_PARALLEL" in env:
+        try:
+            return max(1, int(env["OLLAMA_NUM_PARALLEL"])), "serve.env.OLLAMA_NUM_PARALLEL"
+        except ValueError:
+            raise ConfigError(Problem("serve.env.OLLAMA_NUM_PARALLEL", f"'{env['OLLAMA_NUM_PARALLEL']}' is not a whole number", None, config.source)) from None
+    return parallel_sequences(model_bytes, config.serve.limits()["parallel"]), "serve.parallel"
+
+
+def check_parallel(config: Config) -> None:
+    """A parallelism that leaves no room for the layers model.parameters.num_gpu
+    puts on the GPUs is a config error, with the numbers. Checked where the
+    shards can be read and the GPUs' memory is known."""
+    parameters = dict(config.model.parameters)
+    num_gpu = parameters.get("num_gpu")
+    if not isinstance(num_gpu, int) or isinstance(num_gpu, bool) or num_gpu == 0 or config.gpus.kind == "none":
+        return
+    if shard_folder(config) is None:
+        return
+    memory, source = gpu_memory(config, required=False)
+    if not memory:
+        return
+    from builder.offload import GIB, model_shape, plan_offload
+
+    shape = model_shape(read_shard_headers(config))
+    parallel, where = effective_parallel(config, shape.total_bytes)
+    num_ctx = int(parameters.get("num_ctx", 2048))
+    planned = plan_offload(shape, memory, num_ctx, int(config.plan.margin_gib * GIB), parallel)
+    if planned.num_gpu < num_gpu:
+        sizes = " + ".join(f"{m / GIB:g}" for m in memory)
+        raise ConfigError(Problem(
+            where if where.startswith("serve.env") else "serve.parallel",
+            f"{parallel} parallel sequences make the KV cache num_ctx {num_ctx} x {parallel}: only {planned.num_gpu} layers fit "
+            f"on the GPUs ({sizes} GiB, from {source}) but model.parameters.num_gpu is {num_gpu}; "
+            f"lower OLLAMA_NUM_PARALLEL (serve.env or serve.parallel) or set num_gpu to {planned.num_gpu}",
+            None, config.source,
+        ))
 
 
 def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
@@ -150,7 +197,8 @@ def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
     else:
         memory, source = gpu_memory(config)
         shape = model_shape(read_shard_headers(config))
-        plan = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)))
+        parallel, _ = effective_parallel(config, shape.total_bytes)
+        plan = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)), parallel)
         number, reason = plan.num_gpu, f"num_gpu: auto -> {plan.summary()}; memory from {source}"
     parameters["num_gpu"] = number
     model = dataclasses.replace(config.model, parameters=tuple(sorted(parameters.items())))

@@ -130,7 +130,12 @@ def validate(config_path: str) -> None:
     config = _load(config_path)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    if check_local_shards(config) is None:
+    checked = check_local_shards(config)
+    if checked is not None:
+        from builder.checks import check_parallel
+
+        check_parallel(config)
+    if checked is None:
         click.echo(
             "warning: model.shards: the shards are on NFS and not readable here, so they were not checked "
             "(mount the export and set plan.shards_dir to check them now; the merge step checks them before it writes)",
@@ -310,7 +315,10 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no
     def preflight(config, plan) -> None:
         # Before anything is written, built or merged: the shards are whole,
         # one split and a model ollama can load; the storage is writable.
-        check_local_shards(config)
+        if check_local_shards(config) is not None:
+            from builder.checks import check_parallel
+
+            check_parallel(config)
         check_storage(plan)
 
     config, plan, context = _prepare_stack(config_path, out_dir, target, preflight)
@@ -520,10 +528,16 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
         except ValueError:
             raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
         config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=sizes))
+    from builder.checks import effective_parallel
+    from builder.supervisor.limits import explain, ollama_limits
+
     memory, source = find_gpu_memory(config)
     shape = model_shape(read_shard_headers(config, Path(shards_dir) if shards_dir else None))
     ctx = num_ctx or int(dict(config.model.parameters).get("num_ctx", 2048))
-    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB))
+    parallel, _ = effective_parallel(config, shape.total_bytes)
+    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel)
+    limits = ollama_limits(shape.total_bytes, config.serve.limits())
+    limits.update({k: v for k, v in config.serve.env if k in limits})
     if as_json:
         data = result.as_dict()
         data["model"] = {
@@ -535,6 +549,7 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
             "cpu_bytes": shape.cpu_bytes,
         }
         data["gpu_memory_source"] = source
+        data["ollama_env"] = limits
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     click.echo(f"model   {shape.architecture}, {shape.block_count} layers, {shape.total_bytes / GIB:.1f} GiB")
@@ -546,6 +561,10 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
         )
     click.echo(result.summary())
     click.echo(f"memory from {source}")
+    set_by_user = {k for k, _ in config.serve.env}
+    for line in explain(shape.total_bytes, config.serve.limits()):
+        name = line.split("=", 1)[0]
+        click.echo(f"ollama  {name}={limits[name]}: serve.env" if name in set_by_user else f"ollama  {line}")
 
 
 @main.command()

@@ -108,12 +108,14 @@ class OffloadPlan:
     kv_per_layer: int
     compute_per_gpu: int
     rule_of_thumb: int
+    parallel: int = 1
 
     def summary(self) -> str:
         memory = " + ".join(f"{g.memory / GIB:.0f}" for g in self.gpus)
         return (
             f"num_gpu {self.num_gpu} of {self.block_count} layers on {len(self.gpus)} GPU(s) ({memory} GiB): "
-            f"each layer needs its weights plus {self.kv_per_layer / MIB:.0f} MiB of KV cache at num_ctx {self.num_ctx}, "
+            f"each layer needs its weights plus {self.kv_per_layer / MIB:.0f} MiB of KV cache at num_ctx {self.num_ctx}"
+            + (f" x {self.parallel} sequences" if self.parallel != 1 else "") + ", "
             f"each GPU {self.compute_per_gpu / MIB:.0f} MiB compute + {CUDA_OVERHEAD / MIB:.0f} MiB CUDA + "
             f"{self.margin / MIB:.0f} MiB margin (Unsloth's rule of thumb says {self.rule_of_thumb})"
         )
@@ -123,6 +125,7 @@ class OffloadPlan:
             "num_gpu": self.num_gpu,
             "block_count": self.block_count,
             "num_ctx": self.num_ctx,
+            "parallel": self.parallel,
             "kv_cache_per_layer_bytes": self.kv_per_layer,
             "compute_per_gpu_bytes": self.compute_per_gpu,
             "cuda_overhead_per_gpu_bytes": CUDA_OVERHEAD,
@@ -159,10 +162,13 @@ def unsloth_rule(total_vram: int, model_bytes: int, blocks: int) -> int:
     return max(0, min(blocks, math.floor(total_vram / GIB / (model_bytes / 1e9) * blocks) - 4))
 
 
-def plan_offload(shape: ModelShape, gpu_memory: list[int], num_ctx: int, margin: int = DEFAULT_MARGIN) -> OffloadPlan:
-    """Place the last blocks on the GPUs, in GPU order, while they fit."""
-    kv_layer = num_ctx * shape.kv_bytes_per_token_per_layer
-    compute = compute_buffer(shape, num_ctx)
+def plan_offload(shape: ModelShape, gpu_memory: list[int], num_ctx: int, margin: int = DEFAULT_MARGIN, parallel: int = 1) -> OffloadPlan:
+    """Place the last blocks on the GPUs, in GPU order, while they fit. With
+    `parallel` sequences ollama gives the runner num_ctx x parallel of context
+    (server/sched.go): the KV cache and the attention scratch grow with it."""
+    context = num_ctx * parallel
+    kv_layer = context * shape.kv_bytes_per_token_per_layer
+    compute = compute_buffer(shape, context)
     budgets = [memory - CUDA_OVERHEAD - compute - margin for memory in gpu_memory]
     placed: list[list[int]] = [[] for _ in gpu_memory]
     gpu = 0
@@ -187,4 +193,4 @@ def plan_offload(shape: ModelShape, gpu_memory: list[int], num_ctx: int, margin:
             weights += shape.output_bytes
         shares.append(GpuShare(index, memory, tuple(sorted(blocks)), weights, kv_layer * len(blocks), compute, CUDA_OVERHEAD))
     rule = unsloth_rule(sum(gpu_memory), shape.total_bytes, shape.block_count)
-    return OffloadPlan(num_gpu, shape.block_count, tuple(shares), num_ctx, margin, kv_layer, compute, rule)
+    return OffloadPlan(num_gpu, shape.block_count, tuple(shares), num_ctx, margin, kv_layer, compute, rule, parallel)

@@ -16,6 +16,7 @@ expert layers. Every plan is checked to leave the margin free on every GPU.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,54 @@ def test_shards_flag_reads_a_mounted_export(models: Path, tmp_path: Path) -> Non
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["num_gpu"] == 16
+
+
+def test_plan_sizes_ollama_s_limits_to_the_model(models: Path) -> None:
+    config = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24))
+    result = run_builder("plan", "-c", str(config), cwd=models)
+    assert result.returncode == 0, result.stderr
+    size = json.loads(run_builder("plan", "-c", str(config), "--json", cwd=models).stdout)["model"]["total_bytes"]
+    seconds = -(-size // 200_000_000)
+    assert seconds > 600  # a 158 GB model read at NFS speed: far past ollama's 5 minutes
+    assert f"ollama  OLLAMA_LOAD_TIMEOUT={seconds}s: {size / 1e9:.1f} GB read at 200 MB/s takes {seconds} s" in result.stdout
+    assert "ollama  OLLAMA_NUM_PARALLEL=1: the model is above 16 GiB (serve.parallel: auto); the KV cache is num_ctx x 1" in result.stdout
+    assert "ollama  OLLAMA_MAX_LOADED_MODELS=1: one model per stack" in result.stdout
+    assert "ollama  OLLAMA_KEEP_ALIVE=-1: loaded for good once warmed up" in result.stdout
+    data = json.loads(run_builder("plan", "-c", str(config), "--json", cwd=models).stdout)
+    assert data["ollama_env"] == {"OLLAMA_KEEP_ALIVE": "-1", "OLLAMA_LOAD_TIMEOUT": f"{seconds}s",
+                                  "OLLAMA_MAX_LOADED_MODELS": "1", "OLLAMA_NUM_PARALLEL": "1"}
+    slow = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24), extra="serve:\n  read_mb_s: 50\n")
+    assert f"OLLAMA_LOAD_TIMEOUT={-(-size // 50_000_000)}s" in run_builder("plan", "-c", str(slow), cwd=models).stdout
+
+
+def test_parallel_sequences_are_charged_in_the_kv_cache(models: Path) -> None:
+    one = json.loads(run_builder("plan", "-c", str(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24))), "--json", cwd=models).stdout)
+    four_config = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24), extra="serve:\n  parallel: 4\n")
+    four = json.loads(run_builder("plan", "-c", str(four_config), "--json", cwd=models).stdout)
+    assert (one["parallel"], four["parallel"]) == (1, 4)
+    assert four["kv_cache_per_layer_bytes"] == 4 * one["kv_cache_per_layer_bytes"]
+    assert four["num_gpu"] < one["num_gpu"]
+    assert four["ollama_env"]["OLLAMA_NUM_PARALLEL"] == "4"
+
+
+def test_a_parallelism_that_breaks_the_plan_is_a_config_error(tmp_path: Path) -> None:
+    # validate checks the shards whole: make them their full length, sparse
+    # (holes, no disk used), so only the headers hold bytes.
+    from builder.supervisor.gguf import read_header_file
+
+    models = tmp_path
+    first = write_variant(models / "models", "DeepSeek-R1-UD-IQ1_M")
+    for shard in first.parent.glob("*.gguf"):
+        os.truncate(shard, read_header_file(str(shard)).expected_size)
+    fits = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24), num_gpu="14")
+    assert run_builder("validate", "-c", str(fits), cwd=models).returncode == 0
+    crowded = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24), num_gpu="14", extra="serve:\n  env:\n    OLLAMA_NUM_PARALLEL: 4\n")
+    four = json.loads(run_builder("plan", "-c", str(crowded), "--json", cwd=models).stdout)["num_gpu"]
+    assert four < 14
+    result = run_builder("validate", "-c", str(crowded), cwd=models)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"error: {crowded}: serve.env.OLLAMA_NUM_PARALLEL: 4 parallel sequences make the KV cache num_ctx 2048 x 4: "
+        f"only {four} layers fit on the GPUs (24 + 24 GiB, from plan.gpu_memory_gib) but model.parameters.num_gpu is 14; "
+        f"lower OLLAMA_NUM_PARALLEL (serve.env or serve.parallel) or set num_gpu to {four}"
+    )

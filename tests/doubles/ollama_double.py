@@ -2682,6 +2682,14 @@ class Scheduler:
             took = 0.0
             if runner is None:
                 check_loadable_by_ollama(model["model_path"])
+                limit = int(env_var("OLLAMA_MAX_LOADED_MODELS") or 0)
+                if limit > 0:  # sched.go: make room by unloading idle runners (the double does not queue)
+                    for other_key, other in list(self.runners.items()):
+                        if len(self.runners) < limit:
+                            break
+                        if other.busy == 0:
+                            other.stop()
+                            del self.runners[other_key]
                 runner = Runner(model, name, options)
                 took = runner.start()
                 self.runners[key] = runner
