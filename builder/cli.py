@@ -76,7 +76,7 @@ def _load(config_path: str, resolve_auto: bool = False, quiet: bool = False):
 
     config = load_config(config_path)
     if resolve_auto:
-        from builder.checks import resolve_num_gpu
+        from builder.targets.checks import resolve_num_gpu
 
         config, reason = resolve_num_gpu(config)
         if reason and not quiet:
@@ -116,7 +116,7 @@ def schema() -> None:
     """Print the config's JSON Schema (for editor completion)."""
     import json
 
-    from builder.schema import config_schema
+    from builder.config.schema import config_schema
 
     click.echo(json.dumps(config_schema(), indent=2, sort_keys=True))
 
@@ -125,14 +125,14 @@ def schema() -> None:
 @config_option
 def validate(config_path: str) -> None:
     """Check a config, including the shard set when the storage is local."""
-    from builder.checks import check_local_shards
+    from builder.targets.checks import check_local_shards
 
     config = _load(config_path)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     checked = check_local_shards(config)
     if checked is not None:
-        from builder.checks import check_parallel
+        from builder.targets.checks import check_parallel
 
         check_parallel(config)
     if checked is None:
@@ -153,15 +153,15 @@ def validate(config_path: str) -> None:
 )
 def render(config_path: str, out_dir: str | None, target: str) -> None:
     """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
-    from builder.plan import make_plan
-    from builder.render import render_context, write_context
+    from builder.render.blueprint import make_plan
+    from builder.render.files import render_context, write_context
 
     config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     plan = make_plan(config)
     if target == "kubernetes":
-        from builder.targets import kubernetes_manifests
+        from builder.targets.single import kubernetes_manifests
 
         for note in kubernetes_manifests(plan)[1]:
             click.echo(f"note: {note}", err=True)
@@ -175,10 +175,10 @@ def render(config_path: str, out_dir: str | None, target: str) -> None:
 @config_option
 def base(config_path: str) -> None:
     """Make sure the base image exists (bootstrap it from the mirror, or pull it) and print it."""
-    from builder.base import ensure_base
-    from builder.engine import DockerEngine
-    from builder.fetch import cache_root
-    from builder.plan import make_plan
+    from builder.image.base import ensure_base
+    from builder.image.engine import DockerEngine
+    from builder.image.fetch import cache_root
+    from builder.render.blueprint import make_plan
 
     config = _load(config_path)
     plan = make_plan(config)
@@ -202,7 +202,7 @@ offline_options = [
 
 
 def _fetch_settings(config, offline: bool, carried_dir: str | None):
-    from builder.fetch import FetchSettings, cache_root
+    from builder.image.fetch import FetchSettings, cache_root
 
     return FetchSettings.from_env(
         cache_root(config), offline=offline, carried_dir=Path(carried_dir) if carried_dir else None, echo=_echo_err
@@ -224,7 +224,7 @@ def _with_offline_options(function):
 @_with_offline_options
 def fetch(config_path: str, offline: bool, carried_dir: str | None) -> None:
     """Download the ollama and llama.cpp release archives into the cache, verified."""
-    from builder.fetch import ArtifactCache, fetch_and_lock
+    from builder.image.fetch import ArtifactCache, fetch_and_lock
 
     config = _load(config_path)
     settings = _fetch_settings(config, offline, carried_dir)
@@ -240,7 +240,7 @@ def fetch(config_path: str, offline: bool, carried_dir: str | None) -> None:
 @_with_offline_options
 def lock(config_path: str, offline: bool, carried_dir: str | None) -> None:
     """Write builder.lock: the sha256 of each artifact as fetched now (trust on first use)."""
-    from builder.fetch import fetch_and_lock
+    from builder.image.fetch import fetch_and_lock
 
     config = _load(config_path)
     fetch_and_lock(config_path, config, _fetch_settings(config, offline, carried_dir), ignore_lock=True)
@@ -256,9 +256,9 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
     """Render, fetch, stage and build the image; print its reference and ID."""
     import json
 
-    from builder.build import build_all
-    from builder.engine import DockerEngine
-    from builder.plan import make_plan
+    from builder.image.build import build_all
+    from builder.image.engine import DockerEngine
+    from builder.render.blueprint import make_plan
 
     config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
@@ -275,8 +275,8 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
 def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose", preflight=None):
     """Load, plan and render: what every stack command starts from.
     `preflight(config, plan)` runs before anything is written."""
-    from builder.plan import make_plan
-    from builder.render import render_context, write_context
+    from builder.render.blueprint import make_plan
+    from builder.render.files import render_context, write_context
 
     config = _load(config_path, resolve_auto=True)
     plan = make_plan(config)
@@ -304,19 +304,19 @@ context_option = click.option(
 @_with_offline_options
 def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no_load: bool, offline: bool, carried_dir: str | None) -> None:
     """Merge, create, serve: bring the stack up and wait until the model is loaded."""
-    from builder.build import build_all, image_staleness
-    from builder.engine import DockerEngine
-    from builder.stack import up as stack_up
-    from builder.stack import up_single
+    from builder.image.build import build_all, image_staleness
+    from builder.image.engine import DockerEngine
+    from builder.targets.compose import up as stack_up
+    from builder.targets.compose import up_single
 
-    from builder.checks import check_local_shards
-    from builder.stack import check_storage
+    from builder.targets.checks import check_local_shards
+    from builder.targets.compose import check_storage
 
     def preflight(config, plan) -> None:
         # Before anything is written, built or merged: the shards are whole,
         # one split and a model ollama can load; the storage is writable.
         if check_local_shards(config) is not None:
-            from builder.checks import check_parallel
+            from builder.targets.checks import check_parallel
 
             check_parallel(config)
         check_storage(plan)
@@ -334,7 +334,7 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no
         _echo_err(f"built {result.image} {result.image_id}")
     endpoint = (up_single if target == "single" else stack_up)(plan, context, engine, _echo_err)
     if not no_load:
-        from builder.stack import LoadFailed, describe_load, wait_for_load
+        from builder.targets.compose import LoadFailed, describe_load, wait_for_load
 
         container = config.project if target == "single" else engine.service_container(config.project, "serve")
         try:
@@ -353,8 +353,8 @@ def _oom_advice(config, cause: str) -> str:
     if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
         return ""
     try:
-        from builder.checks import gpu_memory, read_shard_headers
-        from builder.offload import model_shape, plan_offload
+        from builder.targets.checks import gpu_memory, read_shard_headers
+        from builder.render.offload import model_shape, plan_offload
 
         memory, source = gpu_memory(config)
         parameters = dict(config.model.parameters)
@@ -367,7 +367,7 @@ def _oom_advice(config, cause: str) -> str:
 
 def _lock_sha256(config_path: str) -> str | None:
     """The digest of builder.lock beside the config, if there is one."""
-    from builder.lock import lock_digest, lock_path, read_lock
+    from builder.image.lock import lock_digest, lock_path, read_lock
 
     entries = read_lock(lock_path(config_path))
     return lock_digest(entries) if entries else None
@@ -400,7 +400,7 @@ def _project_name(config_path: str) -> str:
 @click.option("--volumes", is_flag=True, help="Also remove the volume definition (the model files stay where they are).")
 def down(config_path: str, volumes: bool) -> None:
     """Stop and remove the stack's containers."""
-    from builder.engine import DockerEngine
+    from builder.image.engine import DockerEngine
 
     project = _project_name(config_path)
     engine = DockerEngine()
@@ -422,9 +422,9 @@ def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
     """Each service's state, the model, the endpoint, the image (reads only)."""
     import json
 
-    from builder.engine import DockerEngine
-    from builder.plan import make_plan
-    from builder.stack import status as stack_status
+    from builder.image.engine import DockerEngine
+    from builder.render.blueprint import make_plan
+    from builder.targets.compose import status as stack_status
 
     del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
     config = _load(config_path, resolve_auto=True, quiet=True)
@@ -458,7 +458,7 @@ def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
 @click.option("--tail", default="all", show_default=True, help="Lines from the end of each log.")
 def logs(config_path: str, service: str | None, follow: bool, tail: str) -> None:
     """Show the logs of one service or all."""
-    from builder.engine import DockerEngine
+    from builder.image.engine import DockerEngine
 
     args = ["logs", "--no-color", "--tail", tail] + (["-f"] if follow else []) + ([service] if service else [])
     result = DockerEngine().compose_project(_project_name(config_path), *args, stream=True)
@@ -515,9 +515,9 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
     import dataclasses
     import json
 
-    from builder.checks import gpu_memory as find_gpu_memory
-    from builder.checks import read_shard_headers
-    from builder.offload import GIB, model_shape, plan_offload
+    from builder.targets.checks import gpu_memory as find_gpu_memory
+    from builder.targets.checks import read_shard_headers
+    from builder.render.offload import GIB, model_shape, plan_offload
 
     config = _load(config_path)
     if gpu_memory:
@@ -528,7 +528,7 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
         except ValueError:
             raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
         config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=sizes))
-    from builder.checks import effective_parallel
+    from builder.targets.checks import effective_parallel
     from builder.supervisor.limits import explain, ollama_limits
 
     memory, source = find_gpu_memory(config)
@@ -574,9 +574,9 @@ def doctor(config_path: str, as_json: bool) -> None:
     """Check this machine for the stack: engine, plugins, GPUs, storage, shards, image."""
     import json
 
-    from builder.doctor import FAIL, run_checks
-    from builder.lock import lock_digest, lock_path, read_lock
-    from builder.plan import make_plan
+    from builder.targets.doctor import FAIL, run_checks
+    from builder.image.lock import lock_digest, lock_path, read_lock
+    from builder.render.blueprint import make_plan
 
     config = _load(config_path)
     entries = read_lock(lock_path(config_path))
@@ -595,8 +595,8 @@ def doctor(config_path: str, as_json: bool) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Archive to write [default: NAME-TAG.tar.gz].")
 def export_command(config_path: str, output: str | None) -> None:
     """Write the image to a compressed archive, with its sha256 beside it, for machines without a registry."""
-    from builder.airgap import default_archive_name, export_image
-    from builder.engine import DockerEngine
+    from builder.image.airgap import default_archive_name, export_image
+    from builder.image.engine import DockerEngine
 
     config = _load(config_path)
     out = Path(output or default_archive_name(config.image))
@@ -608,8 +608,8 @@ def export_command(config_path: str, output: str | None) -> None:
 @click.argument("archive", type=click.Path(dir_okay=False))
 def import_command(archive: str) -> None:
     """Load an exported image (checked against ARCHIVE.sha256 when it is there)."""
-    from builder.airgap import import_image
-    from builder.engine import DockerEngine
+    from builder.image.airgap import import_image
+    from builder.image.engine import DockerEngine
 
     for line in import_image(DockerEngine(), Path(archive), _echo_err):
         click.echo(line)
@@ -620,8 +620,8 @@ def import_command(archive: str) -> None:
 @click.argument("target")
 def push(config_path: str, target: str) -> None:
     """Tag the image as TARGET (REGISTRY/REPO[:TAG]) and push it; credentials come from your Docker config."""
-    from builder.airgap import push_target
-    from builder.engine import DockerEngine
+    from builder.image.airgap import push_target
+    from builder.image.engine import DockerEngine
 
     config = _load(config_path)
     engine = DockerEngine()

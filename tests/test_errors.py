@@ -8,7 +8,7 @@ import errno
 import os
 from pathlib import Path
 
-from builder.build import image_staleness
+from builder.image.build import image_staleness
 from builder.errors import engine_error_line, os_error_line
 from tests.helpers import run_builder
 
@@ -73,9 +73,9 @@ def test_the_sdk_s_own_permission_message_is_recognised() -> None:
 
 def test_one_rule_decides_whether_the_image_is_current(tmp_path: Path) -> None:
     from builder import __version__
-    from builder.build import CONFIG_LABEL, CONTEXT_LABEL, LOCK_LABEL, VERSION_LABEL, image_context_digest
+    from builder.image.build import CONFIG_LABEL, CONTEXT_LABEL, LOCK_LABEL, VERSION_LABEL, image_context_digest
     from builder.config import load_config
-    from builder.plan import make_plan
+    from builder.render.blueprint import make_plan
 
     assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
     plan = make_plan(load_config(str(tmp_path / "builder.yaml")))

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from builder.config import parse_config
-from builder.escape import Unrepresentable, compose_block, compose_scalar, dockerfile_quote
+from builder.render.escape import Unrepresentable, compose_block, compose_scalar, dockerfile_quote
 from builder.modelfile import check_modelfile_text, check_stop, render_modelfile
-from builder.plan import make_plan
-from builder.render import render_context
+from builder.render.blueprint import make_plan
+from builder.render.files import render_context
 from tests.doubles.modelfile_parser import parse_modelfile
 from tests.test_render_golden import CONFIG_DIR
 
@@ -69,7 +69,7 @@ def test_nasty_env_values_render_into_compose() -> None:
 def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     import shlex
 
-    from builder.targets import single_argv
+    from builder.targets.single import single_argv
 
     text = (
         "version: 1\nmodel:\n  name: m\n  shards: m-00001-of-00002.gguf\nstorage:\n  local: /srv/m\n"

@@ -13,8 +13,8 @@ import pytest
 
 from builder.cli import PRESETS_DIR, preset_names
 from builder.config import parse_config
-from builder.plan import make_plan
-from builder.render import render_context
+from builder.render.blueprint import make_plan
+from builder.render.files import render_context
 
 GOLDEN = Path(__file__).parent / "golden"
 # Local storage paths resolve against the config's folder; fix it so the
@@ -63,8 +63,8 @@ RENDER_SCRIPT = """
 import hashlib, json, sys
 from pathlib import Path
 from builder.config import parse_config
-from builder.plan import make_plan
-from builder.render import render_context
+from builder.render.blueprint import make_plan
+from builder.render.files import render_context
 from builder.cli import PRESETS_DIR
 name = sys.argv[1]
 config = parse_config((PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8"), "builder.yaml", base_dir=Path("/srv/builder"), env={})

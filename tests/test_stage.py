@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from builder.errors import BuilderError
-from builder.stage import UnsafeArchive, stage
+from builder.image.stage import UnsafeArchive, stage
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
 from tests.fixtures.ollama_release import ollama_release_tgz
 

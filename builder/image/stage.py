@@ -21,10 +21,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable
 
-from builder.elf import elf_needed
+from builder.image.elf import elf_needed
 from builder.errors import BuilderError
 from builder.fsutil import write_atomic
-from builder.plan import STAGED_LLAMA_CPP, STAGED_OLLAMA
+from builder.render.blueprint import STAGED_LLAMA_CPP, STAGED_OLLAMA
 
 OLLAMA_KEEP = ("bin/", "lib/ollama/")
 LLAMA_CPP_INNER = "llama.cpp/"  # staged/llama.cpp/llama.cpp/build/bin -> /opt/llama.cpp/build/bin

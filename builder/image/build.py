@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
-from builder.plan import Plan
+from builder.render.blueprint import Plan
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ def image_context_digest(plan: Plan) -> str:
     builder's own supervisor code, so an upgraded builder rebuilds."""
     import hashlib
 
-    from builder.plan import ROOTFS
-    from builder.render import render_context
+    from builder.render.blueprint import ROOTFS
+    from builder.render.files import render_context
 
     digest = hashlib.sha256()
     for name, data in render_context(plan).items():
@@ -84,7 +84,7 @@ def buildx_argv(plan: Plan, context: Path, labels: dict[str, str], iidfile: Path
 
 def build_image(plan: Plan, context: Path, labels: dict[str, str], no_cache: bool, engine, echo) -> BuildResult:
     """Build with buildx when present (reproducible), else the classic builder."""
-    from builder.engine import run_command
+    from builder.image.engine import run_command
 
     if engine.has_buildx():
         with tempfile.TemporaryDirectory(prefix="builder-iid-") as tmp:
@@ -104,11 +104,11 @@ def build_image(plan: Plan, context: Path, labels: dict[str, str], no_cache: boo
 
 def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_cache: bool, echo) -> BuildResult:
     """Render, fetch, stage, make sure of the base, then build."""
-    from builder.base import ensure_base
-    from builder.fetch import ArtifactCache, fetch_and_lock
-    from builder.lock import lock_digest
-    from builder.render import render_context, write_context
-    from builder.stage import stage
+    from builder.image.base import ensure_base
+    from builder.image.fetch import ArtifactCache, fetch_and_lock
+    from builder.image.lock import lock_digest
+    from builder.render.files import render_context, write_context
+    from builder.image.stage import stage
 
     config = plan.config
     write_context(render_context(plan), context, config.source_date_epoch)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from builder.engine import compose_argv
+from builder.image.engine import compose_argv
 from builder.errors import BuilderError, ConfigError, Problem
-from builder.plan import Plan
+from builder.render.blueprint import Plan
 
 ONE_SHOT = ("merge", "create")
 LOG_TAIL = 15
@@ -270,7 +270,7 @@ def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
 def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
     """A query, reading only: the stack's containers (found by project, so
     no context is rendered), the image's labels, the endpoint."""
-    from builder.build import image_staleness
+    from builder.image.build import image_staleness
 
     project = plan.config.project
     result = engine.compose_project(project, "ps", "-a", "--format", "json")
@@ -314,8 +314,8 @@ def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
 
 def up_single(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
     """The whole pipeline in one container (the supervisor's `all` role)."""
-    from builder.engine import run_command
-    from builder.targets import single_argv
+    from builder.image.engine import run_command
+    from builder.targets.single import single_argv
 
     check_storage(plan)
     name = plan.config.project

@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
-from builder.plan import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Plan
+from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Plan
 
 AUTODL_DATA_DISK = "/root/autodl-tmp"
 AUTODL_PORT = 6006
@@ -65,7 +65,7 @@ def single_argv(plan: Plan) -> list[str]:
 
 def render_single(plan: Plan, env) -> dict[str, bytes]:
     from builder import __version__
-    from builder.plan import LLAMA_CPP_BIN, OLLAMA_STORE, SUPERVISOR_HOME
+    from builder.render.blueprint import LLAMA_CPP_BIN, OLLAMA_STORE, SUPERVISOR_HOME
 
     run = env.get_template("targets/single/run.sh.j2").render(
         builder_version=__version__, name=plan.config.project, argv=single_argv(plan)

@@ -18,8 +18,8 @@ from typing import Callable
 from builder.config import Config
 from builder.errors import BuilderError
 from builder.fsutil import sha256_file, write_atomic
-from builder.lock import LockEntry
-from builder.plan import mirrored
+from builder.image.lock import LockEntry
+from builder.render.blueprint import mirrored
 from builder.progress import Progress
 
 CHUNK = 1 << 20
@@ -307,7 +307,7 @@ def fetch_and_lock(
     config_path: str, config: Config, settings: FetchSettings, ignore_lock: bool = False
 ) -> tuple[list[Artifact], dict[str, LockEntry]]:
     """Fetch every artifact, check it against builder.lock, and (re)write the lock."""
-    from builder.lock import lock_path, read_lock, write_lock
+    from builder.image.lock import lock_path, read_lock, write_lock
 
     path = lock_path(config_path)
     current = read_lock(path)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.config import Config
-from builder.plan import Plan
+from builder.render.blueprint import Plan
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -34,7 +34,7 @@ class Check:
 
 def check_engine():
     """The engine, through the same adapter every other command uses."""
-    from builder.engine import DockerEngine
+    from builder.image.engine import DockerEngine
     from builder.errors import BuilderError
 
     try:
@@ -74,7 +74,7 @@ def check_gpus(config: Config, info: dict | None) -> list[Check]:
     else:
         out.append(Check("nvidia-toolkit", FAIL, "neither the nvidia runtime nor an NVIDIA CDI spec is configured",
                          "install nvidia-container-toolkit, then `nvidia-ctk runtime configure --runtime=docker` and restart dockerd"))
-    from builder.checks import query_gpus
+    from builder.targets.checks import query_gpus
 
     gpus = query_gpus()
     if not gpus:
@@ -128,7 +128,7 @@ def _kernel_has_nfs() -> bool:
 
 
 def check_shards(config: Config) -> list[Check]:
-    from builder.checks import shard_folder, shard_names
+    from builder.targets.checks import shard_folder, shard_names
     from builder.supervisor.common import StepError, human_bytes
     from builder.supervisor.merge import check_shards as check_set
     from builder.supervisor.merge import shard_states
@@ -161,7 +161,7 @@ def check_shards(config: Config) -> list[Check]:
 def check_image(plan: Plan, lock_sha256: str | None, engine) -> Check:
     if engine is None:
         return Check("image", WARN, "not checked (no engine)")
-    from builder.build import image_staleness
+    from builder.image.build import image_staleness
 
     reason = image_staleness(plan, engine.image_labels(plan.image), lock_sha256)
     if reason:

@@ -26,10 +26,10 @@ import yaml
 
 from builder.errors import ConfigError, Problem
 from builder.modelfile import check_modelfile_text, check_stop
-from builder.schema import config_schema
+from builder.config.schema import config_schema
 from builder.supervisor.shards import merged_file_name, parse_shard_name, shard_file_name
-from builder.yamlsource import Path as KeyPath
-from builder.yamlsource import key_path, load_yaml
+from builder.config.yamlsource import Path as KeyPath
+from builder.config.yamlsource import key_path, load_yaml
 
 DEFAULT_CONFIG_NAME = "builder.yaml"
 DEFAULT_NFS_OPTIONS = "rw,nfsvers=4.1,hard"
@@ -215,7 +215,7 @@ class Config:
 
 @lru_cache(maxsize=1)
 def defaults() -> dict[str, Any]:
-    text = resources.files("builder").joinpath("defaults.yaml").read_text(encoding="utf-8")
+    text = resources.files("builder.config").joinpath("defaults.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 

@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from builder.fsutil import sha256_file
-from builder.plan import IMAGE_PATH, BasePlan
+from builder.render.blueprint import IMAGE_PATH, BasePlan
 
 
 def mmdebstrap_argv(base: BasePlan, out_tar: Path) -> list[str]:

@@ -14,9 +14,9 @@ from pathlib import Path
 from builder import __version__
 from builder.fsutil import write_atomic
 from builder.errors import ConfigError
-from builder.escape import compose_block, compose_scalar, dockerfile_quote
-from builder.plan import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Plan
-from builder.templates import template_dirs
+from builder.render.escape import compose_block, compose_scalar, dockerfile_quote
+from builder.render.blueprint import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Plan
+from builder.render.templates import template_dirs
 
 
 MARKER = ".builder-context"
@@ -31,7 +31,7 @@ def _environment():
         autoescape=False,
         keep_trailing_newline=True,
     )
-    from builder.targets import sh, sh_join
+    from builder.targets.single import sh, sh_join
 
     env.filters.update(
         dockerfile_quote=dockerfile_quote,
@@ -84,11 +84,11 @@ def render_context(plan: Plan, target: str = "compose") -> dict[str, bytes]:
     }
     files.update(supervisor_files())
     if target == "single":
-        from builder.targets import render_single
+        from builder.targets.single import render_single
 
         files.update(render_single(plan, env))
     elif target == "kubernetes":
-        from builder.targets import render_kubernetes
+        from builder.targets.single import render_kubernetes
 
         files.update(render_kubernetes(plan))
     return dict(sorted(files.items()))

@@ -168,7 +168,7 @@ def check_parallel(config: Config) -> None:
     memory, source = gpu_memory(config, required=False)
     if not memory:
         return
-    from builder.offload import GIB, model_shape, plan_offload
+    from builder.render.offload import GIB, model_shape, plan_offload
 
     shape = model_shape(read_shard_headers(config))
     parallel, where = effective_parallel(config, shape.total_bytes)
@@ -190,7 +190,7 @@ def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
     parameters = dict(config.model.parameters)
     if parameters.get("num_gpu") != "auto":
         return config, None
-    from builder.offload import model_shape, plan_offload
+    from builder.render.offload import model_shape, plan_offload
 
     if config.gpus.kind == "none":
         number, reason = 0, "num_gpu: auto -> 0 (gpus: none)"
