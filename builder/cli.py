@@ -153,19 +153,19 @@ def validate(config_path: str) -> None:
 )
 def render(config_path: str, out_dir: str | None, target: str) -> None:
     """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
     from builder.render.files import render_context, write_context
 
     config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    plan = make_plan(config)
+    blueprint = make_blueprint(config)
     if target == "kubernetes":
         from builder.targets.single import kubernetes_manifests
 
-        for note in kubernetes_manifests(plan)[1]:
+        for note in kubernetes_manifests(blueprint)[1]:
             click.echo(f"note: {note}", err=True)
-    files = render_context(plan, target)
+    files = render_context(blueprint, target)
     target = _context_dir(config_path, out_dir)
     write_context(files, target, config.source_date_epoch)
     click.echo(str(target))
@@ -178,12 +178,12 @@ def base(config_path: str) -> None:
     from builder.image.base import ensure_base
     from builder.image.engine import DockerEngine
     from builder.image.fetch import cache_root
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
 
     config = _load(config_path)
-    plan = make_plan(config)
-    image_id = ensure_base(plan.base, config.source_date_epoch, DockerEngine(), _echo_err, cache_root(config))
-    click.echo(f"{plan.base.image} {image_id}")
+    blueprint = make_blueprint(config)
+    image_id = ensure_base(blueprint.base, config.source_date_epoch, DockerEngine(), _echo_err, cache_root(config))
+    click.echo(f"{blueprint.base.image} {image_id}")
 
 
 def _echo_err(message: str) -> None:
@@ -258,14 +258,14 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
 
     from builder.image.build import build_all
     from builder.image.engine import DockerEngine
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
 
     config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
-    plan = make_plan(config)
+    blueprint = make_blueprint(config)
     context = _context_dir(config_path, out_dir)
-    result = build_all(config_path, plan, context, DockerEngine(), _fetch_settings(config, offline, carried_dir), no_cache, _echo_err)
+    result = build_all(config_path, blueprint, context, DockerEngine(), _fetch_settings(config, offline, carried_dir), no_cache, _echo_err)
     if as_json:
         click.echo(json.dumps({"image": result.image, "id": result.image_id, "reproducible": result.reproducible, "context": result.context}, sort_keys=True))
     else:
@@ -274,17 +274,17 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
 
 def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose", preflight=None):
     """Load, plan and render: what every stack command starts from.
-    `preflight(config, plan)` runs before anything is written."""
-    from builder.render.blueprint import make_plan
+    `preflight(config, blueprint)` runs before anything is written."""
+    from builder.render.blueprint import make_blueprint
     from builder.render.files import render_context, write_context
 
     config = _load(config_path, resolve_auto=True)
-    plan = make_plan(config)
+    blueprint = make_blueprint(config)
     if preflight is not None:
-        preflight(config, plan)
+        preflight(config, blueprint)
     context = _context_dir(config_path, out_dir)
-    write_context(render_context(plan, target), context, config.source_date_epoch)
-    return config, plan, context
+    write_context(render_context(blueprint, target), context, config.source_date_epoch)
+    return config, blueprint, context
 
 
 context_option = click.option(
@@ -312,39 +312,39 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no
     from builder.targets.checks import check_local_shards
     from builder.targets.compose import check_storage
 
-    def preflight(config, plan) -> None:
+    def preflight(config, blueprint) -> None:
         # Before anything is written, built or merged: the shards are whole,
         # one split and a model ollama can load; the storage is writable.
         if check_local_shards(config) is not None:
             from builder.targets.checks import check_parallel
 
             check_parallel(config)
-        check_storage(plan)
+        check_storage(blueprint)
 
-    config, plan, context = _prepare_stack(config_path, out_dir, target, preflight)
+    config, blueprint, context = _prepare_stack(config_path, out_dir, target, preflight)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     engine = DockerEngine()
-    reason = image_staleness(plan, engine.image_labels(plan.image), _lock_sha256(config_path))
+    reason = image_staleness(blueprint, engine.image_labels(blueprint.image), _lock_sha256(config_path))
     if not reason and force_build:
         reason = "--build"
     if reason:
         _echo_err(f"building: {reason}")
-        result = build_all(config_path, plan, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
+        result = build_all(config_path, blueprint, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
         _echo_err(f"built {result.image} {result.image_id}")
-    endpoint = (up_single if target == "single" else stack_up)(plan, context, engine, _echo_err)
+    endpoint = (up_single if target == "single" else stack_up)(blueprint, context, engine, _echo_err)
     if not no_load:
         from builder.targets.compose import LoadFailed, describe_load, wait_for_load
 
         container = config.project if target == "single" else engine.service_container(config.project, "serve")
         try:
-            load = wait_for_load(plan, engine, container, _echo_err, sys.stderr.isatty())
+            load = wait_for_load(blueprint, engine, container, _echo_err, sys.stderr.isatty())
         except LoadFailed as exc:
             logs = f"docker logs {config.project}" if target == "single" else "builder logs serve"
             raise BuilderError(
                 f"{config.model.name} did not load: {exc}{_oom_advice(config, str(exc))}; the stack is left up for `{logs}`"
             ) from None
-        _echo_err(f"load: {describe_load(plan, load)}")
+        _echo_err(f"load: {describe_load(blueprint, load)}")
     click.echo(f"{endpoint.url} serves {endpoint.model}")
 
 
@@ -423,12 +423,12 @@ def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
     import json
 
     from builder.image.engine import DockerEngine
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
     from builder.targets.compose import status as stack_status
 
     del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
     config = _load(config_path, resolve_auto=True, quiet=True)
-    report = stack_status(make_plan(config), DockerEngine(), _lock_sha256(config_path))
+    report = stack_status(make_blueprint(config), DockerEngine(), _lock_sha256(config_path))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
         return
@@ -576,11 +576,11 @@ def doctor(config_path: str, as_json: bool) -> None:
 
     from builder.targets.doctor import FAIL, run_checks
     from builder.image.lock import lock_digest, lock_path, read_lock
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
 
     config = _load(config_path)
     entries = read_lock(lock_path(config_path))
-    checks = run_checks(config, make_plan(config), lock_digest(entries) if entries else None)
+    checks = run_checks(config, make_blueprint(config), lock_digest(entries) if entries else None)
     if as_json:
         click.echo(json.dumps([c.as_dict() for c in checks], indent=2))
     else:

@@ -75,15 +75,15 @@ def test_one_rule_decides_whether_the_image_is_current(tmp_path: Path) -> None:
     from builder import __version__
     from builder.image.build import CONFIG_LABEL, CONTEXT_LABEL, LOCK_LABEL, VERSION_LABEL, image_context_digest
     from builder.config import load_config
-    from builder.render.blueprint import make_plan
+    from builder.render.blueprint import make_blueprint
 
     assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
-    plan = make_plan(load_config(str(tmp_path / "builder.yaml")))
-    current = {CONFIG_LABEL: plan.config_digest, VERSION_LABEL: __version__, CONTEXT_LABEL: image_context_digest(plan), LOCK_LABEL: "a" * 64}
-    assert image_staleness(plan, current, "a" * 64) == ""
-    assert image_staleness(plan, current, None) == ""
-    assert image_staleness(plan, None, None) == f"{plan.image} is not built yet"
-    assert "another config" in image_staleness(plan, {**current, CONFIG_LABEL: "0" * 64}, None)
-    assert image_staleness(plan, {**current, VERSION_LABEL: "0.0.1"}, None) == f"{plan.image} was built by builder 0.0.1; this is builder {__version__}"
-    assert "other templates or supervisor code" in image_staleness(plan, {**current, CONTEXT_LABEL: "0" * 64}, None)
-    assert "another builder.lock" in image_staleness(plan, current, "b" * 64)
+    blueprint = make_blueprint(load_config(str(tmp_path / "builder.yaml")))
+    current = {CONFIG_LABEL: blueprint.config_digest, VERSION_LABEL: __version__, CONTEXT_LABEL: image_context_digest(blueprint), LOCK_LABEL: "a" * 64}
+    assert image_staleness(blueprint, current, "a" * 64) == ""
+    assert image_staleness(blueprint, current, None) == ""
+    assert image_staleness(blueprint, None, None) == f"{blueprint.image} is not built yet"
+    assert "another config" in image_staleness(blueprint, {**current, CONFIG_LABEL: "0" * 64}, None)
+    assert image_staleness(blueprint, {**current, VERSION_LABEL: "0.0.1"}, None) == f"{blueprint.image} was built by builder 0.0.1; this is builder {__version__}"
+    assert "other templates or supervisor code" in image_staleness(blueprint, {**current, CONTEXT_LABEL: "0" * 64}, None)
+    assert "another builder.lock" in image_staleness(blueprint, current, "b" * 64)

@@ -10,7 +10,7 @@ import yaml
 from builder.config import parse_config
 from builder.render.escape import Unrepresentable, compose_block, compose_scalar, dockerfile_quote
 from builder.modelfile import check_modelfile_text, check_stop, render_modelfile
-from builder.render.blueprint import make_plan
+from builder.render.blueprint import make_blueprint
 from builder.render.files import render_context
 from tests.doubles.modelfile_parser import parse_modelfile
 from tests.test_render_golden import CONFIG_DIR
@@ -60,7 +60,7 @@ def test_nasty_env_values_render_into_compose() -> None:
         + "".join(f"    V{i}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n" for i, v in enumerate(NASTY))
     )
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
-    compose = yaml.safe_load(render_context(make_plan(config))["compose.yaml"])
+    compose = yaml.safe_load(render_context(make_blueprint(config))["compose.yaml"])
     env = compose["services"]["serve"]["environment"]
     assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()  # builder's own, beside the user's
     assert {k: v.replace("$$", "$") for k, v in env.items()} == {f"V{i}": v for i, v in enumerate(NASTY)}
@@ -77,13 +77,13 @@ def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
         + "".join(f"    V{i}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n" for i, v in enumerate(NASTY))
     )
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
-    plan = make_plan(config)
-    files = render_context(plan, "kubernetes")
+    blueprint = make_blueprint(config)
+    files = render_context(blueprint, "kubernetes")
     deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()
     assert env == {f"V{i}": v for i, v in enumerate(NASTY)}
-    run_sh = render_context(plan, "single")["single/run.sh"].decode()
+    run_sh = render_context(blueprint, "single")["single/run.sh"].decode()
     command = run_sh.split("\n", 6)[-1].replace("\\\n", " ")
-    assert shlex.split(command) == single_argv(plan)
-    assert [a.split("=", 1)[1] for a in single_argv(plan) if a.startswith("V") and "=" in a] == NASTY
+    assert shlex.split(command) == single_argv(blueprint)
+    assert [a.split("=", 1)[1] for a in single_argv(blueprint) if a.startswith("V") and "=" in a] == NASTY

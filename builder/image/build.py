@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.errors import BuilderError
-from builder.render.blueprint import Plan
+from builder.render.blueprint import Blueprint
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def build_labels(lock_sha256: str, context_sha256: str) -> dict[str, str]:
     return {LOCK_LABEL: lock_sha256, CONTEXT_LABEL: context_sha256}
 
 
-def image_context_digest(plan: Plan) -> str:
+def image_context_digest(blueprint: Blueprint) -> str:
     """sha256 over the rendered files that go into the image (not staged/,
     which the lock covers): changes with the config, the templates and
     builder's own supervisor code, so an upgraded builder rebuilds."""
@@ -46,63 +46,63 @@ def image_context_digest(plan: Plan) -> str:
     from builder.render.files import render_context
 
     digest = hashlib.sha256()
-    for name, data in render_context(plan).items():
+    for name, data in render_context(blueprint).items():
         if name == "Dockerfile" or name.startswith(f"{ROOTFS}/"):
             digest.update(f"{name}\0{len(data)}\0".encode() + data)
     return digest.hexdigest()
 
 
-def image_staleness(plan: Plan, labels: dict[str, str] | None, lock_sha256: str | None) -> str:
+def image_staleness(blueprint: Blueprint, labels: dict[str, str] | None, lock_sha256: str | None) -> str:
     """Why the image must be built again ("" when it is current): the one
     rule `up`, `status` and `doctor` share."""
     from builder import __version__
 
     if labels is None:
-        return f"{plan.image} is not built yet"
-    if labels.get(CONFIG_LABEL) != plan.config_digest:
-        return f"{plan.image} was built from another config (its Modelfile and plan are in the image)"
+        return f"{blueprint.image} is not built yet"
+    if labels.get(CONFIG_LABEL) != blueprint.config_digest:
+        return f"{blueprint.image} was built from another config (its Modelfile and plan are in the image)"
     if labels.get(VERSION_LABEL) != __version__:
-        return f"{plan.image} was built by builder {labels.get(VERSION_LABEL) or 'unknown'}; this is builder {__version__}"
-    if labels.get(CONTEXT_LABEL) != image_context_digest(plan):
-        return f"{plan.image} was built from other templates or supervisor code than this builder renders"
+        return f"{blueprint.image} was built by builder {labels.get(VERSION_LABEL) or 'unknown'}; this is builder {__version__}"
+    if labels.get(CONTEXT_LABEL) != image_context_digest(blueprint):
+        return f"{blueprint.image} was built from other templates or supervisor code than this builder renders"
     if lock_sha256 and labels.get(LOCK_LABEL) != lock_sha256:
-        return f"{plan.image} was built from another builder.lock (other release archives)"
+        return f"{blueprint.image} was built from another builder.lock (other release archives)"
     return ""
 
 
-def buildx_argv(plan: Plan, context: Path, labels: dict[str, str], iidfile: Path, no_cache: bool) -> list[str]:
+def buildx_argv(blueprint: Blueprint, context: Path, labels: dict[str, str], iidfile: Path, no_cache: bool) -> list[str]:
     """The `docker buildx build` command for a reproducible image."""
-    epoch = str(plan.config.source_date_epoch)
+    epoch = str(blueprint.config.source_date_epoch)
     argv = ["docker", "buildx", "build", "--provenance=false", "--load", "--build-arg", f"SOURCE_DATE_EPOCH={epoch}"]
     for key, value in sorted(labels.items()):
         argv += ["--label", f"{key}={value}"]
     if no_cache:
         argv.append("--no-cache")
-    argv += ["--iidfile", str(iidfile), "-t", plan.image, str(context)]
+    argv += ["--iidfile", str(iidfile), "-t", blueprint.image, str(context)]
     return argv
 
 
-def build_image(plan: Plan, context: Path, labels: dict[str, str], no_cache: bool, engine, echo) -> BuildResult:
+def build_image(blueprint: Blueprint, context: Path, labels: dict[str, str], no_cache: bool, engine, echo) -> BuildResult:
     """Build with buildx when present (reproducible), else the classic builder."""
     from builder.image.engine import run_command
 
     if engine.has_buildx():
         with tempfile.TemporaryDirectory(prefix="builder-iid-") as tmp:
             iidfile = Path(tmp) / "iid"
-            argv = buildx_argv(plan, context, labels, iidfile, no_cache)
+            argv = buildx_argv(blueprint, context, labels, iidfile, no_cache)
             echo("$ " + " ".join(argv))
-            env = dict(os.environ, SOURCE_DATE_EPOCH=str(plan.config.source_date_epoch))
+            env = dict(os.environ, SOURCE_DATE_EPOCH=str(blueprint.config.source_date_epoch))
             result = run_command(argv, env=env, stream=True)
             if result.returncode != 0:
                 raise BuilderError(f"docker buildx build failed (exit {result.returncode}); its output is above")
             image_id = iidfile.read_text().strip()
-        return BuildResult(plan.image, image_id, True, str(context))
+        return BuildResult(blueprint.image, image_id, True, str(context))
     echo("warning: docker buildx is missing: using the classic builder, whose images are NOT reproducible")
-    image_id = engine.classic_build(context, plan.image, labels, {"SOURCE_DATE_EPOCH": str(plan.config.source_date_epoch)}, no_cache, echo)
-    return BuildResult(plan.image, image_id, False, str(context))
+    image_id = engine.classic_build(context, blueprint.image, labels, {"SOURCE_DATE_EPOCH": str(blueprint.config.source_date_epoch)}, no_cache, echo)
+    return BuildResult(blueprint.image, image_id, False, str(context))
 
 
-def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_cache: bool, echo) -> BuildResult:
+def build_all(config_path: str, blueprint: Blueprint, context: Path, engine, settings, no_cache: bool, echo) -> BuildResult:
     """Render, fetch, stage, make sure of the base, then build."""
     from builder.image.base import ensure_base
     from builder.image.fetch import ArtifactCache, fetch_and_lock
@@ -110,8 +110,8 @@ def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_
     from builder.render.files import render_context, write_context
     from builder.image.stage import stage
 
-    config = plan.config
-    write_context(render_context(plan), context, config.source_date_epoch)
+    config = blueprint.config
+    write_context(render_context(blueprint), context, config.source_date_epoch)
     _artifacts, entries = fetch_and_lock(config_path, config, settings)
     cache = ArtifactCache(settings.cache_dir)
     ollama, llama = entries["ollama"], entries["llama_cpp"]
@@ -121,5 +121,5 @@ def build_all(config_path: str, plan: Plan, context: Path, engine, settings, no_
     )
     if staged:
         echo(f"staged {', '.join(staged)} into {context / 'staged'}")
-    ensure_base(plan.base, config.source_date_epoch, engine, echo, settings.cache_dir)
-    return build_image(plan, context, build_labels(lock_digest(entries), image_context_digest(plan)), no_cache, engine, echo)
+    ensure_base(blueprint.base, config.source_date_epoch, engine, echo, settings.cache_dir)
+    return build_image(blueprint, context, build_labels(lock_digest(entries), image_context_digest(blueprint)), no_cache, engine, echo)

@@ -56,7 +56,7 @@ class BasePlan:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Blueprint:
     config: Config
     config_digest: str
     image: str
@@ -100,7 +100,7 @@ def plan_base(config: Config) -> BasePlan:
     return BasePlan(image, True, base.distro, base.suite, base.mirror, packages)
 
 
-def make_plan(config: Config) -> Plan:
+def make_blueprint(config: Config) -> Blueprint:
     """Compute everything the build context holds."""
     model = config.model
     digest = config.digest()
@@ -154,7 +154,7 @@ def make_plan(config: Config) -> Plan:
         },
     }
     image = config.image
-    return Plan(
+    return Blueprint(
         config=config,
         config_digest=digest,
         image=image,

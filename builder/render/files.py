@@ -15,7 +15,7 @@ from builder import __version__
 from builder.fsutil import write_atomic
 from builder.errors import ConfigError
 from builder.render.escape import compose_block, compose_scalar, dockerfile_quote
-from builder.render.blueprint import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Plan
+from builder.render.blueprint import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Blueprint
 from builder.render.templates import template_dirs
 
 
@@ -56,29 +56,29 @@ def supervisor_files() -> dict[str, bytes]:
 TARGETS = ("compose", "single", "kubernetes")
 
 
-def render_context(plan: Plan, target: str = "compose") -> dict[str, bytes]:
+def render_context(blueprint: Blueprint, target: str = "compose") -> dict[str, bytes]:
     """Every file of the build context, keyed by its path in the context.
     Every target gets the image's files and compose.yaml; `single` and
     `kubernetes` add their own folder."""
     env = _environment()
     dockerfile = env.get_template("dockerfiles/Dockerfile.j2").render(
         builder_version=__version__,
-        base_image=plan.base.image,
-        ollama_version=plan.config.ollama.version,
-        llama_cpp_build=plan.config.llama_cpp.version,
+        base_image=blueprint.base.image,
+        ollama_version=blueprint.config.ollama.version,
+        llama_cpp_build=blueprint.config.llama_cpp.version,
         copies=COPIES,
-        image_env=plan.image_env,
-        user=plan.user,
+        image_env=blueprint.image_env,
+        user=blueprint.user,
         port=OLLAMA_PORT,
-        labels=plan.labels,
+        labels=blueprint.labels,
     )
-    compose = env.get_template("compose/compose.yaml.j2").render(builder_version=__version__, **plan.compose)
-    runtime = json.dumps(plan.runtime, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    compose = env.get_template("compose/compose.yaml.j2").render(builder_version=__version__, **blueprint.compose)
+    runtime = json.dumps(blueprint.runtime, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     files = {
         MARKER: b"This folder is a build context written by builder; `builder render` rewrites it.\n",
         "Dockerfile": dockerfile.encode(),
         "compose.yaml": compose.encode(),
-        f"{ROOTFS}{CONFIG_DIR}/Modelfile": plan.modelfile.encode(),
+        f"{ROOTFS}{CONFIG_DIR}/Modelfile": blueprint.modelfile.encode(),
         f"{ROOTFS}{CONFIG_DIR}/runtime.json": runtime.encode(),
         ".dockerignore": ("# Only what the Dockerfile copies.\n*\n" + "".join(f"!{src}/\n" for src, _ in COPIES)).encode(),
     }
@@ -86,11 +86,11 @@ def render_context(plan: Plan, target: str = "compose") -> dict[str, bytes]:
     if target == "single":
         from builder.targets.single import render_single
 
-        files.update(render_single(plan, env))
+        files.update(render_single(blueprint, env))
     elif target == "kubernetes":
         from builder.targets.single import render_kubernetes
 
-        files.update(render_kubernetes(plan))
+        files.update(render_kubernetes(blueprint))
     return dict(sorted(files.items()))
 
 

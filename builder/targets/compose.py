@@ -17,7 +17,7 @@ from typing import Callable
 
 from builder.image.engine import compose_argv
 from builder.errors import BuilderError, ConfigError, Problem
-from builder.render.blueprint import Plan
+from builder.render.blueprint import Blueprint
 
 ONE_SHOT = ("merge", "create")
 LOG_TAIL = 15
@@ -29,8 +29,8 @@ class Endpoint:
     model: str
 
 
-def endpoint_url(plan: Plan) -> str:
-    serve = plan.config.serve
+def endpoint_url(blueprint: Blueprint) -> str:
+    serve = blueprint.config.serve
     host = "127.0.0.1" if serve.bind in ("0.0.0.0", "::") else serve.bind
     if ":" in host:
         host = f"[{host}]"
@@ -39,10 +39,10 @@ def endpoint_url(plan: Plan) -> str:
 
 
 
-def check_storage(plan: Plan) -> None:
+def check_storage(blueprint: Blueprint) -> None:
     """Local storage must exist and be writable by the containers' user
     (merge writes the merged file, create ollama's store)."""
-    config = plan.config
+    config = blueprint.config
     storage = config.storage
     if storage.kind != "local":
         return
@@ -103,15 +103,15 @@ def _compose_chatter(line: str) -> bool:
     return text.startswith(("Attaching to", "Container ", "Aborting on container exit")) or " exited with code " in text or text.startswith(("Network ", "Volume "))
 
 
-def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
+def up(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
     """Bring the stack up and wait until the endpoint lists the model."""
-    check_storage(plan)
-    _replace_stale_volume(plan, context, engine, echo)
+    check_storage(blueprint)
+    _replace_stale_volume(blueprint, context, engine, echo)
     for service in ONE_SHOT:
         echo(f"{service}: running")
         run_step(context, service, echo)
     echo("serve: starting")
-    timeout = plan.config.serve.ready_timeout
+    timeout = blueprint.config.serve.ready_timeout
     deadline = time.monotonic() + timeout
     result = engine.compose(context / "compose.yaml", "up", "-d", "--no-deps", "--wait", "--wait-timeout", str(timeout), "serve")
     if result.returncode != 0:
@@ -120,9 +120,9 @@ def up(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoi
         if "could not select device driver" in detail:
             hint = "; the NVIDIA container toolkit is missing on this host (or set gpus: none)"
         raise BuilderError(f"serve did not start: {detail}{hint}")
-    url = endpoint_url(plan)
-    wait_for_model(url, plan.config.model.name, max(5.0, deadline - time.monotonic()))
-    return Endpoint(url, plan.config.model.name)
+    url = endpoint_url(blueprint)
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
+    return Endpoint(url, blueprint.config.model.name)
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class Load:
     size_vram: int
 
 
-def wait_for_load(plan: Plan, engine, container: str, echo: Callable[[str], None], tty: bool) -> Load:
+def wait_for_load(blueprint: Blueprint, engine, container: str, echo: Callable[[str], None], tty: bool) -> Load:
     """Wait until the supervisor in `container` reports the model loaded
     (`health --loaded --json`), with progress; raise with the cause if the
     load failed or the container stopped. The deadline is ollama's own load
@@ -140,9 +140,9 @@ def wait_for_load(plan: Plan, engine, container: str, echo: Callable[[str], None
     given up itself."""
     import sys
 
-    model = plan.config.model.name
+    model = blueprint.config.model.name
     started = time.monotonic()
-    deadline = started + plan.config.serve.ready_timeout
+    deadline = started + blueprint.config.serve.ready_timeout
     shown = -1
     while True:
         code, output = engine.exec_in(container, ["python3", "-m", "supervisor", "health", "--loaded", "--json"])
@@ -180,15 +180,15 @@ class LoadFailed(BuilderError):
     """The model did not load: exit 1, the stack left up for `builder logs`."""
 
 
-def describe_load(plan: Plan, load: Load) -> str:
+def describe_load(blueprint: Blueprint, load: Load) -> str:
     from builder.supervisor.common import human_bytes
 
-    planned = dict(plan.config.model.parameters).get("num_gpu")
+    planned = dict(blueprint.config.model.parameters).get("num_gpu")
     share = f"{load.size_vram * 100 // load.size}%" if load.size else "0%"
     plan_note = f"; planned num_gpu {planned}" if planned is not None else ""
-    if plan.config.gpus.kind == "none":
+    if blueprint.config.gpus.kind == "none":
         plan_note = "; planned: no GPU (gpus: none)"
-    return (f"{plan.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
+    return (f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
             f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}")
 
 
@@ -253,12 +253,12 @@ def loaded_model(url: str, model: str) -> dict | None:
     return None
 
 
-def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
+def _replace_stale_volume(blueprint: Blueprint, context: Path, engine, echo) -> None:
     """A volume whose mount options no longer match the config is removed and
     made again (removing a bind or NFS volume definition leaves the data)."""
-    name = f"{plan.config.project}_models"
+    name = f"{blueprint.config.project}_models"
     options = engine.volume_options(name)
-    wanted = plan.compose["driver_opts"]
+    wanted = blueprint.compose["driver_opts"]
     if options is not None and options != wanted:
         echo(f"volume {name} points elsewhere ({options.get('device')}); recreating it for {wanted.get('device')}")
         result = engine.compose(context / "compose.yaml", "down")
@@ -267,12 +267,12 @@ def _replace_stale_volume(plan: Plan, context: Path, engine, echo) -> None:
         engine.remove_volume(name)
 
 
-def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
+def status(blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
     """A query, reading only: the stack's containers (found by project, so
     no context is rendered), the image's labels, the endpoint."""
     from builder.image.build import image_staleness
 
-    project = plan.config.project
+    project = blueprint.config.project
     result = engine.compose_project(project, "ps", "-a", "--format", "json")
     if result.returncode != 0:
         raise BuilderError(f"docker compose ps failed: {result.stderr.strip()}")
@@ -295,32 +295,32 @@ def status(plan: Plan, engine, lock_sha256: str | None) -> dict:
     else:
         target = "compose"
         services = {name: services.get(name, {"state": "absent"}) for name in ("merge", "create", "serve")}
-    url = endpoint_url(plan)
+    url = endpoint_url(blueprint)
     names = listed_models(url)
-    model_listed = None if names is None else full_name(plan.config.model.name) in names
+    model_listed = None if names is None else full_name(blueprint.config.model.name) in names
     return {
         "project": project,
         "target": target,
-        "image": plan.image,
-        "image_id": engine.image_id(plan.image),
-        "image_stale": image_staleness(plan, engine.image_labels(plan.image), lock_sha256) or None,
+        "image": blueprint.image,
+        "image_id": engine.image_id(blueprint.image),
+        "image_stale": image_staleness(blueprint, engine.image_labels(blueprint.image), lock_sha256) or None,
         "endpoint": url,
-        "model": plan.config.model.name,
+        "model": blueprint.config.model.name,
         "model_listed": model_listed,
-        "loaded": loaded_model(url, plan.config.model.name) if model_listed else None,
+        "loaded": loaded_model(url, blueprint.config.model.name) if model_listed else None,
         "services": services,
     }
 
 
-def up_single(plan: Plan, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
+def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
     """The whole pipeline in one container (the supervisor's `all` role)."""
     from builder.image.engine import run_command
     from builder.targets.single import single_argv
 
-    check_storage(plan)
-    name = plan.config.project
+    check_storage(blueprint)
+    name = blueprint.config.project
     current = engine.container(name)
-    wanted = plan.compose["labels"]["io.builder.config.sha256"]
+    wanted = blueprint.compose["labels"]["io.builder.config.sha256"]
     if current and current["labels"].get("io.builder.role") != "all":
         raise BuilderError(f"a container named {name} exists and builder did not make it; remove it or change project")
     if current and current["status"] == "running" and current["labels"].get("io.builder.config.sha256") == wanted:
@@ -329,13 +329,13 @@ def up_single(plan: Plan, context: Path, engine, echo: Callable[[str], None]) ->
         if current:
             echo(f"{name}: replacing the container ({current['status']}, made from another config or stopped)")
             engine.remove_container(name)
-        argv = single_argv(plan)
+        argv = single_argv(blueprint)
         echo("$ " + " ".join(argv))
         result = run_command(argv)
         if result.returncode != 0:
             detail = " ".join(result.stderr.strip().splitlines()[-2:])
             raise BuilderError(f"docker run failed: {detail}")
-    timeout = plan.config.serve.ready_timeout
+    timeout = blueprint.config.serve.ready_timeout
     deadline = time.monotonic() + timeout
     while True:
         state = engine.container(name) or {"status": "gone"}
@@ -348,6 +348,6 @@ def up_single(plan: Plan, context: Path, engine, echo: Callable[[str], None]) ->
         if time.monotonic() > deadline:
             raise BuilderError(f"{name} was not healthy within {timeout} s; see `docker logs {name}`")
         time.sleep(0.5)
-    url = endpoint_url(plan)
-    wait_for_model(url, plan.config.model.name, max(5.0, deadline - time.monotonic()))
-    return Endpoint(url, plan.config.model.name)
+    url = endpoint_url(blueprint)
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
+    return Endpoint(url, blueprint.config.model.name)

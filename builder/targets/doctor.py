@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.config import Config
-from builder.render.blueprint import Plan
+from builder.render.blueprint import Blueprint
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 
@@ -85,7 +85,7 @@ def check_gpus(config: Config, info: dict | None) -> list[Check]:
     return out
 
 
-def check_storage(config: Config, plan: Plan) -> list[Check]:
+def check_storage(config: Config, blueprint: Blueprint) -> list[Check]:
     storage = config.storage
     if storage.kind == "local":
         if Path(storage.path).is_dir():
@@ -158,24 +158,24 @@ def check_shards(config: Config) -> list[Check]:
     return out
 
 
-def check_image(plan: Plan, lock_sha256: str | None, engine) -> Check:
+def check_image(blueprint: Blueprint, lock_sha256: str | None, engine) -> Check:
     if engine is None:
         return Check("image", WARN, "not checked (no engine)")
     from builder.image.build import image_staleness
 
-    reason = image_staleness(plan, engine.image_labels(plan.image), lock_sha256)
+    reason = image_staleness(blueprint, engine.image_labels(blueprint.image), lock_sha256)
     if reason:
         return Check("image", WARN, reason, "builder build (or builder up, which builds it)")
-    return Check("image", OK, f"{plan.image} is built from this config, builder and lock")
+    return Check("image", OK, f"{blueprint.image} is built from this config, builder and lock")
 
 
-def run_checks(config: Config, plan: Plan, lock_sha256: str | None) -> list[Check]:
+def run_checks(config: Config, blueprint: Blueprint, lock_sha256: str | None) -> list[Check]:
     check, info, engine = check_engine()
     checks = [check]
     if engine is not None:
         checks += check_plugins(engine)
     checks += check_gpus(config, info)
-    checks += check_storage(config, plan)
+    checks += check_storage(config, blueprint)
     checks += check_shards(config)
-    checks.append(check_image(plan, lock_sha256, engine))
+    checks.append(check_image(blueprint, lock_sha256, engine))
     return checks

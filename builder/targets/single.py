@@ -6,7 +6,7 @@ from __future__ import annotations
 import shlex
 from pathlib import PurePosixPath
 
-from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Plan
+from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Blueprint
 
 AUTODL_DATA_DISK = "/root/autodl-tmp"
 AUTODL_PORT = 6006
@@ -17,13 +17,13 @@ def _csv_field(text: str) -> str:
     return f'"{text}"' if "," in text or '"' in text else text
 
 
-def single_mount(plan: Plan) -> str:
-    opts = plan.compose["driver_opts"]
+def single_mount(blueprint: Blueprint) -> str:
+    opts = blueprint.compose["driver_opts"]
     if opts["type"] == "none":
         return f"type=bind,source={opts['device']},target={MODELS_DIR}"
     fields = [
         "type=volume",
-        f"source={plan.config.project}_models",
+        f"source={blueprint.config.project}_models",
         f"target={MODELS_DIR}",
         "volume-driver=local",
         f"volume-opt=type={opts['type']}",
@@ -33,8 +33,8 @@ def single_mount(plan: Plan) -> str:
     return ",".join(fields)
 
 
-def single_gpus(plan: Plan) -> list[str]:
-    gpus = plan.config.gpus
+def single_gpus(blueprint: Blueprint) -> list[str]:
+    gpus = blueprint.config.gpus
     if gpus.kind == "none":
         return []
     if gpus.kind == "all":
@@ -44,40 +44,40 @@ def single_gpus(plan: Plan) -> list[str]:
     return ["--gpus", f'"device={",".join(gpus.ids)}"']
 
 
-def single_argv(plan: Plan) -> list[str]:
+def single_argv(blueprint: Blueprint) -> list[str]:
     """The `docker run` that runs merge, create and serve in one container."""
-    config = plan.config
+    config = blueprint.config
     argv = ["docker", "run", "-d", "--name", config.project, "--restart", "unless-stopped"]
-    for key, value in sorted(plan.compose["labels"].items()):
+    for key, value in sorted(blueprint.compose["labels"].items()):
         argv += ["--label", f"{key}={value}"]
     argv += ["--label", "io.builder.role=all"]
     argv += ["--publish", f"{config.serve.bind}:{config.serve.port}:{OLLAMA_PORT}" if ":" not in config.serve.bind
              else f"[{config.serve.bind}]:{config.serve.port}:{OLLAMA_PORT}"]
-    argv += ["--mount", single_mount(plan)]
+    argv += ["--mount", single_mount(blueprint)]
     argv += ["--health-cmd", "python3 -m supervisor health", "--health-interval", "10s",
              "--health-timeout", "5s", "--health-retries", "3", "--health-start-period", "30s"]
-    argv += single_gpus(plan)
-    for name, value in plan.compose["serve_env"].items():
+    argv += single_gpus(blueprint)
+    for name, value in blueprint.compose["serve_env"].items():
         argv += ["--env", f"{name}={value}"]
-    argv += [plan.image, "all"]
+    argv += [blueprint.image, "all"]
     return argv
 
 
-def render_single(plan: Plan, env) -> dict[str, bytes]:
+def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
     from builder import __version__
     from builder.render.blueprint import LLAMA_CPP_BIN, OLLAMA_STORE, SUPERVISOR_HOME
 
     run = env.get_template("targets/single/run.sh.j2").render(
-        builder_version=__version__, name=plan.config.project, argv=single_argv(plan)
+        builder_version=__version__, name=blueprint.config.project, argv=single_argv(blueprint)
     )
-    shards_folder = str(PurePosixPath(plan.config.model.shards.folder)) if plan.config.model.shards.folder else "."
+    shards_folder = str(PurePosixPath(blueprint.config.model.shards.folder)) if blueprint.config.model.shards.folder else "."
     autodl_env = [
         ("OLLAMA_HOST", f"0.0.0.0:{AUTODL_PORT}"),
         ("OLLAMA_MODELS", OLLAMA_STORE),
         ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
         ("PYTHONPATH", SUPERVISOR_HOME),
         ("PYTHONDONTWRITEBYTECODE", "1"),
-        *plan.compose["serve_env"].items(),
+        *blueprint.compose["serve_env"].items(),
     ]
     autodl = env.get_template("targets/single/autodl.sh.j2").render(
         builder_version=__version__,
@@ -109,9 +109,9 @@ def sh_join(argv: list[str]) -> str:
 K8S_GPU = "nvidia.com/gpu"
 
 
-def kubernetes_gpu_count(plan: Plan) -> tuple[int, str | None]:
+def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
     """GPUs per pod, and a note when the config's wish cannot be said exactly."""
-    gpus = plan.config.gpus
+    gpus = blueprint.config.gpus
     if gpus.kind == "none":
         return 0, None
     if gpus.kind == "count":
@@ -121,9 +121,9 @@ def kubernetes_gpu_count(plan: Plan) -> tuple[int, str | None]:
     return 1, "gpus: all has no Kubernetes equivalent; asking for 1 GPU per pod (set gpus to a count)"
 
 
-def kubernetes_manifests(plan: Plan) -> tuple[dict[str, list[dict]], list[str]]:
+def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], list[str]]:
     """The manifests, by file, and notes on what could not be said exactly."""
-    config = plan.config
+    config = blueprint.config
     k8s = config.kubernetes
     name = config.project.replace("_", "-")
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "builder"}
@@ -161,20 +161,20 @@ def kubernetes_manifests(plan: Plan) -> tuple[dict[str, list[dict]], list[str]]:
         pvc_meta = dict(meta, name=f"{name}-models")
         storage_docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": pvc_meta, "spec": claim})
         volume = {"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
-    gpu_count, note = kubernetes_gpu_count(plan)
+    gpu_count, note = kubernetes_gpu_count(blueprint)
     if note:
         notes.append(note)
 
     def step(role: str) -> dict:
-        return {"name": role, "image": plan.image, "args": [role], "volumeMounts": mount}
+        return {"name": role, "image": blueprint.image, "args": [role], "volumeMounts": mount}
 
     probe = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
     serve = {
         "name": "serve",
-        "image": plan.image,
+        "image": blueprint.image,
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": v} for k, v in plan.compose["serve_env"].items()],
+        "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
         "readinessProbe": dict(probe, failureThreshold=3),
         "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
         "volumeMounts": [dict(mount[0], readOnly=True)],
@@ -219,7 +219,7 @@ def kubernetes_manifests(plan: Plan) -> tuple[dict[str, list[dict]], list[str]]:
     return files, notes
 
 
-def render_kubernetes(plan: Plan) -> dict[str, bytes]:
+def render_kubernetes(blueprint: Blueprint) -> dict[str, bytes]:
     import yaml
 
     from builder import __version__
@@ -228,7 +228,7 @@ def render_kubernetes(plan: Plan) -> dict[str, bytes]:
         def ignore_aliases(self, data) -> bool:  # plain copies read better than &id001 anchors
             return True
 
-    files, notes = kubernetes_manifests(plan)
+    files, notes = kubernetes_manifests(blueprint)
     out = {}
     header = f"# Rendered by builder {__version__}; change the config and run `builder render --target kubernetes` again.\n"
     for name, docs in files.items():
