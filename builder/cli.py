@@ -14,6 +14,7 @@ import click
 from builder import __version__
 from builder.errors import BuilderError, ConfigError
 
+TARGET_NAMES = ("compose", "single", "kubernetes")  # builder.targets.TARGETS, without importing it
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -147,28 +148,26 @@ def validate(config_path: str) -> None:
 @main.command()
 @config_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config].")
-@click.option(
-    "--target", type=click.Choice(["compose", "single", "kubernetes"]), default="compose", show_default=True,
-    help="Also write single/ (one container, AutoDL) or kubernetes/ (manifests).",
-)
-def render(config_path: str, out_dir: str | None, target: str) -> None:
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="compose, single (adds single/) or kubernetes (adds kubernetes/) [default: the config's target].")
+def render(config_path: str, out_dir: str | None, target: str | None) -> None:
     """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
     from builder.render.blueprint import make_blueprint
-    from builder.render.files import render_context, write_context
+    from builder.render.files import write_context
+    from builder.targets import context_files
 
     config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     blueprint = make_blueprint(config)
-    if target == "kubernetes":
-        from builder.targets.single import kubernetes_manifests
+    if (target or config.target) == "kubernetes":
+        from builder.targets.kubernetes import kubernetes_manifests
 
         for note in kubernetes_manifests(blueprint)[1]:
             click.echo(f"note: {note}", err=True)
-    files = render_context(blueprint, target)
-    target = _context_dir(config_path, out_dir)
-    write_context(files, target, config.source_date_epoch)
-    click.echo(str(target))
+    files = context_files(blueprint, target or config.target)
+    folder = _context_dir(config_path, out_dir)
+    write_context(files, folder, config.source_date_epoch)
+    click.echo(str(folder))
 
 
 @main.command()
@@ -272,21 +271,6 @@ def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, 
         click.echo(f"{result.image} {result.image_id}")
 
 
-def _prepare_stack(config_path: str, out_dir: str | None, target: str = "compose", preflight=None):
-    """Load, plan and render: what every stack command starts from.
-    `preflight(config, blueprint)` runs before anything is written."""
-    from builder.render.blueprint import make_blueprint
-    from builder.render.files import render_context, write_context
-
-    config = _load(config_path, resolve_auto=True)
-    blueprint = make_blueprint(config)
-    if preflight is not None:
-        preflight(config, blueprint)
-    context = _context_dir(config_path, out_dir)
-    write_context(render_context(blueprint, target), context, config.source_date_epoch)
-    return config, blueprint, context
-
-
 context_option = click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config]."
 )
@@ -296,174 +280,74 @@ context_option = click.option(
 @config_option
 @context_option
 @click.option("--build", "force_build", is_flag=True, help="Build the image first even if it exists.")
-@click.option(
-    "--target", type=click.Choice(["compose", "single"]), default="compose", show_default=True,
-    help="compose: merge, create and serve as three services; single: all in one container.",
-)
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="compose: three services; single: one container [default: the config's target].")
 @click.option("--no-load", is_flag=True, help="Return once the model is listed, without waiting for it to load.")
 @_with_offline_options
-def up(config_path: str, out_dir: str | None, force_build: bool, target: str, no_load: bool, offline: bool, carried_dir: str | None) -> None:
+def up(config_path: str, out_dir: str | None, force_build: bool, target: str | None, no_load: bool, offline: bool, carried_dir: str | None) -> None:
     """Merge, create, serve: bring the stack up and wait until the model is loaded."""
-    from builder.image.build import build_all, image_staleness
-    from builder.image.engine import DockerEngine
-    from builder.targets.compose import up as stack_up
-    from builder.targets.compose import up_single
+    from builder.targets import deploy
 
-    from builder.targets.checks import check_local_shards
-    from builder.targets.compose import check_storage
-
-    def preflight(config, blueprint) -> None:
-        # Before anything is written, built or merged: the shards are whole,
-        # one split and a model ollama can load; the storage is writable.
-        if check_local_shards(config) is not None:
-            from builder.targets.checks import check_parallel
-
-            check_parallel(config)
-        check_storage(blueprint)
-
-    config, blueprint, context = _prepare_stack(config_path, out_dir, target, preflight)
+    config = _load(config_path, resolve_auto=True)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
-    engine = DockerEngine()
-    reason = image_staleness(blueprint, engine.image_labels(blueprint.image), _lock_sha256(config_path))
-    if not reason and force_build:
-        reason = "--build"
-    if reason:
-        _echo_err(f"building: {reason}")
-        result = build_all(config_path, blueprint, context, engine, _fetch_settings(config, offline, carried_dir), False, _echo_err)
-        _echo_err(f"built {result.image} {result.image_id}")
-    endpoint = (up_single if target == "single" else stack_up)(blueprint, context, engine, _echo_err)
-    if not no_load:
-        from builder.targets.compose import LoadFailed, describe_load, wait_for_load
-
-        container = config.project if target == "single" else engine.service_container(config.project, "serve")
-        try:
-            load = wait_for_load(blueprint, engine, container, _echo_err, sys.stderr.isatty())
-        except LoadFailed as exc:
-            logs = f"docker logs {config.project}" if target == "single" else "builder logs serve"
-            raise BuilderError(
-                f"{config.model.name} did not load: {exc}{_oom_advice(config, str(exc))}; the stack is left up for `{logs}`"
-            ) from None
-        _echo_err(f"load: {describe_load(blueprint, load)}")
-    click.echo(f"{endpoint.url} serves {endpoint.model}")
-
-
-def _oom_advice(config, cause: str) -> str:
-    """For a load that ran out of GPU memory: the num_gpu the planner picks for the GPUs here."""
-    if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
-        return ""
-    try:
-        from builder.targets.checks import gpu_memory, read_shard_headers
-        from builder.render.offload import model_shape, plan_offload
-
-        memory, source = gpu_memory(config)
-        parameters = dict(config.model.parameters)
-        planned = plan_offload(model_shape(read_shard_headers(config)), memory, int(parameters.get("num_ctx", 2048)),
-                               int(config.plan.margin_gib * (1 << 30)))
-        return f"; out of GPU memory: for the GPUs here ({source}) builder plan puts {planned.num_gpu} layers on them (model.parameters.num_gpu: {planned.num_gpu})"
-    except Exception:  # noqa: BLE001 - advice only: the cause above stands on its own
-        return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
-
-
-def _lock_sha256(config_path: str) -> str | None:
-    """The digest of builder.lock beside the config, if there is one."""
-    from builder.image.lock import lock_digest, lock_path, read_lock
-
-    entries = read_lock(lock_path(config_path))
-    return lock_digest(entries) if entries else None
-
-
-def _project_name(config_path: str) -> str:
-    """The Compose project, even from a config that no longer validates
-    (stopping a stack must not depend on its shards still being there)."""
-    import os
-
-    from builder.config import load_config
-
-    if os.environ.get("BUILDER_PROJECT"):
-        return os.environ["BUILDER_PROJECT"]
-    try:
-        return load_config(config_path).project
-    except ConfigError:
-        import yaml
-
-        try:
-            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            raise ConfigError(f"{config_path}: cannot read the project name; pass -c or set BUILDER_PROJECT") from None
-        project = data.get("project", "builder") if isinstance(data, dict) else "builder"
-        return str(project)
+    deployed = deploy(config, config_path, _context_dir(config_path, out_dir), target or config.target, force_build, no_load,
+                      _fetch_settings(config, offline, carried_dir), _echo_err)
+    if deployed.load:
+        _echo_err(f"load: {deployed.load}")
+    click.echo(f"{deployed.url} serves {deployed.model}")
 
 
 @main.command()
 @config_option
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="[default: the config's target]")
 @click.option("--volumes", is_flag=True, help="Also remove the volume definition (the model files stay where they are).")
-def down(config_path: str, volumes: bool) -> None:
+def down(config_path: str, target: str | None, volumes: bool) -> None:
     """Stop and remove the stack's containers."""
     from builder.image.engine import DockerEngine
+    from builder.targets import get_target, project_and_target
 
-    project = _project_name(config_path)
-    engine = DockerEngine()
-    args = ["down", "--remove-orphans"] + (["--volumes"] if volumes else [])
-    result = engine.compose_project(project, *args)
-    if result.returncode != 0:
-        raise BuilderError(f"docker compose down failed: {result.stderr.strip()}")
-    single = engine.container(project)
-    if single and single["labels"].get("io.builder.role") == "all":
-        engine.remove_container(project)  # the single-container target
+    project, name = project_and_target(config_path, target)
+    get_target(name).down(project, DockerEngine(), volumes)
     click.echo(f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
 
 
 @main.command()
 @config_option
 @context_option
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="[default: the config's target]")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(config_path: str, out_dir: str | None, as_json: bool) -> None:
+def status(config_path: str, out_dir: str | None, target: str | None, as_json: bool) -> None:
     """Each service's state, the model, the endpoint, the image (reads only)."""
     import json
 
     from builder.image.engine import DockerEngine
     from builder.render.blueprint import make_blueprint
-    from builder.targets.compose import status as stack_status
+    from builder.targets import get_target, lock_sha256
 
     del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
     config = _load(config_path, resolve_auto=True, quiet=True)
-    report = stack_status(make_blueprint(config), DockerEngine(), _lock_sha256(config_path))
+    report = get_target(target or config.target).status(make_blueprint(config), DockerEngine(), lock_sha256(config_path))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
-        return
-    current = f", stale: {report['image_stale']}" if report["image_stale"] else ""
-    click.echo(f"image     {report['image']} ({report['image_id'] or 'not built'}{current})")
-    for name, service in report["services"].items():
-        state = service.get("state")
-        extra = f", exit {service['exit_code']}" if state == "exited" else ""
-        health = f", {service['health']}" if service.get("health") else ""
-        click.echo(f"{name:<9} {state}{extra}{health}")
-    listed = {True: "listed", False: "not listed", None: "endpoint not answering"}[report["model_listed"]]
-    click.echo(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
-    loaded = report["loaded"]
-    if loaded:
-        from builder.supervisor.common import human_bytes
+    else:
+        from builder.targets.common import status_lines
 
-        share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
-        click.echo(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {share} in GPU memory, until {loaded['expires_at']}")
-    elif report["model_listed"]:
-        click.echo("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
+        click.echo("\n".join(status_lines(report)))
 
 
 @main.command()
 @config_option
 @click.argument("service", required=False, type=click.Choice(["merge", "create", "serve"]))
+@click.option("--target", type=click.Choice(TARGET_NAMES), help="[default: the config's target]")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--tail", default="all", show_default=True, help="Lines from the end of each log.")
-def logs(config_path: str, service: str | None, follow: bool, tail: str) -> None:
+def logs(config_path: str, service: str | None, target: str | None, follow: bool, tail: str) -> None:
     """Show the logs of one service or all."""
     from builder.image.engine import DockerEngine
+    from builder.targets import get_target, project_and_target
 
-    args = ["logs", "--no-color", "--tail", tail] + (["-f"] if follow else []) + ([service] if service else [])
-    result = DockerEngine().compose_project(_project_name(config_path), *args, stream=True)
-    if result.returncode != 0:
-        raise BuilderError(f"docker compose logs failed (exit {result.returncode})")
+    project, name = project_and_target(config_path, target)
+    get_target(name).logs(project, DockerEngine(), service, follow, tail)
 
 
 @main.command("sample-model")
@@ -471,37 +355,10 @@ def logs(config_path: str, service: str | None, follow: bool, tail: str) -> None
 @click.option("--force", is_flag=True, help="Overwrite shards that are already there.")
 def sample_model(config_path: str, force: bool) -> None:
     """Write a tiny real split model where the config's shards should be (local storage only), to try the stack out."""
-    import os
-    import tempfile
+    from builder.sample import write_sample_for
 
-    from builder.sample import write_split_model
-    from builder.supervisor.shards import merged_file_name, shard_file_names
-
-    config = _load(config_path)
-    if config.storage.kind != "local":
-        raise ConfigError("sample-model writes to local storage only; this config uses NFS")
-    shards = config.model.shards
-    if shards.count < 1:
-        raise ConfigError("sample-model needs a split model (model.shards like NAME-00001-of-00003.gguf)")
-    folder = Path(config.storage.path) / shards.folder
-    names = [folder / n for n in shard_file_names(shards.prefix, shards.count)] + [folder / merged_file_name(shards.prefix)]
-    existing = [p for p in names if p.exists()]
-    if existing and not force:
-        raise ConfigError(f"{existing[0]} exists; pass --force to overwrite the sample's files")
-    folder.mkdir(parents=True, exist_ok=True)
-    # Written aside, then moved in: a failure leaves the folder as it was.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".sample-") as scratch:
-        try:
-            written = write_split_model(Path(scratch), shards.prefix, shards.count)
-        except ValueError as exc:
-            raise ConfigError(f"model.shards: {exc}") from None
-        for path in written:
-            os.replace(path, folder / path.name)
-    if os.geteuid() == 0 and config.storage.kind == "local":
-        # Root wrote them; the containers run as image.uid:image.gid and must write beside them.
-        for path in [Path(config.storage.path), folder, *(folder / p.name for p in written)]:
-            os.chown(path, config.uid, config.gid)
-    click.echo(f"wrote {len(written)} shards of a tiny sample model to {folder}")
+    folder, written = write_sample_for(_load(config_path), force)
+    click.echo(f"wrote {written} shards of a tiny sample model to {folder}")
 
 
 @main.command("plan")
@@ -512,14 +369,12 @@ def sample_model(config_path: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | None, num_ctx: int | None, as_json: bool) -> None:
     """How many layers fit on the GPUs, layer by layer, from the shards' GGUF headers."""
-    import dataclasses
     import json
 
-    from builder.targets.checks import gpu_memory as find_gpu_memory
-    from builder.targets.checks import read_shard_headers
-    from builder.render.offload import GIB, model_shape, plan_offload
+    from builder.targets.checks import offload_report
 
     config = _load(config_path)
+    sizes = None
     if gpu_memory:
         try:
             sizes = tuple(float(part) for part in gpu_memory.split(","))
@@ -527,44 +382,11 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
                 raise ValueError
         except ValueError:
             raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
-        config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=sizes))
-    from builder.targets.checks import effective_parallel
-    from builder.supervisor.limits import explain, ollama_limits
-
-    memory, source = find_gpu_memory(config)
-    shape = model_shape(read_shard_headers(config, Path(shards_dir) if shards_dir else None))
-    ctx = num_ctx or int(dict(config.model.parameters).get("num_ctx", 2048))
-    parallel, _ = effective_parallel(config, shape.total_bytes)
-    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel)
-    limits = ollama_limits(shape.total_bytes, config.serve.limits())
-    limits.update({k: v for k, v in config.serve.env if k in limits})
+    report = offload_report(config, Path(shards_dir) if shards_dir else None, sizes, num_ctx)
     if as_json:
-        data = result.as_dict()
-        data["model"] = {
-            "architecture": shape.architecture,
-            "blocks": shape.block_count,
-            "total_bytes": shape.total_bytes,
-            "block_bytes": list(shape.block_bytes),
-            "output_bytes": shape.output_bytes,
-            "cpu_bytes": shape.cpu_bytes,
-        }
-        data["gpu_memory_source"] = source
-        data["ollama_env"] = limits
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
-        return
-    click.echo(f"model   {shape.architecture}, {shape.block_count} layers, {shape.total_bytes / GIB:.1f} GiB")
-    for gpu in result.gpus:
-        layers = f"{gpu.blocks[0]}-{gpu.blocks[-1]}" if gpu.blocks else "none"
-        click.echo(
-            f"gpu {gpu.index}   layers {layers} ({len(gpu.blocks)}): weights {gpu.weights / GIB:.1f} + kv {gpu.kv_cache / GIB:.2f} "
-            f"+ compute {gpu.compute / GIB:.2f} + cuda {gpu.overhead / GIB:.2f} = {gpu.used / GIB:.1f} of {gpu.memory / GIB:.1f} GiB"
-        )
-    click.echo(result.summary())
-    click.echo(f"memory from {source}")
-    set_by_user = {k for k, _ in config.serve.env}
-    for line in explain(shape.total_bytes, config.serve.limits()):
-        name = line.split("=", 1)[0]
-        click.echo(f"ollama  {name}={limits[name]}: serve.env" if name in set_by_user else f"ollama  {line}")
+        click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo("\n".join(report.lines()))
 
 
 @main.command()

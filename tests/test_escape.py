@@ -69,6 +69,7 @@ def test_nasty_env_values_render_into_compose() -> None:
 def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     import shlex
 
+    from builder.targets import context_files
     from builder.targets.single import single_argv
 
     text = (
@@ -78,12 +79,12 @@ def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     )
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
     blueprint = make_blueprint(config)
-    files = render_context(blueprint, "kubernetes")
+    files = context_files(blueprint, "kubernetes")
     deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()
     assert env == {f"V{i}": v for i, v in enumerate(NASTY)}
-    run_sh = render_context(blueprint, "single")["single/run.sh"].decode()
+    run_sh = context_files(blueprint, "single")["single/run.sh"].decode()
     command = run_sh.split("\n", 6)[-1].replace("\\\n", " ")
     assert shlex.split(command) == single_argv(blueprint)
     assert [a.split("=", 1)[1] for a in single_argv(blueprint) if a.startswith("V") and "=" in a] == NASTY

@@ -14,7 +14,7 @@ import pytest
 from builder.cli import PRESETS_DIR, preset_names
 from builder.config import parse_config
 from builder.render.blueprint import make_blueprint
-from builder.render.files import render_context
+from builder.targets import context_files
 
 GOLDEN = Path(__file__).parent / "golden"
 # Local storage paths resolve against the config's folder; fix it so the
@@ -27,7 +27,7 @@ def render_preset(name: str, env: dict[str, str] | None = None, targets=("compos
     config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env=env or {})
     files: dict[str, bytes] = {}
     for target in targets:
-        files.update(render_context(make_blueprint(config), target))
+        files.update(context_files(make_blueprint(config), target))
     return files
 
 
@@ -64,13 +64,13 @@ import hashlib, json, sys
 from pathlib import Path
 from builder.config import parse_config
 from builder.render.blueprint import make_blueprint
-from builder.render.files import render_context
+from builder.targets import context_files
 from builder.cli import PRESETS_DIR
 name = sys.argv[1]
 config = parse_config((PRESETS_DIR / f"{name}.yaml").read_text(encoding="utf-8"), "builder.yaml", base_dir=Path("/srv/builder"), env={})
 files = {}
 for target in ("compose", "single", "kubernetes"):
-    files.update(render_context(make_blueprint(config), target))
+    files.update(context_files(make_blueprint(config), target))
 print(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())}))
 """
 

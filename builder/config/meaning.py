@@ -114,6 +114,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         ),
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,
+        target=data["target"],
     )
 
 

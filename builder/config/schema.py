@@ -104,6 +104,10 @@ def config_schema() -> dict[str, Any]:
         "required": ["version", "model", "storage"],
         "properties": {
             "version": {"description": "Config format version.", "const": 1},
+            "target": {
+                "description": "Where the stack runs: compose (three services on this host), single (one container), kubernetes (manifests for kubectl). `--target` overrides it.",
+                "enum": ["compose", "single", "kubernetes"],
+            },
             "project": _str(
                 "Compose project name; also names the volume and containers.",
                 expect="lowercase letters, digits, - and _ (a Compose project name)",

@@ -151,6 +151,7 @@ class Config:
     kubernetes: KubernetesSettings
     cache_dir: str | None
     source: str
+    target: str = "compose"
 
     @property
     def image(self) -> str:
@@ -163,6 +164,7 @@ class Config:
         data = asdict(self)
         for host_only in (
             "source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "kubernetes", "github_mirror", "registry_mirror",
+            "target",
         ):
             data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

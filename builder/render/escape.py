@@ -6,6 +6,8 @@ paste a raw value.
 
 from __future__ import annotations
 
+import shlex
+
 import json
 from typing import Any
 
@@ -51,3 +53,16 @@ def compose_block(value: Any, indent: int) -> str:
     )
     pad = " " * indent
     return "\n".join(pad + line for line in text.rstrip("\n").split("\n"))
+
+
+def sh(value) -> str:
+    return shlex.quote(str(value))
+
+def sh_join(argv: list[str]) -> str:
+    """Quoted for the shell, one option (with its value) per line."""
+    lines: list[list[str]] = []
+    for index, arg in enumerate(argv):
+        if index == 0 or (arg.startswith("-") and index > 2):
+            lines.append([])
+        lines[-1].append(shlex.quote(arg))
+    return " \\\n  ".join(" ".join(line) for line in lines)

@@ -14,7 +14,7 @@ from pathlib import Path
 from builder import __version__
 from builder.fsutil import write_atomic
 from builder.errors import ConfigError
-from builder.render.escape import compose_block, compose_scalar, dockerfile_quote
+from builder.render.escape import compose_block, compose_scalar, dockerfile_quote, sh, sh_join
 from builder.render.blueprint import CONFIG_DIR, COPIES, OLLAMA_PORT, ROOTFS, SUPERVISOR_HOME, Blueprint
 from builder.render.templates import template_dirs
 
@@ -22,7 +22,8 @@ from builder.render.templates import template_dirs
 MARKER = ".builder-context"
 
 
-def _environment():
+def environment():
+    """The Jinja2 environment every template renders in (StrictUndefined, the escaping filters)."""
     import jinja2
 
     env = jinja2.Environment(
@@ -31,8 +32,6 @@ def _environment():
         autoescape=False,
         keep_trailing_newline=True,
     )
-    from builder.targets.single import sh, sh_join
-
     env.filters.update(
         dockerfile_quote=dockerfile_quote,
         compose_scalar=compose_scalar,
@@ -53,14 +52,10 @@ def supervisor_files() -> dict[str, bytes]:
     }
 
 
-TARGETS = ("compose", "single", "kubernetes")
-
-
-def render_context(blueprint: Blueprint, target: str = "compose") -> dict[str, bytes]:
-    """Every file of the build context, keyed by its path in the context.
-    Every target gets the image's files and compose.yaml; `single` and
-    `kubernetes` add their own folder."""
-    env = _environment()
+def render_context(blueprint: Blueprint) -> dict[str, bytes]:
+    """The image's files and compose.yaml, keyed by their path in the context
+    (every target's context has them; targets.context_files adds the target's own)."""
+    env = environment()
     dockerfile = env.get_template("dockerfiles/Dockerfile.j2").render(
         builder_version=__version__,
         base_image=blueprint.base.image,
@@ -83,14 +78,6 @@ def render_context(blueprint: Blueprint, target: str = "compose") -> dict[str, b
         ".dockerignore": ("# Only what the Dockerfile copies.\n*\n" + "".join(f"!{src}/\n" for src, _ in COPIES)).encode(),
     }
     files.update(supervisor_files())
-    if target == "single":
-        from builder.targets.single import render_single
-
-        files.update(render_single(blueprint, env))
-    elif target == "kubernetes":
-        from builder.targets.single import render_kubernetes
-
-        files.update(render_kubernetes(blueprint))
     return dict(sorted(files.items()))
 
 

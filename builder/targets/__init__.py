@@ -1,0 +1,137 @@
+"""Deploy targets, one module each behind one interface (targets/base.py),
+found by name. Adding a target is adding a module here and its name below;
+the CLI only dispatches.
+
+Also the orchestration every target shares: load and render the config,
+check the shards before anything is written, rebuild a stale image, bring
+the target up, wait for the model to load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from builder.errors import BuilderError, ConfigError, Problem
+from builder.targets.base import Declined, Target  # noqa: F401 - the interface, for callers
+
+TARGETS = ("compose", "single", "kubernetes")
+
+
+def get_target(name: str, source: str | None = None) -> Target:
+    """The target called `name`; an unknown name is one clear line (exit 2)."""
+    if name not in TARGETS:
+        message = f"'{name}' is not a deploy target; choose one of {', '.join(TARGETS)}"
+        raise ConfigError(Problem("target", message, None, source) if source else f"target: {message}")
+    return importlib.import_module(f"builder.targets.{name}").TARGET
+
+
+def context_files(blueprint, target: str) -> dict[str, bytes]:
+    """Every file of the build context for `target`: the image's files and
+    compose.yaml (every context has them), then the target's own."""
+    from builder.render.files import environment, render_context
+
+    files = render_context(blueprint)
+    files.update(get_target(target, blueprint.config.source).render(blueprint, environment()))
+    return dict(sorted(files.items()))
+
+
+@dataclass(frozen=True)
+class Deployed:
+    url: str
+    model: str
+    load: str | None  # the load's one-line report, or None with --no-load
+
+
+def lock_sha256(config_path: str) -> str | None:
+    """The digest of builder.lock beside the config, if there is one."""
+    from builder.image.lock import lock_digest, lock_path, read_lock
+
+    entries = read_lock(lock_path(config_path))
+    return lock_digest(entries) if entries else None
+
+
+def deploy(config, config_path: str, context: Path, target_name: str, force_build: bool, no_load: bool,
+           fetch_settings, echo: Callable[[str], None]) -> Deployed:
+    """`builder up`: preflight, render, (re)build, up, wait for the load."""
+    from builder.image.build import build_all, image_staleness
+    from builder.image.engine import DockerEngine
+    from builder.render.blueprint import make_blueprint
+    from builder.render.files import write_context
+    from builder.targets.checks import check_local_shards, check_parallel
+    from builder.targets.common import LoadFailed, check_storage, describe_load, wait_for_load
+
+    target = get_target(target_name, config.source)
+    blueprint = make_blueprint(config)
+    # Before anything is written, built or merged: the shards are whole, one
+    # split and a model ollama can load; the storage is writable.
+    if check_local_shards(config) is not None:
+        check_parallel(config)
+    check_storage(blueprint)
+    if not target.deploys:
+        target.up(blueprint, context, None, echo)  # declines, saying what to do instead
+    write_context(context_files(blueprint, target_name), context, config.source_date_epoch)
+    engine = DockerEngine()
+    reason = image_staleness(blueprint, engine.image_labels(blueprint.image), lock_sha256(config_path))
+    if not reason and force_build:
+        reason = "--build"
+    if reason:
+        echo(f"building: {reason}")
+        result = build_all(config_path, blueprint, context, engine, fetch_settings, False, echo)
+        echo(f"built {result.image} {result.image_id}")
+    endpoint = target.up(blueprint, context, engine, echo)
+    if no_load:
+        return Deployed(endpoint.url, endpoint.model, None)
+    try:
+        load = wait_for_load(blueprint, engine, target.serve_container(blueprint, engine), echo, sys.stderr.isatty())
+    except LoadFailed as exc:
+        raise BuilderError(
+            f"{config.model.name} did not load: {exc}{oom_advice(config, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
+        ) from None
+    return Deployed(endpoint.url, endpoint.model, describe_load(blueprint, load))
+
+
+def oom_advice(config, cause: str) -> str:
+    """For a load that ran out of GPU memory: the num_gpu the planner picks for the GPUs here."""
+    if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
+        return ""
+    try:
+        from builder.render.offload import model_shape, plan_offload
+        from builder.targets.checks import effective_parallel, gpu_memory, read_shard_headers
+
+        memory, source = gpu_memory(config)
+        shape = model_shape(read_shard_headers(config))
+        parallel, _ = effective_parallel(config, shape.total_bytes)
+        parameters = dict(config.model.parameters)
+        planned = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)), parallel)
+        return f"; out of GPU memory: for the GPUs here ({source}) builder plan puts {planned.num_gpu} layers on them (model.parameters.num_gpu: {planned.num_gpu})"
+    except Exception:  # noqa: BLE001 - advice only: the cause above stands on its own
+        return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
+
+
+def project_and_target(config_path: str, flag: str | None) -> tuple[str, str]:
+    """The project and its target, even from a config that no longer
+    validates (stopping a stack must not depend on its shards still being there)."""
+    import os
+
+    from builder.config import load_config
+    from builder.errors import ConfigError
+
+    try:
+        config = load_config(config_path)
+        project, target = config.project, config.target
+    except ConfigError:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            data = None
+            if not os.environ.get("BUILDER_PROJECT"):
+                raise ConfigError(f"{config_path}: cannot read the project name; pass -c or set BUILDER_PROJECT") from None
+        data = data if isinstance(data, dict) else {}
+        project, target = str(data.get("project", "builder")), str(data.get("target", "compose"))
+    return os.environ.get("BUILDER_PROJECT") or project, flag or target

@@ -203,3 +203,65 @@ def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
     parameters["num_gpu"] = number
     model = dataclasses.replace(config.model, parameters=tuple(sorted(parameters.items())))
     return dataclasses.replace(config, model=model), reason
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadReport:
+    """What `builder plan` shows: the placement, the model, ollama's limits."""
+
+    result: object  # render.offload.OffloadPlan
+    shape: object  # render.offload.ModelShape
+    source: str
+    limits: dict[str, str]
+    explained: list[str]
+    set_by_user: frozenset[str]
+
+    def as_dict(self) -> dict:
+        shape = self.shape
+        data = self.result.as_dict()
+        data["model"] = {
+            "architecture": shape.architecture,
+            "blocks": shape.block_count,
+            "total_bytes": shape.total_bytes,
+            "block_bytes": list(shape.block_bytes),
+            "output_bytes": shape.output_bytes,
+            "cpu_bytes": shape.cpu_bytes,
+        }
+        data["gpu_memory_source"] = self.source
+        data["ollama_env"] = self.limits
+        return data
+
+    def lines(self) -> list[str]:
+        from builder.render.offload import GIB
+
+        shape, result = self.shape, self.result
+        out = [f"model   {shape.architecture}, {shape.block_count} layers, {shape.total_bytes / GIB:.1f} GiB"]
+        for gpu in result.gpus:
+            layers = f"{gpu.blocks[0]}-{gpu.blocks[-1]}" if gpu.blocks else "none"
+            out.append(
+                f"gpu {gpu.index}   layers {layers} ({len(gpu.blocks)}): weights {gpu.weights / GIB:.1f} + kv {gpu.kv_cache / GIB:.2f} "
+                f"+ compute {gpu.compute / GIB:.2f} + cuda {gpu.overhead / GIB:.2f} = {gpu.used / GIB:.1f} of {gpu.memory / GIB:.1f} GiB"
+            )
+        out += [result.summary(), f"memory from {self.source}"]
+        for line in self.explained:
+            name = line.split("=", 1)[0]
+            out.append(f"ollama  {name}={self.limits[name]}: serve.env" if name in self.set_by_user else f"ollama  {line}")
+        return out
+
+
+def offload_report(config: Config, shards_dir: Path | None, gpu_memory_gib: tuple[float, ...] | None, num_ctx: int | None) -> OffloadReport:
+    """`builder plan`: read the headers, place the layers, size ollama's limits."""
+    from builder.render.offload import GIB, model_shape, plan_offload
+    from builder.supervisor.limits import explain, ollama_limits
+
+    if gpu_memory_gib:
+        config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=gpu_memory_gib))
+    memory, source = gpu_memory(config)
+    shape = model_shape(read_shard_headers(config, shards_dir))
+    ctx = num_ctx or int(dict(config.model.parameters).get("num_ctx", 2048))
+    parallel, _ = effective_parallel(config, shape.total_bytes)
+    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel)
+    limits = ollama_limits(shape.total_bytes, config.serve.limits())
+    limits.update({k: v for k, v in config.serve.env if k in limits})
+    return OffloadReport(result, shape, source, limits, explain(shape.total_bytes, config.serve.limits()),
+                         frozenset(k for k, _ in config.serve.env))

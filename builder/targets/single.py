@@ -1,21 +1,27 @@
-"""Deploy targets beyond one Compose host: one container (`single`, e.g. for
-AutoDL) and Kubernetes. Pure: each returns file contents or argv as values."""
+"""The `single` target: one container runs merge, create and serve (the
+supervisor's `all` role), for platforms that run one image, and the AutoDL
+script that does the same inside an instance. Rendering is pure: argv and
+file contents as values."""
 
 from __future__ import annotations
 
-import shlex
-from pathlib import PurePosixPath
+import time
+from pathlib import Path, PurePosixPath
+from typing import Callable
 
+from builder.errors import BuilderError
 from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Blueprint
+from builder.targets.base import Target
+from builder.targets.common import Endpoint, check_storage, endpoint_url, wait_for_model
+
 
 AUTODL_DATA_DISK = "/root/autodl-tmp"
-AUTODL_PORT = 6006
 
+AUTODL_PORT = 6006
 
 def _csv_field(text: str) -> str:
     """A field of `--mount`'s comma-separated value, quoted when it holds a comma."""
     return f'"{text}"' if "," in text or '"' in text else text
-
 
 def single_mount(blueprint: Blueprint) -> str:
     opts = blueprint.compose["driver_opts"]
@@ -32,7 +38,6 @@ def single_mount(blueprint: Blueprint) -> str:
     ]
     return ",".join(fields)
 
-
 def single_gpus(blueprint: Blueprint) -> list[str]:
     gpus = blueprint.config.gpus
     if gpus.kind == "none":
@@ -42,7 +47,6 @@ def single_gpus(blueprint: Blueprint) -> list[str]:
     if gpus.kind == "count":
         return ["--gpus", str(gpus.count)]
     return ["--gpus", f'"device={",".join(gpus.ids)}"']
-
 
 def single_argv(blueprint: Blueprint) -> list[str]:
     """The `docker run` that runs merge, create and serve in one container."""
@@ -61,7 +65,6 @@ def single_argv(blueprint: Blueprint) -> list[str]:
         argv += ["--env", f"{name}={value}"]
     argv += [blueprint.image, "all"]
     return argv
-
 
 def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
     from builder import __version__
@@ -91,150 +94,88 @@ def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
     )
     return {"single/run.sh": run.encode(), "single/autodl.sh": autodl.encode()}
 
+def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None]) -> Endpoint:
+    """The whole pipeline in one container (the supervisor's `all` role)."""
+    from builder.image.engine import run_command
 
-def sh(value) -> str:
-    return shlex.quote(str(value))
-
-
-def sh_join(argv: list[str]) -> str:
-    """Quoted for the shell, one option (with its value) per line."""
-    lines: list[list[str]] = []
-    for index, arg in enumerate(argv):
-        if index == 0 or (arg.startswith("-") and index > 2):
-            lines.append([])
-        lines[-1].append(shlex.quote(arg))
-    return " \\\n  ".join(" ".join(line) for line in lines)
-
-
-K8S_GPU = "nvidia.com/gpu"
-
-
-def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
-    """GPUs per pod, and a note when the config's wish cannot be said exactly."""
-    gpus = blueprint.config.gpus
-    if gpus.kind == "none":
-        return 0, None
-    if gpus.kind == "count":
-        return gpus.count, None
-    if gpus.kind == "ids":
-        return len(gpus.ids), f"gpus: Kubernetes picks the devices; asking for {len(gpus.ids)} GPU(s), not ids {', '.join(gpus.ids)}"
-    return 1, "gpus: all has no Kubernetes equivalent; asking for 1 GPU per pod (set gpus to a count)"
-
-
-def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], list[str]]:
-    """The manifests, by file, and notes on what could not be said exactly."""
-    config = blueprint.config
-    k8s = config.kubernetes
-    name = config.project.replace("_", "-")
-    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "builder"}
-    meta = {"name": name, "labels": dict(labels)}
-    if k8s.namespace:
-        meta["namespace"] = k8s.namespace
-    notes: list[str] = []
-    mount = [{"name": "models", "mountPath": MODELS_DIR}]
-    storage_docs: list[dict] = []
-    storage = config.storage
-    if storage.kind == "local":
-        volume = {"name": "models", "hostPath": {"path": storage.path, "type": "Directory"}}
-        notes.append("storage.local becomes a hostPath volume: every pod must run on a node that has the folder")
+    check_storage(blueprint)
+    name = blueprint.config.project
+    current = engine.container(name)
+    wanted = blueprint.compose["labels"]["io.builder.config.sha256"]
+    if current and current["labels"].get("io.builder.role") != "all":
+        raise BuilderError(f"a container named {name} exists and builder did not make it; remove it or change project")
+    if current and current["status"] == "running" and current["labels"].get("io.builder.config.sha256") == wanted:
+        echo(f"{name}: already running with this config")
     else:
-        claim = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": k8s.storage_size}}}
-        if k8s.storage_class:
-            claim["storageClassName"] = k8s.storage_class
-        else:
-            pv = {
-                "apiVersion": "v1",
-                "kind": "PersistentVolume",
-                "metadata": {"name": f"{name}-models", "labels": dict(labels)},
-                "spec": {
-                    "capacity": {"storage": k8s.storage_size},
-                    "accessModes": ["ReadWriteMany"],
-                    "persistentVolumeReclaimPolicy": "Retain",
-                    "storageClassName": "",
-                    "mountOptions": [o for o in storage.options.split(",") if o],
-                    "nfs": {"server": storage.server, "path": storage.export},
-                },
-            }
-            storage_docs.append(pv)
-            claim["storageClassName"] = ""
-            claim["volumeName"] = f"{name}-models"
-        pvc_meta = dict(meta, name=f"{name}-models")
-        storage_docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": pvc_meta, "spec": claim})
-        volume = {"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
-    gpu_count, note = kubernetes_gpu_count(blueprint)
-    if note:
-        notes.append(note)
-
-    def step(role: str) -> dict:
-        return {"name": role, "image": blueprint.image, "args": [role], "volumeMounts": mount}
-
-    probe = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
-    serve = {
-        "name": "serve",
-        "image": blueprint.image,
-        "args": ["serve"],
-        "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
-        "readinessProbe": dict(probe, failureThreshold=3),
-        "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
-        "volumeMounts": [dict(mount[0], readOnly=True)],
-    }
-    if not serve["env"]:
-        del serve["env"]
-    if gpu_count:
-        serve["resources"] = {"limits": {K8S_GPU: gpu_count}}
-    deployment = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "replicas": k8s.replicas,
-            "strategy": {"type": "Recreate"},  # a rolling update would need twice the GPUs
-            "selector": {"matchLabels": dict(labels)},
-            "template": {
-                "metadata": {"labels": dict(labels)},
-                "spec": {
-                    # Init containers run in order, to completion: merge, then create.
-                    # Pods sharing the export take a lock on it, so only one merges.
-                    "initContainers": [step("merge"), step("create")],
-                    "containers": [serve],
-                    "volumes": [volume],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta,
-        "spec": {
-            "type": "ClusterIP",  # ollama has no authentication: expose it through your own ingress
-            "selector": dict(labels),
-            "ports": [{"name": "http", "port": OLLAMA_PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
-    files = {"kubernetes/deployment.yaml": [deployment], "kubernetes/service.yaml": [service]}
-    if storage_docs:
-        files["kubernetes/storage.yaml"] = storage_docs
-    return files, notes
+        if current:
+            echo(f"{name}: replacing the container ({current['status']}, made from another config or stopped)")
+            engine.remove_container(name)
+        argv = single_argv(blueprint)
+        echo("$ " + " ".join(argv))
+        result = run_command(argv)
+        if result.returncode != 0:
+            detail = " ".join(result.stderr.strip().splitlines()[-2:])
+            raise BuilderError(f"docker run failed: {detail}")
+    timeout = blueprint.config.serve.ready_timeout
+    deadline = time.monotonic() + timeout
+    while True:
+        state = engine.container(name) or {"status": "gone"}
+        if state["status"] in ("exited", "dead", "gone"):
+            tail = engine.container_logs(name) if state["status"] != "gone" else ""
+            reason = next((l.split("error: ", 1)[1] for l in reversed(tail.splitlines()) if "supervisor: error: " in l), None)
+            raise BuilderError(f"{name} stopped (exit {state.get('exit_code')}): {reason or tail.strip()[-300:] or 'no output'}")
+        if state["health"] == "healthy":
+            break
+        if time.monotonic() > deadline:
+            raise BuilderError(f"{name} was not healthy within {timeout} s; see `docker logs {name}`")
+        time.sleep(0.5)
+    url = endpoint_url(blueprint)
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
+    return Endpoint(url, blueprint.config.model.name)
 
 
-def render_kubernetes(blueprint: Blueprint) -> dict[str, bytes]:
-    import yaml
+class SingleTarget(Target):
+    """Everything in one container: `docker run` (single/run.sh), or AutoDL."""
 
-    from builder import __version__
+    name = "single"
 
-    class Dumper(yaml.SafeDumper):
-        def ignore_aliases(self, data) -> bool:  # plain copies read better than &id001 anchors
-            return True
+    def render(self, blueprint: Blueprint, env) -> dict[str, bytes]:
+        return render_single(blueprint, env)
 
-    files, notes = kubernetes_manifests(blueprint)
-    out = {}
-    header = f"# Rendered by builder {__version__}; change the config and run `builder render --target kubernetes` again.\n"
-    for name, docs in files.items():
-        body = "---\n".join(yaml.dump(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1 << 16) for doc in docs)
-        out[name] = (header + body).encode()
-    readme = ["# Kubernetes manifests rendered by builder", "", "Apply: kubectl apply -f kubernetes/", ""]
-    readme += [f"- {note}" for note in notes]
-    out["kubernetes/NOTES.md"] = ("\n".join(readme).rstrip() + "\n").encode()
-    return out
+    def up(self, blueprint: Blueprint, context: Path, engine, echo) -> Endpoint:
+        return up_single(blueprint, context, engine, echo)
+
+    def serve_container(self, blueprint: Blueprint, engine) -> str | None:
+        return blueprint.config.project
+
+    def logs_hint(self, blueprint: Blueprint) -> str:
+        return "builder logs"
+
+    def down(self, project: str, engine, volumes: bool) -> None:
+        info = engine.container(project)
+        if info is not None and info["labels"].get("io.builder.role") != "all":
+            raise BuilderError(f"the container {project} was not made by builder; remove it yourself")
+        engine.remove_container(project)
+        if volumes:
+            engine.remove_volume(f"{project}_models")
+
+    def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
+        from builder.targets.common import status_report
+
+        info = engine.container(blueprint.config.project)
+        state = {"state": "absent"} if info is None else {
+            "state": info["status"], "health": info["health"], "exit_code": info["exit_code"], "status": info["status"],
+        }
+        return status_report(blueprint, engine, lock_sha256, "single", {"all": state})
+
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+        from builder.image.engine import run_command
+
+        if service:
+            raise BuilderError(f"the single target runs every step in one container: `builder logs` shows them all, not {service} alone")
+        result = run_command(["docker", "logs", "--tail", tail, *(["-f"] if follow else []), project], stream=True)
+        if result.returncode != 0:
+            raise BuilderError(f"docker logs {project} failed (exit {result.returncode})")
+
+
+TARGET = SingleTarget()

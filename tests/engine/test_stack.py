@@ -238,12 +238,12 @@ def test_single_container_target(tiny_stack: TinyStack) -> None:
     answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False, "options": {"num_predict": 8}})
     expected, _ = greedy(llama_cpp_bin_dir(), tiny_stack.models / "tiny.gguf", "one box", 8)
     assert (answer["response"], answer["eval_count"]) == (expected, 8)
-    report = json.loads(tiny_stack.builder("status", "--json").stdout)
+    report = json.loads(tiny_stack.builder("status", "--target", "single", "--json").stdout)
     assert report["target"] == "single" and report["services"] == {"all": report["services"]["all"]}
     assert report["services"]["all"]["state"] == "running" and report["model_listed"] is True
     again = tiny_stack.builder("up", "--target", "single")
     assert again.returncode == 0 and "already running with this config" in again.stderr
-    assert tiny_stack.builder("down").returncode == 0
+    assert tiny_stack.builder("down", "--target", "single").returncode == 0
     assert docker("inspect", tiny_stack.project, check=False).returncode != 0
 
 

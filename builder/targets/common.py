@@ -1,0 +1,224 @@
+"""What the container targets share: the endpoint and the wait for the
+model to be listed, the warm-up's load, the storage the containers write."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from builder.errors import BuilderError, ConfigError, Problem
+from builder.render.blueprint import Blueprint
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    model: str
+
+def endpoint_url(blueprint: Blueprint) -> str:
+    serve = blueprint.config.serve
+    host = "127.0.0.1" if serve.bind in ("0.0.0.0", "::") else serve.bind
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{serve.port}"
+
+def check_storage(blueprint: Blueprint) -> None:
+    """Local storage must exist and be writable by the containers' user
+    (merge writes the merged file, create ollama's store)."""
+    config = blueprint.config
+    storage = config.storage
+    if storage.kind != "local":
+        return
+    root = Path(storage.path)
+    if not root.is_dir():
+        raise ConfigError(
+            Problem("storage.local", f"the folder {root} does not exist; create it and put the shards there", None, config.source)
+        )
+    for folder in (root, root / config.model.shards.folder):
+        if folder.is_dir() and not writable_by(folder, config.uid, config.gid):
+            raise ConfigError(
+                Problem(
+                    "storage.local",
+                    f"{folder} is not writable by the containers' user {config.uid}:{config.gid}; "
+                    f"chown -R {config.uid}:{config.gid} {root} (or set image.uid and image.gid)",
+                    None,
+                    config.source,
+                )
+            )
+
+def writable_by(path: Path, uid: int, gid: int) -> bool:
+    info = path.stat()
+    if uid == 0:
+        return True
+    if info.st_uid == uid:
+        return bool(info.st_mode & 0o200)
+    if info.st_gid == gid:
+        return bool(info.st_mode & 0o020)
+    return bool(info.st_mode & 0o002)
+
+def wait_for_model(url: str, model: str, timeout: float) -> None:
+    """Ask the endpoint until it answers and lists the model (httpx + tenacity)."""
+    from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
+    class NotYet(Exception):
+        pass
+
+    def ask() -> None:
+        names = listed_models(url)
+        if names is None:
+            raise NotYet("no answer")
+        wanted = full_name(model)
+        if wanted not in names:
+            raise NotYet(f"{wanted} is not listed (found: {', '.join(sorted(n for n in names if n)) or 'none'})")
+
+    try:
+        for attempt in Retrying(
+            stop=stop_after_delay(timeout), wait=wait_exponential(multiplier=0.2, max=5), retry=retry_if_exception_type(NotYet)
+        ):
+            with attempt:
+                ask()
+    except RetryError as exc:
+        raise BuilderError(f"{url} did not list {model} within {timeout:.0f} s ({exc.last_attempt.exception()}); see `builder logs serve`") from None
+
+def full_name(model: str) -> str:
+    """ollama lists `NAME` as `NAME:latest`."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+def listed_models(url: str) -> set[str] | None:
+    """The names /api/tags lists, or None when the endpoint does not answer
+    properly. Never through a proxy: the endpoint is on this machine."""
+    import httpx
+
+    try:
+        response = httpx.get(f"{url}/api/tags", timeout=10, trust_env=False)
+        if response.status_code != 200:
+            return None
+        return {m.get("name") for m in response.json().get("models", []) if isinstance(m, dict)}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+
+def loaded_model(url: str, model: str) -> dict | None:
+    """The model's /api/ps entry (size, size_vram, expires_at) while it is loaded."""
+    import httpx
+
+    wanted = full_name(model)
+    try:
+        response = httpx.get(f"{url}/api/ps", timeout=10, trust_env=False)
+        if response.status_code != 200:
+            return None
+        for entry in response.json().get("models", []):
+            if isinstance(entry, dict) and wanted in (entry.get("name"), entry.get("model")):
+                return {k: entry.get(k) for k in ("size", "size_vram", "expires_at")}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return None
+
+@dataclass(frozen=True)
+class Load:
+    seconds: float
+    size: int
+    size_vram: int
+
+class LoadFailed(BuilderError):
+    """The model did not load: exit 1, the stack left up for `builder logs`."""
+
+def wait_for_load(blueprint: Blueprint, engine, container: str, echo: Callable[[str], None], tty: bool) -> Load:
+    """Wait until the supervisor in `container` reports the model loaded
+    (`health --loaded --json`), with progress; raise with the cause if the
+    load failed or the container stopped. The deadline is ollama's own load
+    timeout (the supervisor reports it) plus two minutes: by then ollama has
+    given up itself."""
+    import sys
+
+    model = blueprint.config.model.name
+    started = time.monotonic()
+    deadline = started + blueprint.config.serve.ready_timeout
+    shown = -1
+    while True:
+        code, output = engine.exec_in(container, ["python3", "-m", "supervisor", "health", "--loaded", "--json"])
+        try:
+            state = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
+        except ValueError:
+            state = {}
+        if code == 0 and state.get("state") == "loaded":
+            if tty and shown >= 0:
+                sys.stderr.write("\n")
+            return Load(float(state.get("load_seconds", 0.0)), int(state.get("size", 0)), int(state.get("size_vram", 0)))
+        if state.get("state") == "failed":
+            if tty and shown >= 0:
+                sys.stderr.write("\n")
+            raise LoadFailed(state.get("error") or "unknown cause")
+        info = engine.container(container)
+        if info is None or info["status"] in ("exited", "dead"):
+            raise LoadFailed(f"the serve container stopped (exit {info and info.get('exit_code')}) before the model loaded")
+        if state.get("load_timeout_s"):
+            deadline = started + float(state["load_timeout_s"]) + 120
+        elapsed = int(time.monotonic() - started)
+        if tty:
+            sys.stderr.write(f"\rload: {model} loading, {elapsed} s")
+            sys.stderr.flush()
+            shown = elapsed
+        elif elapsed // 30 > shown:
+            shown = elapsed // 30
+            echo(f"load: {model} loading, {elapsed} s")
+        if time.monotonic() > deadline:
+            raise LoadFailed(f"not loaded after {elapsed} s (ollama's load timeout plus 2 minutes)")
+        time.sleep(0.5)
+
+def describe_load(blueprint: Blueprint, load: Load) -> str:
+    from builder.supervisor.common import human_bytes
+
+    planned = dict(blueprint.config.model.parameters).get("num_gpu")
+    share = f"{load.size_vram * 100 // load.size}%" if load.size else "0%"
+    plan_note = f"; planned num_gpu {planned}" if planned is not None else ""
+    if blueprint.config.gpus.kind == "none":
+        plan_note = "; planned: no GPU (gpus: none)"
+    return (f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
+            f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}")
+
+
+def status_lines(report: dict) -> list[str]:
+    """`builder status` for a person: one line per thing."""
+    from builder.supervisor.common import human_bytes
+
+    current = f", stale: {report['image_stale']}" if report["image_stale"] else ""
+    out = [f"image     {report['image']} ({report['image_id'] or 'not built'}{current})"]
+    for name, service in report["services"].items():
+        state = service.get("state")
+        extra = f", exit {service['exit_code']}" if state == "exited" else ""
+        health = f", {service['health']}" if service.get("health") else ""
+        out.append(f"{name:<9} {state}{extra}{health}")
+    listed = {True: "listed", False: "not listed", None: "endpoint not answering"}[report["model_listed"]]
+    out.append(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
+    loaded = report["loaded"]
+    if loaded:
+        share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
+        out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {share} in GPU memory, until {loaded['expires_at']}")
+    elif report["model_listed"]:
+        out.append("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
+    return out
+
+
+def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target: str, services: dict) -> dict:
+    """`builder status`'s report: the target's containers, the image and
+    whether it is stale, the endpoint, the model listed and loaded."""
+    from builder.image.build import image_staleness
+
+    url = endpoint_url(blueprint)
+    names = listed_models(url)
+    listed = None if names is None else full_name(blueprint.config.model.name) in names
+    return {
+        "project": blueprint.config.project,
+        "target": target,
+        "image": blueprint.image,
+        "image_id": engine.image_id(blueprint.image),
+        "image_stale": image_staleness(blueprint, engine.image_labels(blueprint.image), lock_sha256) or None,
+        "endpoint": url,
+        "model": blueprint.config.model.name,
+        "model_listed": listed,
+        "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+        "services": services,
+    }

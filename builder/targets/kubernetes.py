@@ -1,0 +1,168 @@
+"""The `kubernetes` target: manifests for `kubectl apply` (an NFS
+PersistentVolume and claim, a Deployment whose pod runs merge and create as
+init containers and serve with GPU limits and probes, a ClusterIP Service).
+builder renders them; the cluster runs them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, Blueprint
+from builder.targets.base import Declined, Target
+
+
+K8S_GPU = "nvidia.com/gpu"
+
+def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
+    """GPUs per pod, and a note when the config's wish cannot be said exactly."""
+    gpus = blueprint.config.gpus
+    if gpus.kind == "none":
+        return 0, None
+    if gpus.kind == "count":
+        return gpus.count, None
+    if gpus.kind == "ids":
+        return len(gpus.ids), f"gpus: Kubernetes picks the devices; asking for {len(gpus.ids)} GPU(s), not ids {', '.join(gpus.ids)}"
+    return 1, "gpus: all has no Kubernetes equivalent; asking for 1 GPU per pod (set gpus to a count)"
+
+def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], list[str]]:
+    """The manifests, by file, and notes on what could not be said exactly."""
+    config = blueprint.config
+    k8s = config.kubernetes
+    name = config.project.replace("_", "-")
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "builder"}
+    meta = {"name": name, "labels": dict(labels)}
+    if k8s.namespace:
+        meta["namespace"] = k8s.namespace
+    notes: list[str] = []
+    mount = [{"name": "models", "mountPath": MODELS_DIR}]
+    storage_docs: list[dict] = []
+    storage = config.storage
+    if storage.kind == "local":
+        volume = {"name": "models", "hostPath": {"path": storage.path, "type": "Directory"}}
+        notes.append("storage.local becomes a hostPath volume: every pod must run on a node that has the folder")
+    else:
+        claim = {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": k8s.storage_size}}}
+        if k8s.storage_class:
+            claim["storageClassName"] = k8s.storage_class
+        else:
+            pv = {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": f"{name}-models", "labels": dict(labels)},
+                "spec": {
+                    "capacity": {"storage": k8s.storage_size},
+                    "accessModes": ["ReadWriteMany"],
+                    "persistentVolumeReclaimPolicy": "Retain",
+                    "storageClassName": "",
+                    "mountOptions": [o for o in storage.options.split(",") if o],
+                    "nfs": {"server": storage.server, "path": storage.export},
+                },
+            }
+            storage_docs.append(pv)
+            claim["storageClassName"] = ""
+            claim["volumeName"] = f"{name}-models"
+        pvc_meta = dict(meta, name=f"{name}-models")
+        storage_docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": pvc_meta, "spec": claim})
+        volume = {"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
+    gpu_count, note = kubernetes_gpu_count(blueprint)
+    if note:
+        notes.append(note)
+
+    def step(role: str) -> dict:
+        return {"name": role, "image": blueprint.image, "args": [role], "volumeMounts": mount}
+
+    probe = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    serve = {
+        "name": "serve",
+        "image": blueprint.image,
+        "args": ["serve"],
+        "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
+        "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
+        "readinessProbe": dict(probe, failureThreshold=3),
+        "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
+        "volumeMounts": [dict(mount[0], readOnly=True)],
+    }
+    if not serve["env"]:
+        del serve["env"]
+    if gpu_count:
+        serve["resources"] = {"limits": {K8S_GPU: gpu_count}}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": k8s.replicas,
+            "strategy": {"type": "Recreate"},  # a rolling update would need twice the GPUs
+            "selector": {"matchLabels": dict(labels)},
+            "template": {
+                "metadata": {"labels": dict(labels)},
+                "spec": {
+                    # Init containers run in order, to completion: merge, then create.
+                    # Pods sharing the export take a lock on it, so only one merges.
+                    "initContainers": [step("merge"), step("create")],
+                    "containers": [serve],
+                    "volumes": [volume],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": "ClusterIP",  # ollama has no authentication: expose it through your own ingress
+            "selector": dict(labels),
+            "ports": [{"name": "http", "port": OLLAMA_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    files = {"kubernetes/deployment.yaml": [deployment], "kubernetes/service.yaml": [service]}
+    if storage_docs:
+        files["kubernetes/storage.yaml"] = storage_docs
+    return files, notes
+
+def render_kubernetes(blueprint: Blueprint) -> dict[str, bytes]:
+    import yaml
+
+    from builder import __version__
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data) -> bool:  # plain copies read better than &id001 anchors
+            return True
+
+    files, notes = kubernetes_manifests(blueprint)
+    out = {}
+    header = f"# Rendered by builder {__version__}; change the config and run `builder render --target kubernetes` again.\n"
+    for name, docs in files.items():
+        body = "---\n".join(yaml.dump(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1 << 16) for doc in docs)
+        out[name] = (header + body).encode()
+    readme = ["# Kubernetes manifests rendered by builder", "", "Apply: kubectl apply -f kubernetes/", ""]
+    readme += [f"- {note}" for note in notes]
+    out["kubernetes/NOTES.md"] = ("\n".join(readme).rstrip() + "\n").encode()
+    return out
+
+
+class KubernetesTarget(Target):
+    """Rendering only: the cluster is kubectl's to drive."""
+
+    name = "kubernetes"
+    deploys = False
+    KUBECTL = "render the manifests (`builder render --target kubernetes`) and use kubectl: {}"
+
+    def render(self, blueprint: Blueprint, env) -> dict[str, bytes]:
+        return render_kubernetes(blueprint)
+
+    def up(self, blueprint: Blueprint, context: Path, engine, echo):
+        raise Declined(self.KUBECTL.format("kubectl apply -f context/kubernetes/"))
+
+    def down(self, project: str, engine, volumes: bool) -> None:
+        raise Declined(self.KUBECTL.format("kubectl delete -f context/kubernetes/"))
+
+    def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
+        raise Declined(self.KUBECTL.format("kubectl get pods,svc -l app.kubernetes.io/managed-by=builder"))
+
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+        raise Declined(self.KUBECTL.format(f"kubectl logs deploy/{project.replace('_', '-')} -c {service or 'serve'}"))
+
+
+TARGET = KubernetesTarget()
