@@ -14,7 +14,7 @@ import click
 from builder import __version__
 from builder.errors import BuilderError, ConfigError
 
-TARGET_NAMES = ("compose", "single", "kubernetes")  # builder.targets.TARGETS, without importing it
+TARGET_NAMES = ("compose", "single", "kubernetes", "host")  # builder.targets.TARGETS, without importing it
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
@@ -303,11 +303,11 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str | N
 @click.option("--volumes", is_flag=True, help="Also remove the volume definition (the model files stay where they are).")
 def down(config_path: str, target: str | None, volumes: bool) -> None:
     """Stop and remove the stack's containers."""
-    from builder.image.engine import DockerEngine
-    from builder.targets import get_target, project_and_target
+    from builder.targets import engine_for, get_target, project_and_target
 
-    project, name = project_and_target(config_path, target)
-    get_target(name).down(project, DockerEngine(), volumes)
+    project, name, config = project_and_target(config_path, target)
+    chosen = get_target(name)
+    chosen.down(project, engine_for(chosen), volumes, config)
     click.echo(f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
 
 
@@ -320,13 +320,13 @@ def status(config_path: str, out_dir: str | None, target: str | None, as_json: b
     """Each service's state, the model, the endpoint, the image (reads only)."""
     import json
 
-    from builder.image.engine import DockerEngine
     from builder.render.blueprint import make_blueprint
-    from builder.targets import get_target, lock_sha256
+    from builder.targets import engine_for, get_target, lock_sha256
 
     del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
     config = _load(config_path, resolve_auto=True, quiet=True)
-    report = get_target(target or config.target).status(make_blueprint(config), DockerEngine(), lock_sha256(config_path))
+    chosen = get_target(target or config.target)
+    report = chosen.status(make_blueprint(config), engine_for(chosen), lock_sha256(config_path))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -343,11 +343,11 @@ def status(config_path: str, out_dir: str | None, target: str | None, as_json: b
 @click.option("--tail", default="all", show_default=True, help="Lines from the end of each log.")
 def logs(config_path: str, service: str | None, target: str | None, follow: bool, tail: str) -> None:
     """Show the logs of one service or all."""
-    from builder.image.engine import DockerEngine
-    from builder.targets import get_target, project_and_target
+    from builder.targets import engine_for, get_target, project_and_target
 
-    project, name = project_and_target(config_path, target)
-    get_target(name).logs(project, DockerEngine(), service, follow, tail)
+    project, name, config = project_and_target(config_path, target)
+    chosen = get_target(name)
+    chosen.logs(project, engine_for(chosen), service, follow, tail, config)
 
 
 @main.command("sample-model")

@@ -24,8 +24,9 @@ def test_every_target_implements_the_interface(name: str) -> None:
     for operation in OPERATIONS:
         assert callable(getattr(target, operation))
     if target.deploys:
-        for operation in ("up", "down", "status", "logs"):
-            assert getattr(type(target), operation) is not getattr(Target, operation), f"{name} must do {operation}"
+        operations = ("up", "down", "status", "logs") if target.needs_engine else ("check", "prepare", "up_host", "probe", "down", "status", "logs")
+        for operation in operations:
+            assert getattr(type(target), operation) is not getattr(Target, operation, None), f"{name} must do {operation}"
 
 
 def test_kubernetes_declines_what_kubectl_does_with_the_command_to_use() -> None:
@@ -39,7 +40,7 @@ def test_kubernetes_declines_what_kubectl_does_with_the_command_to_use() -> None
 
 
 def test_an_unknown_target_is_one_clear_line(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^target: 'swarm' is not a deploy target; choose one of compose, single, kubernetes$"):
+    with pytest.raises(ConfigError, match=r"^target: 'swarm' is not a deploy target; choose one of compose, single, kubernetes, host$"):
         get_target("swarm")
     assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
     config = tmp_path / "builder.yaml"

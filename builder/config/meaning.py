@@ -115,6 +115,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,
         target=data["target"],
+        host_prefix=os.path.normpath(str(base_dir / Path(data["host"]["prefix"]).expanduser())) if data["host"].get("prefix") else None,
     )
 
 

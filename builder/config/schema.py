@@ -105,9 +105,17 @@ def config_schema() -> dict[str, Any]:
         "properties": {
             "version": {"description": "Config format version.", "const": 1},
             "target": {
-                "description": "Where the stack runs: compose (three services on this host), single (one container), kubernetes (manifests for kubectl). `--target` overrides it.",
-                "enum": ["compose", "single", "kubernetes"],
+                "description": "Where the stack runs: compose (three services on this host), single (one container), kubernetes (manifests for kubectl), host (processes on this machine, no container engine). `--target` overrides it.",
+                "enum": ["compose", "single", "kubernetes", "host"],
             },
+            "host": _obj(
+                {
+                    "prefix": {
+                        "description": "Where the host target keeps the staged releases, the supervisor, its pid file and log (default $XDG_DATA_HOME/builder/PROJECT); e.g. on a data disk.",
+                        "type": ["string", "null"],
+                    },
+                }
+            ),
             "project": _str(
                 "Compose project name; also names the volume and containers.",
                 expect="lowercase letters, digits, - and _ (a Compose project name)",

@@ -152,6 +152,7 @@ class Config:
     cache_dir: str | None
     source: str
     target: str = "compose"
+    host_prefix: str | None = None
 
     @property
     def image(self) -> str:
@@ -164,7 +165,7 @@ class Config:
         data = asdict(self)
         for host_only in (
             "source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "kubernetes", "github_mirror", "registry_mirror",
-            "target",
+            "target", "host_prefix",
         ):
             data.pop(host_only)
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

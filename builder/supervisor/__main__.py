@@ -92,11 +92,14 @@ def serve(runtime: dict) -> int:
         if stop.is_set():
             break
         failures = 1 if time.monotonic() - started > STABLE_SECONDS else failures + 1
-        if failures > MAX_RESTARTS:
+        forever = bool(runtime.get("restart_forever"))
+        if failures > MAX_RESTARTS and not forever:
             log(f"serve: ollama serve died {failures} times in a row (last exit {code}); giving up")
             return 1
-        delay = min(30.0, RESTART_DELAY * 2 ** (failures - 1))
-        log(f"serve: ollama serve exited with status {code}; restart {failures} of {MAX_RESTARTS} in {delay:.1f} s")
+        delay = min(30.0, RESTART_DELAY * 2 ** (min(failures, 16) - 1))
+        warmer.count_restart()
+        of = "" if forever else f" of {MAX_RESTARTS}"
+        log(f"serve: ollama serve exited with status {code}; restart {failures}{of} in {delay:.1f} s")
         stop.wait(delay)
     log(f"serve: stopped by signal {state['signal']}")
     return 0
@@ -172,7 +175,35 @@ def health(runtime: dict, flags: list[str]) -> int:
     return 0 if status == 200 else 1
 
 
+class CappedLog:
+    """stdout into a file that is rotated to FILE.1 beyond a size (BUILDER_LOG,
+    BUILDER_LOG_MAX_BYTES): for the host target, where no engine keeps logs."""
+
+    def __init__(self, path: str, limit: int):
+        self.path, self.limit = path, limit
+        self.handle = open(path, "a", encoding="utf-8", errors="replace")
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            if self.handle.tell() + len(text) > self.limit:
+                self.handle.close()
+                os.replace(self.path, self.path + ".1")
+                self.handle = open(self.path, "a", encoding="utf-8", errors="replace")
+            self.handle.write(text)
+            return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.handle.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
 def main(argv: list[str]) -> int:
+    if os.environ.get("BUILDER_LOG") and argv[:1] == ["serve"]:
+        sys.stdout = sys.stderr = CappedLog(os.environ["BUILDER_LOG"], int(os.environ.get("BUILDER_LOG_MAX_BYTES") or 20 << 20))
     flags = argv[1:]
     if not argv or argv[0] not in ROLES or (flags and (argv[0] != "health" or set(flags) - {"--loaded", "--json"})):
         print(f"usage: python3 -m supervisor {{{','.join(ROLES)}}}  (health [--loaded] [--json])", file=sys.stderr)

@@ -98,9 +98,15 @@ class Warmer(threading.Thread):
         self.generation = generation
         self.tail = tail
         self.state: dict = {}
+        self.restarts = 0
+
+    def count_restart(self) -> None:
+        """ollama was restarted: say so in the record (`status` shows the count)."""
+        self.restarts += 1
+        self.record(**{k: v for k, v in self.state.items() if k not in ("model", "load_timeout_s", "at", "restarts")} or {"state": "restarting"})
 
     def record(self, **state) -> None:
-        self.state = dict(state, model=self.model, load_timeout_s=self.load_timeout, at=time.time())
+        self.state = dict(state, model=self.model, load_timeout_s=self.load_timeout, at=time.time(), restarts=self.restarts)
         try:
             write_json_atomic(state_path(), self.state)
         except OSError as exc:

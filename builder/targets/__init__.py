@@ -18,7 +18,7 @@ from typing import Callable
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.targets.base import Declined, Target  # noqa: F401 - the interface, for callers
 
-TARGETS = ("compose", "single", "kubernetes")
+TARGETS = ("compose", "single", "kubernetes", "host")
 
 
 def get_target(name: str, source: str | None = None) -> Target:
@@ -62,15 +62,23 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
     from builder.render.blueprint import make_blueprint
     from builder.render.files import write_context
     from builder.targets.checks import check_local_shards, check_parallel
-    from builder.targets.common import LoadFailed, check_storage, describe_load, wait_for_load
+    from builder.targets.common import check_storage, container_probe
 
     target = get_target(target_name, config.source)
     blueprint = make_blueprint(config)
+    if not target.needs_engine:
+        target.check(blueprint)
     # Before anything is written, built or merged: the shards are whole, one
     # split and a model ollama can load; the storage is writable.
     if check_local_shards(config) is not None:
         check_parallel(config)
-    check_storage(blueprint)
+    if target.needs_engine:
+        check_storage(blueprint)  # by the containers' user
+    if not target.needs_engine:
+        prefix = target.prepare(blueprint, config_path, fetch_settings, echo)
+        endpoint = target.up_host(blueprint, prefix, echo)
+        probe = target.probe(blueprint, prefix)
+        return _loaded(config, blueprint, target, endpoint, probe, no_load, echo)
     if not target.deploys:
         target.up(blueprint, context, None, echo)  # declines, saying what to do instead
     write_context(context_files(blueprint, target_name), context, config.source_date_epoch)
@@ -83,10 +91,17 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
         result = build_all(config_path, blueprint, context, engine, fetch_settings, False, echo)
         echo(f"built {result.image} {result.image_id}")
     endpoint = target.up(blueprint, context, engine, echo)
+    return _loaded(config, blueprint, target, endpoint, container_probe(engine, target.serve_container(blueprint, engine)), no_load, echo)
+
+
+def _loaded(config, blueprint, target, endpoint, probe, no_load: bool, echo) -> Deployed:
+    """Wait for the supervisor's warm-up, unless --no-load."""
+    from builder.targets.common import LoadFailed, describe_load, wait_for_load
+
     if no_load:
         return Deployed(endpoint.url, endpoint.model, None)
     try:
-        load = wait_for_load(blueprint, engine, target.serve_container(blueprint, engine), echo, sys.stderr.isatty())
+        load = wait_for_load(blueprint, probe, echo, sys.stderr.isatty())
     except LoadFailed as exc:
         raise BuilderError(
             f"{config.model.name} did not load: {exc}{oom_advice(config, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
@@ -112,7 +127,7 @@ def oom_advice(config, cause: str) -> str:
         return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
 
 
-def project_and_target(config_path: str, flag: str | None) -> tuple[str, str]:
+def project_and_target(config_path: str, flag: str | None) -> tuple[str, str, object]:
     """The project and its target, even from a config that no longer
     validates (stopping a stack must not depend on its shards still being there)."""
     import os
@@ -120,6 +135,7 @@ def project_and_target(config_path: str, flag: str | None) -> tuple[str, str]:
     from builder.config import load_config
     from builder.errors import ConfigError
 
+    config = None
     try:
         config = load_config(config_path)
         project, target = config.project, config.target
@@ -134,4 +150,13 @@ def project_and_target(config_path: str, flag: str | None) -> tuple[str, str]:
                 raise ConfigError(f"{config_path}: cannot read the project name; pass -c or set BUILDER_PROJECT") from None
         data = data if isinstance(data, dict) else {}
         project, target = str(data.get("project", "builder")), str(data.get("target", "compose"))
-    return os.environ.get("BUILDER_PROJECT") or project, flag or target
+    return os.environ.get("BUILDER_PROJECT") or project, flag or target, config
+
+
+def engine_for(target: Target):
+    """The container engine, for the targets that need one (the host target does not)."""
+    if not target.needs_engine:
+        return None
+    from builder.image.engine import DockerEngine
+
+    return DockerEngine()

@@ -17,6 +17,7 @@ class Declined(ConfigError):
 class Target:
     name = ""
     deploys = True  # False: builder renders it, something else runs it
+    needs_engine = True  # False: runs as processes here (check, prepare, up_host, probe)
 
     def render(self, blueprint: Blueprint, env) -> dict[str, bytes]:
         """Files this target adds to the build context (beside the image's and compose.yaml)."""
@@ -33,11 +34,11 @@ class Target:
     def logs_hint(self, blueprint: Blueprint) -> str:
         return "builder logs"
 
-    def down(self, project: str, engine, volumes: bool) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> None:
         raise Declined(f"the {self.name} target has nothing for builder to stop")
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
         raise Declined(f"the {self.name} target has no status builder can read")
 
-    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
         raise Declined(f"the {self.name} target keeps no logs builder can read")

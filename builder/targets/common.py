@@ -125,20 +125,37 @@ class Load:
 class LoadFailed(BuilderError):
     """The model did not load: exit 1, the stack left up for `builder logs`."""
 
-def wait_for_load(blueprint: Blueprint, engine, container: str, echo: Callable[[str], None], tty: bool) -> Load:
-    """Wait until the supervisor in `container` reports the model loaded
-    (`health --loaded --json`), with progress; raise with the cause if the
-    load failed or the container stopped. The deadline is ollama's own load
-    timeout (the supervisor reports it) plus two minutes: by then ollama has
-    given up itself."""
+def container_probe(engine, container: str):
+    """(ask, gone) for a supervisor in a container: `health --loaded --json`
+    through the engine, and whether the container stopped."""
+
+    def ask() -> tuple[int, str]:
+        return engine.exec_in(container, ["python3", "-m", "supervisor", "health", "--loaded", "--json"])
+
+    def gone() -> str | None:
+        info = engine.container(container)
+        if info is None or info["status"] in ("exited", "dead"):
+            return f"the serve container stopped (exit {info and info.get('exit_code')}) before the model loaded"
+        return None
+
+    return ask, gone
+
+
+def wait_for_load(blueprint: Blueprint, probe, echo: Callable[[str], None], tty: bool) -> Load:
+    """Wait until the supervisor reports the model loaded (`health --loaded
+    --json`, asked through `probe`'s ask), with progress; raise with the cause
+    if the load failed or the supervisor is gone. The deadline is ollama's own
+    load timeout (the supervisor reports it) plus two minutes: by then ollama
+    has given up itself."""
     import sys
 
     model = blueprint.config.model.name
     started = time.monotonic()
     deadline = started + blueprint.config.serve.ready_timeout
     shown = -1
+    ask, gone = probe
     while True:
-        code, output = engine.exec_in(container, ["python3", "-m", "supervisor", "health", "--loaded", "--json"])
+        code, output = ask()
         try:
             state = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
         except ValueError:
@@ -151,9 +168,9 @@ def wait_for_load(blueprint: Blueprint, engine, container: str, echo: Callable[[
             if tty and shown >= 0:
                 sys.stderr.write("\n")
             raise LoadFailed(state.get("error") or "unknown cause")
-        info = engine.container(container)
-        if info is None or info["status"] in ("exited", "dead"):
-            raise LoadFailed(f"the serve container stopped (exit {info and info.get('exit_code')}) before the model loaded")
+        why = gone()
+        if why:
+            raise LoadFailed(why)
         if state.get("load_timeout_s"):
             deadline = started + float(state["load_timeout_s"]) + 120
         elapsed = int(time.monotonic() - started)
@@ -167,6 +184,7 @@ def wait_for_load(blueprint: Blueprint, engine, container: str, echo: Callable[[
         if time.monotonic() > deadline:
             raise LoadFailed(f"not loaded after {elapsed} s (ollama's load timeout plus 2 minutes)")
         time.sleep(0.5)
+
 
 def describe_load(blueprint: Blueprint, load: Load) -> str:
     from builder.supervisor.common import human_bytes

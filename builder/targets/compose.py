@@ -122,7 +122,7 @@ class ComposeTarget(Target):
     def logs_hint(self, blueprint: Blueprint) -> str:
         return "builder logs serve"
 
-    def down(self, project: str, engine, volumes: bool) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> None:
         result = engine.compose_project(project, "down", "--remove-orphans", *(["--volumes"] if volumes else []))
         if result.returncode != 0:
             raise BuilderError(f"docker compose down failed: {result.stderr.strip()}")
@@ -130,7 +130,7 @@ class ComposeTarget(Target):
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
         return status(blueprint, engine, lock_sha256)
 
-    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
         args = ["logs", "--no-color", "--tail", tail] + (["-f"] if follow else []) + ([service] if service else [])
         result = engine.compose_project(project, *args, stream=True)
         if result.returncode != 0:

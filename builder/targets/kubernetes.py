@@ -155,13 +155,13 @@ class KubernetesTarget(Target):
     def up(self, blueprint: Blueprint, context: Path, engine, echo):
         raise Declined(self.KUBECTL.format("kubectl apply -f context/kubernetes/"))
 
-    def down(self, project: str, engine, volumes: bool) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> None:
         raise Declined(self.KUBECTL.format("kubectl delete -f context/kubernetes/"))
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
         raise Declined(self.KUBECTL.format("kubectl get pods,svc -l app.kubernetes.io/managed-by=builder"))
 
-    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
         raise Declined(self.KUBECTL.format(f"kubectl logs deploy/{project.replace('_', '-')} -c {service or 'serve'}"))
 
 

@@ -151,7 +151,7 @@ class SingleTarget(Target):
     def logs_hint(self, blueprint: Blueprint) -> str:
         return "builder logs"
 
-    def down(self, project: str, engine, volumes: bool) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> None:
         info = engine.container(project)
         if info is not None and info["labels"].get("io.builder.role") != "all":
             raise BuilderError(f"the container {project} was not made by builder; remove it yourself")
@@ -168,7 +168,7 @@ class SingleTarget(Target):
         }
         return status_report(blueprint, engine, lock_sha256, "single", {"all": state})
 
-    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str) -> None:
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
         from builder.image.engine import run_command
 
         if service:

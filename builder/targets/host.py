@@ -1,0 +1,308 @@
+"""The `host` target: everything as ordinary processes on this machine, no
+container engine. For rented GPU containers (AutoDL, Cloudpods) where there is
+no Docker and no systemd, the model sits on a mounted disk, and the reference
+deployment was `nohup ollama serve &`.
+
+`up` fetches and checks the release archives as `build` does (lock, mirrors,
+`--offline --from`), stages them into a per-project prefix, lays out the
+supervisor and its runtime file there as the image has them (with this
+machine's paths), runs merge and create in the foreground, then starts serve
+detached (its own session: it survives the terminal and the SSH connection),
+with a pid file and a size-capped log. Nothing is written outside the prefix,
+the model storage and the download cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from builder.errors import BuilderError, ConfigError, Problem
+from builder.render.blueprint import Blueprint
+from builder.targets.base import Target
+from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, wait_for_model
+
+LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
+STOP_SECONDS = 30
+
+
+def prefix_for(blueprint: Blueprint) -> Path:
+    """Where the host target keeps its files: host.prefix, else $XDG_DATA_HOME/builder/PROJECT."""
+    return _prefix(blueprint.config.project, blueprint.config)
+
+
+def host_runtime(blueprint: Blueprint, prefix: Path) -> dict:
+    """The image's runtime.json with this machine's paths."""
+    storage = Path(blueprint.config.storage.path)
+    runtime = json.loads(json.dumps(blueprint.runtime))
+
+    def here(path: str) -> str:
+        return str(storage / Path(path).relative_to(runtime["models_dir"]))
+
+    runtime["merged"] = here(runtime["merged"])
+    runtime["shards"]["first"] = here(runtime["shards"]["first"])
+    runtime["ollama_store"] = here(runtime["ollama_store"])
+    runtime["models_dir"] = str(storage)
+    runtime["ollama"] = str(prefix / "staged" / "ollama" / "bin" / "ollama")
+    runtime["gguf_split"] = str(prefix / "staged" / "llama.cpp" / "llama.cpp" / "build" / "bin" / "llama-gguf-split")
+    runtime["modelfile"] = str(prefix / "Modelfile")
+    runtime["port"] = blueprint.config.serve.port
+    runtime["restart_forever"] = True  # no restart policy above it on a plain host
+    return runtime
+
+
+def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str]:
+    """The supervisor's environment, as the image's ENV and the target's settings give it."""
+    config = blueprint.config
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "BUILDER_"))}
+    env.update(
+        PYTHONPATH=str(prefix),
+        PYTHONDONTWRITEBYTECODE="1",
+        BUILDER_RUNTIME=str(prefix / "runtime.json"),
+        BUILDER_STATE_DIR=str(prefix / "run"),
+        BUILDER_LOG=str(prefix / "run" / "serve.log"),
+        BUILDER_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
+        LD_LIBRARY_PATH=str(Path(runtime["gguf_split"]).parent),
+        OLLAMA_HOST=f"{config.serve.bind}:{config.serve.port}",
+        OLLAMA_MODELS=runtime["ollama_store"],
+        HOME=str(prefix / "run" / "home"),
+    )
+    env.update(blueprint.compose["serve_env"])
+    gpus = config.gpus
+    if gpus.kind == "none":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif gpus.kind == "ids":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus.ids)
+    elif gpus.kind == "count":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus.count))
+    return env
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def read_pidfile(prefix: Path) -> dict | None:
+    """The recorded serve process, if it still is that process: a pid that is
+    gone, or reused by another program (another start time), is not trusted."""
+    try:
+        record = json.loads((prefix / "run" / "serve.pid").read_text())
+        pid = int(record["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _start_time(pid) != record.get("start_time"):
+        return None
+    return record
+
+
+def _uptime(record: dict) -> float:
+    try:
+        boot = float(open("/proc/stat").read().split("btime ", 1)[1].split()[0])
+        return time.time() - (boot + record["start_time"] / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class HostTarget(Target):
+    """Ordinary processes on this machine: no container engine needed."""
+
+    name = "host"
+    needs_engine = False
+
+    def check(self, blueprint: Blueprint) -> None:
+        config = blueprint.config
+        if config.storage.kind != "local":
+            raise ConfigError(Problem(
+                "storage", "the host target reads the model from a folder on this machine: mount the NFS export and set storage.local to it",
+                None, config.source,
+            ))
+
+    def prepare(self, blueprint: Blueprint, config_path: str, fetch_settings, echo) -> Path:
+        """Fetch and stage the release archives into the prefix; lay out the supervisor."""
+        from builder.image.fetch import ArtifactCache, fetch_and_lock
+        from builder.image.stage import stage
+        from builder.render.files import supervisor_files
+        from builder.fsutil import write_atomic
+
+        config = blueprint.config
+        prefix = prefix_for(blueprint)
+        (prefix / "run" / "home").mkdir(parents=True, exist_ok=True)
+        _artifacts, entries = fetch_and_lock(config_path, config, fetch_settings)
+        cache = ArtifactCache(fetch_settings.cache_dir)
+        ollama, llama = entries["ollama"], entries["llama_cpp"]
+        staged = stage(prefix, cache.path(ollama.sha256), ollama.sha256, cache.path(llama.sha256), llama.sha256,
+                       config.llama_cpp.binaries, config.source_date_epoch)
+        if staged:
+            echo(f"staged {', '.join(staged)} into {prefix / 'staged'}")
+        for name, data in supervisor_files().items():
+            write_atomic(prefix / "supervisor" / Path(name).name, data)
+        runtime = host_runtime(blueprint, prefix)
+        write_atomic(prefix / "runtime.json", (json.dumps(runtime, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(prefix / "Modelfile", blueprint.modelfile.encode())
+        return prefix
+
+    def up_host(self, blueprint: Blueprint, prefix: Path, echo) -> Endpoint:
+        runtime = json.loads((prefix / "runtime.json").read_text())
+        env = host_env(blueprint, prefix, runtime)
+        for role in ("merge", "create"):
+            echo(f"{role}: running")
+            code = subprocess.run([sys.executable, "-m", "supervisor", role], env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr).returncode
+            if code != 0:
+                raise BuilderError(f"{role} failed (exit {code}); its output is above; serve was not started")
+        wanted = blueprint.config_digest + ":" + _digest(runtime, env)
+        record = read_pidfile(prefix)
+        if record and record.get("config") == wanted:
+            echo(f"serve: already running with this config (pid {record['pid']})")
+        else:
+            if record:
+                echo(f"serve: the config changed; stopping pid {record['pid']}")
+                self._stop(prefix, record)
+            self._start(prefix, env, wanted, echo)
+        url = f"http://{'127.0.0.1' if blueprint.config.serve.bind in ('0.0.0.0', '::') else blueprint.config.serve.bind}:{blueprint.config.serve.port}"
+        wait_for_model(url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout))
+        return Endpoint(url, blueprint.config.model.name)
+
+    def _start(self, prefix: Path, env: dict[str, str], wanted: str, echo) -> None:
+        run = prefix / "run"
+        (run / "serve.pid").unlink(missing_ok=True)
+        (run / "builder-serve-state.json").unlink(missing_ok=True)
+        with open(os.devnull, "rb") as devnull:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "supervisor", "serve"], env=env, stdin=devnull,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            )
+        start = None
+        for _ in range(100):
+            start = _start_time(process.pid)
+            if start is not None:
+                break
+            time.sleep(0.01)
+        record = {"pid": process.pid, "start_time": start, "config": wanted}
+        tmp = run / f".serve.pid.{os.getpid()}"
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, run / "serve.pid")
+        echo(f"serve: started (pid {process.pid}); log: {run / 'serve.log'}")
+
+    def _stop(self, prefix: Path, record: dict) -> None:
+        pid = int(record["pid"])
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + STOP_SECONDS
+        while _start_time(pid) == record["start_time"] and time.monotonic() < deadline:
+            _reap(pid)
+            time.sleep(0.1)
+        if _start_time(pid) == record["start_time"]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _reap(pid)
+        (prefix / "run" / "serve.pid").unlink(missing_ok=True)
+
+    def probe(self, blueprint: Blueprint, prefix: Path):
+        """(ask, gone) for the detached supervisor: its `health --loaded --json`, its pid."""
+        runtime = json.loads((prefix / "runtime.json").read_text())
+        env = host_env(blueprint, prefix, runtime)
+        env.pop("BUILDER_LOG", None)
+
+        def ask() -> tuple[int, str]:
+            result = subprocess.run([sys.executable, "-m", "supervisor", "health", "--loaded", "--json"], env=env,
+                                    capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            return result.returncode, result.stdout
+
+        def gone() -> str | None:
+            return None if read_pidfile(prefix) else f"the serve process is gone (see {prefix / 'run' / 'serve.log'})"
+
+        return ask, gone
+
+    def state_file(self, blueprint: Blueprint) -> Path:
+        return prefix_for(blueprint) / "run" / "builder-serve-state.json"
+
+    def logs_hint(self, blueprint: Blueprint) -> str:
+        return "builder logs --target host"
+
+    def down(self, project: str, engine, volumes: bool, config=None) -> None:
+        prefix = _prefix(project, config)
+        record = read_pidfile(prefix)
+        if record:
+            self._stop(prefix, record)
+        else:
+            (prefix / "run" / "serve.pid").unlink(missing_ok=True)
+
+    def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
+        prefix = prefix_for(blueprint)
+        record = read_pidfile(prefix)
+        try:
+            state = json.loads((prefix / "run" / "builder-serve-state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        serve = {"state": "absent"} if record is None else {
+            "state": "running", "pid": record["pid"], "uptime_s": round(_uptime(record)), "restarts": state.get("restarts", 0),
+        }
+        records = {}
+        for name, path in (("merge", Path(host_runtime(blueprint, prefix)["merged"] + ".merge.json")),
+                           ("create", Path(host_runtime(blueprint, prefix)["ollama_store"]) / ".builder-create.json")):
+            try:
+                records[name] = {"state": "done", "record": str(path), "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))}
+            except OSError:
+                records[name] = {"state": "absent"}
+        url = f"http://127.0.0.1:{blueprint.config.serve.port}"
+        names = listed_models(url)
+        listed = None if names is None else full_name(blueprint.config.model.name) in names
+        return {
+            "project": blueprint.config.project,
+            "target": "host",
+            "prefix": str(prefix),
+            "image": "(none: the host target runs without a container engine)",
+            "image_id": None,
+            "image_stale": None,
+            "endpoint": url,
+            "model": blueprint.config.model.name,
+            "model_listed": listed,
+            "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+            "services": {**records, "serve": serve},
+        }
+
+    def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
+        log = _prefix(project, config) / "run" / "serve.log"
+        if not log.exists():
+            raise BuilderError(f"no log at {log}: the host target's serve has not run here")
+        argv = ["tail", "-n", "+1" if tail == "all" else tail] + (["-F"] if follow else []) + [str(log)]
+        subprocess.run(argv)
+
+
+def _prefix(project: str, config) -> Path:
+    """The prefix from the config when it loads, else the default for the project."""
+    if config is not None and config.host_prefix:
+        return Path(config.host_prefix)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "builder" / project
+
+
+def _digest(runtime: dict, env: dict[str, str]) -> str:
+    import hashlib
+
+    keep = {k: v for k, v in env.items() if k.startswith(("OLLAMA_", "BUILDER_SERVE", "CUDA_"))}
+    return hashlib.sha256(json.dumps([runtime, keep], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+TARGET = HostTarget()

@@ -1,0 +1,142 @@
+"""`--target host`: the whole path as ordinary processes on this machine, no
+container engine (the rented-GPU-container case). Release archives from a
+server on 127.0.0.1, carried in for an offline run too; the ollama double's
+runner is real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.engine.conftest import LLAMA_PATH, OLLAMA_PATH
+from tests.fixtures.artifact_server import ArtifactServer
+from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir, llama_cpp_release_zip
+from tests.fixtures.ollama_release import ollama_release_tgz
+from tests.helpers import run_builder
+from tests.test_sample_model import greedy
+
+PROMPT = "Why is the sky blue?"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+class HostProject:
+    def __init__(self, root: Path, server: ArtifactServer):
+        self.root = root
+        self.port = free_port()
+        assert run_builder("init", "--preset", "tiny", cwd=root).returncode == 0
+        config = root / "builder.yaml"
+        config.write_text(config.read_text() + (
+            "target: host\nhost:\n  prefix: ./prefix\n"
+            f"ollama:\n  url: {server.url}/ollama/ollama/releases/download/v{{version}}/ollama-linux-amd64.tgz\n"
+            f"llama_cpp:\n  url: {server.url}/ggml-org/llama.cpp/releases/download/{{build}}/llama-{{build}}-bin-ubuntu-x64.zip\n"
+        ))
+        self.env = {"BUILDER_SERVE_PORT": str(self.port), "BUILDER_CACHE_DIR": str(root / "cache"), "NO_PROXY": "127.0.0.1"}
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = root / "prefix"
+
+    def builder(self, *args: str, timeout: int = 300):
+        return run_builder(*args, cwd=self.root, env=self.env, timeout=timeout)
+
+    def pid(self) -> int:
+        return json.loads((self.prefix / "run" / "serve.pid").read_text())["pid"]
+
+
+@pytest.fixture
+def project(tmp_path: Path):
+    server = ArtifactServer(files={OLLAMA_PATH: ollama_release_tgz(), LLAMA_PATH: llama_cpp_release_zip().read_bytes()}).start()
+    project = HostProject(tmp_path, server)
+    yield project
+    project.builder("down")
+    server.stop()
+
+
+def test_host_target_serves_without_an_engine(project: HostProject) -> None:
+    assert project.builder("sample-model").returncode == 0
+    env_without_engine = {"DOCKER_HOST": f"unix://{project.root}/no-engine.sock"}
+    project.env.update(env_without_engine)  # any use of an engine would fail loudly
+    result = project.builder("up")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"{project.url} serves tiny:latest"
+    assert "load: tiny:latest loaded in " in result.stderr
+    merged = project.root / "models" / "tiny" / "tiny.gguf"
+    expected, _ = greedy(llama_cpp_bin_dir(), merged, PROMPT, 8)
+    answer = post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
+    assert (answer["response"], answer["eval_count"]) == (expected, 8)
+    # Only the prefix, the storage and the cache were written.
+    assert sorted(p.name for p in project.root.iterdir()) == ["builder.lock", "builder.yaml", "cache", "models", "prefix"]
+
+    status = json.loads(project.builder("status", "--json").stdout)
+    assert status["target"] == "host" and status["model_listed"] is True and status["loaded"]["size"] > 0
+    assert status["services"]["serve"]["state"] == "running" and status["services"]["serve"]["restarts"] == 0
+    assert status["services"]["merge"]["state"] == "done" and status["services"]["create"]["state"] == "done"
+    first = project.pid()
+
+    again = project.builder("up")
+    assert again.returncode == 0, again.stderr
+    assert f"serve: already running with this config (pid {first})" in again.stderr
+    assert project.pid() == first
+
+    logs = project.builder("logs")
+    assert "supervisor: serve: starting" in logs.stdout and "serve: tiny:latest loaded in" in logs.stdout
+
+    # ollama dies: the supervisor brings it back and counts it.
+    children = [int(p) for p in (Path(f"/proc/{first}/task/{first}/children").read_text().split())]
+    assert children, "the supervisor runs ollama as its child"
+    os.kill(children[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while json.loads(project.builder("status", "--json").stdout)["services"]["serve"].get("restarts", 0) < 1:
+        assert time.monotonic() < deadline, "no restart was counted"
+        time.sleep(0.5)
+    deadline = time.monotonic() + 60
+    while not json.loads(project.builder("status", "--json").stdout)["model_listed"]:
+        assert time.monotonic() < deadline, "ollama did not come back"
+        time.sleep(0.5)
+
+    down = project.builder("down")
+    assert down.returncode == 0, down.stderr
+    assert not Path(f"/proc/{first}").exists() or Path(f"/proc/{first}/stat").read_text().split()[2] == "Z"
+    assert merged.is_file(), "down keeps the model"
+    assert json.loads(project.builder("status", "--json").stdout)["services"]["serve"] == {"state": "absent"}
+
+
+def test_a_stale_pid_file_is_not_trusted(project: HostProject) -> None:
+    assert project.builder("sample-model").returncode == 0
+    assert project.builder("up", "--no-load").returncode == 0
+    first = project.pid()
+    assert project.builder("down").returncode == 0
+    # A pid file naming a live process that is not ours (this test's own pid).
+    run = project.prefix / "run"
+    (run / "serve.pid").write_text(json.dumps({"pid": os.getpid(), "start_time": 1, "config": "x"}))
+    assert json.loads(project.builder("status", "--json").stdout)["services"]["serve"] == {"state": "absent"}
+    result = project.builder("up")
+    assert result.returncode == 0, result.stderr
+    assert project.pid() not in (os.getpid(), first)
+
+
+def test_offline_from_carried_archives(project: HostProject, tmp_path: Path) -> None:
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "ollama-linux-amd64.tgz").write_bytes(ollama_release_tgz())
+    (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+    assert project.builder("sample-model").returncode == 0
+    result = project.builder("up", "--offline", "--from", str(carried))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "load: tiny:latest loaded in " in result.stderr
