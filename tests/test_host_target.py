@@ -140,3 +140,15 @@ def test_offline_from_carried_archives(project: HostProject, tmp_path: Path) -> 
     result = project.builder("up", "--offline", "--from", str(carried))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "load: tiny:latest loaded in " in result.stderr
+
+
+def test_doctor_on_the_host_target_needs_no_engine(project: HostProject) -> None:
+    project.env["DOCKER_HOST"] = f"unix://{project.root}/no-engine.sock"
+    assert project.builder("sample-model").returncode == 0
+    result = project.builder("doctor", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)}
+    assert "engine" not in checks and "image" not in checks
+    assert checks["python"]["status"] == "ok" and checks["prefix"]["status"] == "ok"
+    assert checks["gpu"]["detail"] == "not needed (gpus: none)" and checks["shards"]["status"] == "ok"
+    assert checks["storage"]["status"] in ("ok", "warn")

@@ -62,10 +62,12 @@ def check_plugins(engine) -> list[Check]:
     return out
 
 
-def check_gpus(config: Config, info: dict | None) -> list[Check]:
+def check_gpus(config: Config, info: dict | None, toolkit: bool = True) -> list[Check]:
     if config.gpus.kind == "none":
         return [Check("gpu", OK, "not needed (gpus: none)")]
     out = []
+    if not toolkit:  # the host target: ollama sees the GPUs directly
+        return out + _gpu_list()
     runtimes = set((info or {}).get("Runtimes", {}) or {})
     cdi_specs = [p for d in ((info or {}).get("CDISpecDirs") or ["/etc/cdi", "/var/run/cdi"]) for p in Path(d).glob("*.yaml") if "nvidia" in p.name]
     if "nvidia" in runtimes or cdi_specs:
@@ -74,8 +76,13 @@ def check_gpus(config: Config, info: dict | None) -> list[Check]:
     else:
         out.append(Check("nvidia-toolkit", FAIL, "neither the nvidia runtime nor an NVIDIA CDI spec is configured",
                          "install nvidia-container-toolkit, then `nvidia-ctk runtime configure --runtime=docker` and restart dockerd"))
+    return out + _gpu_list()
+
+
+def _gpu_list() -> list[Check]:
     from builder.targets.checks import query_gpus
 
+    out = []
     gpus = query_gpus()
     if not gpus:
         out.append(Check("gpus", FAIL, "nvidia-smi is missing or sees no GPU", "install the NVIDIA driver (nvidia-smi must list the GPUs)"))
@@ -169,7 +176,42 @@ def check_image(blueprint: Blueprint, lock_sha256: str | None, engine) -> Check:
     return Check("image", OK, f"{blueprint.image} is built from this config, builder and lock")
 
 
+def check_host(config: Config) -> list[Check]:
+    """What the host target needs of this machine: a Python for the
+    supervisor, a prefix it can write, the storage as a real mount."""
+    import sys
+
+    from builder.targets.host import _prefix
+
+    out = []
+    version = ".".join(map(str, sys.version_info[:3]))
+    if sys.version_info >= (3, 10):
+        out.append(Check("python", OK, f"Python {version} runs the supervisor"))
+    else:
+        out.append(Check("python", FAIL, f"Python {version} is too old", "install Python 3.10 or newer (see the README's AutoDL steps)"))
+    prefix = _prefix(config.project, config)
+    parent = next((p for p in [prefix, *prefix.parents] if p.exists()), Path("/"))
+    if os.access(parent, os.W_OK):
+        out.append(Check("prefix", OK, f"{prefix} is writable (releases, supervisor, pid file, log)"))
+    else:
+        out.append(Check("prefix", FAIL, f"{prefix} cannot be written here", "set host.prefix to a folder you can write"))
+    if config.storage.kind == "nfs":
+        out.append(Check("storage", FAIL, "the host target reads the model from a folder", "mount the NFS export and set storage.local to it"))
+        return out
+    storage = Path(config.storage.path)
+    if not storage.is_dir():
+        out.append(Check("storage", FAIL, f"{storage} does not exist", f"mkdir -p {storage} and put the shards there"))
+    else:
+        mount = next(p for p in [storage, *storage.parents] if os.path.ismount(p))
+        where = "its own mount" if mount == storage else f"on the mount {mount}"
+        out.append(Check("storage", OK if mount != Path("/") else WARN, f"{storage} is {where}",
+                         "the root filesystem of a rented container is often small and lost on restart: use the data disk"))
+    return out
+
+
 def run_checks(config: Config, blueprint: Blueprint, lock_sha256: str | None) -> list[Check]:
+    if config.target == "host":
+        return check_host(config) + check_gpus(config, None, toolkit=False) + check_shards(config)
     check, info, engine = check_engine()
     checks = [check]
     if engine is not None:

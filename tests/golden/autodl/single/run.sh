@@ -1,0 +1,21 @@
+#!/bin/sh
+# Rendered by builder 0.1.0: the whole pipeline (merge, create,
+# serve) in one container, for hosts that run one image and nothing else.
+# `builder up --target single` runs exactly this.
+set -e
+docker rm -f autodl 2>/dev/null || true
+docker run -d \
+  --name autodl \
+  --restart unless-stopped \
+  --label io.builder.config.sha256=9a72825a6327d898ae97643755465e81a195fb3484f5009c1ea14160b71062a7 \
+  --label io.builder.project=autodl \
+  --label io.builder.role=all \
+  --publish 0.0.0.0:6006:11434 \
+  --mount type=bind,source=/root/autodl-tmp,target=/models \
+  --health-cmd 'python3 -m supervisor health' \
+  --health-interval 10s \
+  --health-timeout 5s \
+  --health-retries 3 \
+  --health-start-period 30s \
+  --gpus all \
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-autodl:latest all
