@@ -73,7 +73,7 @@ def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     from builder.targets.single import single_argv
 
     text = (
-        "version: 1\nmodel:\n  name: m\n  shards: m-00001-of-00002.gguf\nstorage:\n  local: /srv/m\n"
+        "version: 1\nmodel:\n  name: m\n  shards: m-00001-of-00002.gguf\nstorage:\n  local: /srv/m\ngpus: 1\n"
         "serve:\n  env:\n"
         + "".join(f"    V{i}: {yaml.safe_dump(v, default_style=chr(34)).strip()}\n" for i, v in enumerate(NASTY))
     )

@@ -128,7 +128,7 @@ def test_deepseek_preset_has_nfs_gpus_and_order() -> None:
     assert services["create"]["depends_on"] == {"merge": {"condition": "service_completed_successfully"}}
     assert services["serve"]["depends_on"] == {"create": {"condition": "service_completed_successfully"}}
     devices = services["serve"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    assert devices == [{"driver": "nvidia", "count": 2, "capabilities": ["gpu"]}]  # the seed's 2 x 24 GB
     assert services["serve"]["ports"][0]["host_ip"] == "127.0.0.1"
     modelfile = render_preset("deepseek-r1-ud-iq1_m")["rootfs/etc/builder/Modelfile"].decode()
     assert "FROM /models/DeepSeek-R1-UD-IQ1_M/DeepSeek-R1-UD-IQ1_M.gguf\n" in modelfile
@@ -163,13 +163,56 @@ def test_kubernetes_shapes() -> None:
     assert [c["name"] for c in pod["initContainers"]] == ["merge", "create"]
     assert [c["args"] for c in pod["initContainers"]] == [["merge"], ["create"]]
     serve = pod["containers"][0]
-    assert serve["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert serve["readinessProbe"]["httpGet"] == {"path": "/", "port": "http"}
+    assert serve["resources"]["limits"]["nvidia.com/gpu"] == 2  # what num_gpu was planned for
+    # Ready only once the model answers; alive while ollama answers; the
+    # start-up budget is the load's (3600 s + 2 min with load_timeout: auto).
+    assert serve["readinessProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health", "--loaded"]
+    assert serve["startupProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health", "--loaded"]
+    assert serve["startupProbe"]["periodSeconds"] * serve["startupProbe"]["failureThreshold"] >= 3600 + 120
+    assert serve["livenessProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health"]
     pv, pvc = yaml.safe_load_all(files["kubernetes/storage.yaml"])
     assert pv["spec"]["nfs"] == {"server": "192.0.2.10", "path": "/export/models"}
     assert pv["spec"]["mountOptions"] == ["rw", "nfsvers=4.1", "hard"]
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
-    assert "gpus: all has no Kubernetes equivalent" in files["kubernetes/NOTES.md"].decode()
+    assert "num_gpu was planned for 2 GPU(s) of 24 + 24 GiB" in files["kubernetes/NOTES.md"].decode()
     tiny = yaml.safe_load(render_preset("tiny", targets=("kubernetes",))["kubernetes/deployment.yaml"])
     assert "resources" not in tiny["spec"]["template"]["spec"]["containers"][0]
     assert tiny["spec"]["template"]["spec"]["volumes"][0]["hostPath"] == {"path": "/srv/builder/models", "type": "Directory"}
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_asks_kubernetes_for_the_gpus_it_was_planned_for(preset: str) -> None:
+    import yaml
+
+    text = (PRESETS_DIR / f"{preset}.yaml").read_text(encoding="utf-8")
+    config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
+    files = render_preset(preset, targets=("kubernetes",))
+    serve = yaml.safe_load(files["kubernetes/deployment.yaml"])["spec"]["template"]["spec"]["containers"][0]
+    asked = serve.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0)
+    planned = len(config.plan.gpu_memory_gib) if config.plan.gpu_memory_gib else (config.gpus.count or 0)
+    assert asked == planned
+
+
+def test_gpus_all_without_known_gpu_memory_is_refused_for_kubernetes() -> None:
+    from builder.errors import ConfigError
+
+    text = (PRESETS_DIR / "deepseek-r1-ud-iq1_m.yaml").read_text(encoding="utf-8")
+    text = text.replace("gpus: 2\nplan:\n  gpu_memory_gib: [24, 24]", "gpus: all")
+    assert "gpus: all" in text
+    config = parse_config(text, "builder.yaml", base_dir=CONFIG_DIR, env={})
+    with pytest.raises(ConfigError, match=r"gpus: all has no Kubernetes equivalent: a pod asks for a number of GPUs; set gpus: N"):
+        context_files(make_blueprint(config), "kubernetes")
+    context_files(make_blueprint(config), "compose")  # Compose can say all
+
+
+def test_gpu_product_selects_the_nodes_and_counts_must_agree() -> None:
+    import yaml
+
+    from builder.errors import ConfigError
+
+    text = (PRESETS_DIR / "deepseek-r1-ud-iq1_m.yaml").read_text(encoding="utf-8")
+    config = parse_config(text + "kubernetes:\n  gpu_product: NVIDIA-GeForce-RTX-4090\n", "builder.yaml", base_dir=CONFIG_DIR, env={})
+    pod = yaml.safe_load(context_files(make_blueprint(config), "kubernetes")["kubernetes/deployment.yaml"])["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-4090"}
+    with pytest.raises(ConfigError, match=r"plan.gpu_memory_gib: lists 2 GPU\(s\) but gpus asks for 3"):
+        parse_config(text.replace("gpus: 2", "gpus: 3"), "builder.yaml", base_dir=CONFIG_DIR, env={})

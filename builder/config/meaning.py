@@ -80,6 +80,10 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
     storage = _resolve_storage(data["storage"], base_dir, fail)
     gpus = _resolve_gpus(data["gpus"])
     serve = _resolve_serve(data["serve"], fail)
+    planned_for = data["plan"].get("gpu_memory_gib") or ()
+    wanted = gpus.count if gpus.kind == "count" else len(gpus.ids) if gpus.kind == "ids" else None
+    if planned_for and wanted is not None and len(planned_for) != wanted:
+        fail(("plan", "gpu_memory_gib"), f"lists {len(planned_for)} GPU(s) but gpus asks for {wanted}: num_gpu is planned for the GPUs serve gets; make them agree")
 
     if problems:
         raise ConfigError(problems)
@@ -111,6 +115,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             data["kubernetes"].get("storage_class"),
             data["kubernetes"]["storage_size"],
             data["kubernetes"]["replicas"],
+            data["kubernetes"].get("gpu_product"),
         ),
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,

@@ -104,6 +104,7 @@ class KubernetesSettings:
     storage_class: str | None
     storage_size: str
     replicas: int
+    gpu_product: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,33 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, Blueprint
+from builder.errors import ConfigError, Problem
 from builder.targets.base import Declined, Target
 
 
 K8S_GPU = "nvidia.com/gpu"
+DEFAULT_STARTUP_SECONDS = 3600  # serve.load_timeout: auto: 720 GB at 200 MB/s
 
 def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
-    """GPUs per pod, and a note when the config's wish cannot be said exactly."""
-    gpus = blueprint.config.gpus
+    """GPUs per pod: the count num_gpu was planned for, and a note when the
+    config's wish cannot be said exactly. `gpus: all` means the GPUs in
+    plan.gpu_memory_gib; without it there is no number to ask for (render
+    stays pure: no nvidia-smi), so it is refused."""
+    config = blueprint.config
+    gpus = config.gpus
     if gpus.kind == "none":
         return 0, None
     if gpus.kind == "count":
         return gpus.count, None
     if gpus.kind == "ids":
         return len(gpus.ids), f"gpus: Kubernetes picks the devices; asking for {len(gpus.ids)} GPU(s), not ids {', '.join(gpus.ids)}"
-    return 1, "gpus: all has no Kubernetes equivalent; asking for 1 GPU per pod (set gpus to a count)"
+    if config.plan.gpu_memory_gib:
+        count = len(config.plan.gpu_memory_gib)
+        return count, f"gpus: all: asking for the {count} GPU(s) of plan.gpu_memory_gib, which num_gpu was planned for"
+    raise ConfigError(Problem(
+        "gpus", "all has no Kubernetes equivalent: a pod asks for a number of GPUs; set gpus: N (the GPUs num_gpu was planned for)",
+        None, config.source,
+    ))
 
 def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], list[str]]:
     """The manifests, by file, and notes on what could not be said exactly."""
@@ -71,15 +83,28 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
     def step(role: str) -> dict:
         return {"name": role, "image": blueprint.image, "args": [role], "volumeMounts": mount}
 
-    probe = {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5}
+    # Ready means the model answers: the supervisor's warm-up loaded it
+    # (health --loaded). Alive means ollama answers. The start-up budget is
+    # the load's: ollama's load timeout plus 2 minutes, as `builder up` waits.
+    budget = (config.serve.load_timeout or DEFAULT_STARTUP_SECONDS) + 120
+    loaded = {"exec": {"command": ["python3", "-m", "supervisor", "health", "--loaded"]}, "periodSeconds": 10, "timeoutSeconds": 10}
+    alive = {"exec": {"command": ["python3", "-m", "supervisor", "health"]}, "periodSeconds": 10, "timeoutSeconds": 5}
+    if config.serve.load_timeout is None:
+        notes.append(f"startupProbe: the model's size is not known when rendering, so the load gets {DEFAULT_STARTUP_SECONDS} s + 120 s "
+                     f"(set serve.load_timeout to the OLLAMA_LOAD_TIMEOUT `builder plan` prints)")
+    if gpu_count and config.plan.gpu_memory_gib:
+        memory = " + ".join(f"{g:g}" for g in config.plan.gpu_memory_gib)
+        notes.append(f"num_gpu was planned for {gpu_count} GPU(s) of {memory} GiB: schedule the pod on nodes with such GPUs"
+                     + ("" if k8s.gpu_product else " (kubernetes.gpu_product selects them by nvidia.com/gpu.product)"))
     serve = {
         "name": "serve",
         "image": blueprint.image,
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
         "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
-        "readinessProbe": dict(probe, failureThreshold=3),
-        "livenessProbe": dict(probe, initialDelaySeconds=30, failureThreshold=6),
+        "startupProbe": dict(loaded, failureThreshold=-(-budget // 10)),
+        "readinessProbe": dict(loaded, failureThreshold=3),
+        "livenessProbe": dict(alive, failureThreshold=6),
         "volumeMounts": [dict(mount[0], readOnly=True)],
     }
     if not serve["env"]:
@@ -102,6 +127,7 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
                     "initContainers": [step("merge"), step("create")],
                     "containers": [serve],
                     "volumes": [volume],
+                    **({"nodeSelector": {"nvidia.com/gpu.product": k8s.gpu_product}} if k8s.gpu_product else {}),
                 },
             },
         },

@@ -17,5 +17,5 @@ docker run -d \
   --health-timeout 5s \
   --health-retries 3 \
   --health-start-period 30s \
-  --gpus all \
+  --gpus 2 \
   --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-autodl:latest all
