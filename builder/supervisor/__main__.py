@@ -22,7 +22,7 @@ from .common import StepError, Stopped, log
 from .create import create
 from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
-from .ollama import ollama_env, request, signal_group
+from .ollama import OllamaChatter, ollama_env, request, signal_group
 from .warmup import OutputTail, Warmer, health_loaded
 
 DEFAULT_SERVE = {
@@ -136,13 +136,18 @@ def _explained(size: int, rule: dict) -> list[str]:
 
 
 def _relay(child: subprocess.Popen, tail: OutputTail) -> None:
-    """ollama's output, line by line, to ours; the last lines kept for causes."""
+    """ollama's output, line by line, to ours, without its web framework's
+    debug lines and its key announcement; the last lines kept for causes."""
     assert child.stdout is not None
+    chatter = OllamaChatter()
     for raw in iter(child.stdout.readline, b""):
         line = raw.decode("utf-8", "replace")
         tail.add(line)
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if line.startswith("Couldn't find '") and "Generating new private key" in line:
+            log("serve: ollama made its key pair in $HOME/.ollama (it is used only to push models to ollama.com)")
+        if chatter.keep(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
 
 def _wait_reaping(child: subprocess.Popen) -> int:

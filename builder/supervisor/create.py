@@ -153,6 +153,15 @@ def remove_unreferenced(store: str, candidates: set[str], model: str) -> None:
         log(f"create: {human_bytes(freed)} of blobs the old {model} left behind removed")
 
 
+def _show_private_log(server: PrivateServer) -> None:
+    """The private ollama's last words, after a failed create."""
+    tail = server.log_tail(20)
+    if tail.strip():
+        log(f"create: the private ollama's last lines (all of them in {server.log_path}):")
+        for line in tail.splitlines():
+            print(f"    {line}", flush=True)
+
+
 def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
@@ -167,26 +176,32 @@ def _create_locked(runtime: dict, store: str) -> int:
     log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
     before = io_counters()
     how = place_blob(merged, store, digest)
-    with PrivateServer(runtime["ollama"], store) as server:
-        server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
-        status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
-        if status != 200:
-            _check_space(store, identity["merged"]["size"])
-            log(f"create: blob {how}; uploading {human_bytes(identity['merged']['size'])} to ollama (it keeps a copy)")
-            upload_blob(server.base, merged, digest)
-        else:
-            log(f"create: blob {how} in {store}/blobs: no copy")
-        body = dict(runtime.get("create", {}), model=model, files={os.path.basename(merged): f"sha256:{digest}"}, stream=False)
-        status, answer = request(server.base, "POST", "/api/create", body, timeout=3600)
-        if status != 200:
-            raise StepError(f"create: ollama refused to create {model} (HTTP {status}: {answer[:300]!r})")
-        try:
-            status, shown = request(server.base, "POST", "/api/show", {"model": model})
-        except OSError as exc:
-            raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
-        if status != 200:
-            raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
-        server_after = io_counters(str(server.process.pid)) if server.process else (0, 0)
+    server_ref: list = []
+    try:
+        with PrivateServer(runtime["ollama"], store) as server:
+            server_ref.append(server)
+            server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
+            status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
+            if status != 200:
+                _check_space(store, identity["merged"]["size"])
+                log(f"create: blob {how}; uploading {human_bytes(identity['merged']['size'])} to ollama (it keeps a copy)")
+                upload_blob(server.base, merged, digest)
+            else:
+                log(f"create: blob {how} in {store}/blobs: no copy")
+            body = dict(runtime.get("create", {}), model=model, files={os.path.basename(merged): f"sha256:{digest}"}, stream=False)
+            status, answer = request(server.base, "POST", "/api/create", body, timeout=3600)
+            if status != 200:
+                raise StepError(f"create: ollama refused to create {model} (HTTP {status}: {answer[:300]!r})")
+            try:
+                status, shown = request(server.base, "POST", "/api/show", {"model": model})
+            except OSError as exc:
+                raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
+            if status != 200:
+                raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
+            server_after = io_counters(str(server.process.pid)) if server.process else (0, 0)
+    except StepError:
+        _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
+        raise
     records[model] = identity
     write_json_atomic(record_file, records)
     remove_unreferenced(store, previous - {digest}, model)

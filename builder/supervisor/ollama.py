@@ -71,10 +71,30 @@ class PrivateServer:
         self.base = f"http://{self.host}"
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "PrivateServer":
+    @property
+    def log_path(self) -> str:
+        """create's private server writes here (replaced each run): the
+        operator sees the supervisor's lines, and this file's tail on failure."""
+        return os.path.join(self.store, ".builder-create.log")
+
+    def log_tail(self, lines: int = 20) -> str:
         try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as handle:
+                return "".join(list(handle)[-lines:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> "PrivateServer":
+        env = ollama_env(self.host, self.store)
+        env.setdefault("GIN_MODE", "release")
+        # A home that lasts with the store: ollama makes its key pair once, not on every create.
+        home = os.path.join(self.store, ".builder-home")
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        env["HOME"] = home
+        try:
+            self.log = open(self.log_path, "w", encoding="utf-8")
             self.process = subprocess.Popen(
-                [self.binary, "serve"], env=ollama_env(self.host, self.store), start_new_session=True
+                [self.binary, "serve"], env=env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT
             )
         except OSError as exc:
             raise StepError(f"cannot run {self.binary}: {exc.strerror}; rebuild the image with `builder build`") from None
@@ -98,9 +118,29 @@ class PrivateServer:
         signal_group(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
             self.process.wait()
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
+            _cap(self.log_path, LOG_CAP_BYTES)
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+LOG_CAP_BYTES = 4 << 20
+
+
+def _cap(path: str, limit: int) -> None:
+    """Keep the last `limit` bytes of a log."""
+    try:
+        if os.path.getsize(path) > limit:
+            with open(path, "rb") as handle:
+                handle.seek(-limit, os.SEEK_END)
+                data = handle.read()
+            with open(path, "wb") as handle:
+                handle.write(data)
+    except OSError:
+        pass
 
 
 def signal_group(pid: int, signum: int) -> None:
@@ -116,3 +156,34 @@ def manifest_path(store: str, model: str) -> str:
     name, _, tag = model.partition(":")
     namespace, _, repo = name.rpartition("/")
     return os.path.join(store, "manifests", "registry.ollama.ai", namespace or "library", repo, tag or "latest")
+
+
+class OllamaChatter:
+    """Drops what ollama prints that is not for the operator: gin's debug
+    route table and its warnings (0.5.7 prints them whatever GIN_MODE says:
+    its build pins gin's mode) and the key-pair announcement (the key is only
+    used to push to ollama.com). One line says the key was made."""
+
+    def __init__(self):
+        self.skip_blank = False
+        self.in_key = 0
+
+    def keep(self, line: str) -> bool:
+        text = line.rstrip("\n")
+        if self.in_key:
+            self.in_key -= 1
+            if text.startswith("ssh-ed25519 "):
+                self.in_key = 1  # the blank line after the key
+            return False
+        if text.startswith("[GIN-debug]") or text.startswith((" - using env:", " - using code:")):
+            self.skip_blank = True
+            return False
+        if not text.strip() and self.skip_blank:
+            return False
+        self.skip_blank = False
+        if text.startswith("Couldn't find '") and "Generating new private key." in text:
+            return False
+        if text.startswith("Your new public key is:"):
+            self.in_key = 2  # a blank line, then the key
+            return False
+        return True

@@ -32,13 +32,15 @@ def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
     tail: deque[str] = deque(maxlen=LOG_TAIL)
+    started = time.monotonic()
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip("\n")
         if not line.strip() or _compose_chatter(line):
             continue
         tail.append(line)
-        echo(f"  {service} | {line}")
+        if _worth_showing(line):
+            echo(f"  {line.removeprefix('supervisor: ')}")
     code = process.wait()
     if code != 0:
         reason = next((l.split("error: ", 1)[1] for l in reversed(tail) if "supervisor: error: " in l), None)
@@ -46,6 +48,15 @@ def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
             f"{service} failed (exit {code}): {reason or (tail[-1] if tail else 'no output')}; serve was not started "
             f"(full log: builder logs {service})"
         )
+    echo(f"{service}: done in {time.monotonic() - started:.1f} s")
+
+
+def _worth_showing(line: str) -> bool:
+    """The supervisor's own lines, without progress (`builder logs` has everything)."""
+    if not line.startswith("supervisor: "):
+        return False
+    text = line.removeprefix("supervisor: ")
+    return not (" io read " in text or text.split(" ", 2)[1:2] and text.split(" ", 2)[1].endswith("%"))
 
 def _compose_chatter(line: str) -> bool:
     text = line.strip()
@@ -56,7 +67,6 @@ def up(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None])
     check_storage(blueprint)
     _replace_stale_volume(blueprint, context, engine, echo)
     for service in ONE_SHOT:
-        echo(f"{service}: running")
         run_step(context, service, echo)
     echo("serve: starting")
     timeout = blueprint.config.serve.ready_timeout

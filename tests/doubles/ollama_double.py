@@ -68,9 +68,11 @@ Where it knowingly differs from ollama (its fakes):
   the first (ollama's loop would).
 * Maps ollama iterates in random order (parameters in `show`) come sorted.
 * Request lines go to stderr (gin writes its [GIN] lines to stdout), and each
-  pruned blob is logged by name (ollama logs only the counts). No
-  [GIN-debug] route table is printed at start.
-* `--version` adds a line saying this is the double. No key pair is written.
+  pruned blob is logged by name (ollama logs only the counts). The
+  [GIN-debug] block is printed at start as 0.5.7 prints it, whatever GIN_MODE
+  says (routes.go pins gin's mode; an invalid GIN_MODE is not refused here).
+* `--version` adds a line saying this is the double. The key pair written
+  at start (announced as ollama does) is a placeholder, not an ed25519 key.
 * Unimplemented ollama commands and routes (stop, pull, push, cp, ps;
   /api/embed, /api/pull, /api/push, /api/copy, other /v1/ routes) fail.
 Standard library only, Python 3.10+: it runs inside the test image.
@@ -2786,8 +2788,56 @@ class _Server(ThreadingHTTPServer):
         self.close_request(request)
 
 
+GIN_ROUTES = [
+    ("POST", "/api/pull", "PullHandler-fm", 5), ("POST", "/api/generate", "GenerateHandler-fm", 5),
+    ("POST", "/api/chat", "ChatHandler-fm", 5), ("POST", "/api/embed", "EmbedHandler-fm", 5),
+    ("POST", "/api/embeddings", "EmbeddingsHandler-fm", 5), ("POST", "/api/create", "CreateHandler-fm", 5),
+    ("POST", "/api/push", "PushHandler-fm", 5), ("POST", "/api/copy", "CopyHandler-fm", 5),
+    ("DELETE", "/api/delete", "DeleteHandler-fm", 5), ("POST", "/api/show", "ShowHandler-fm", 5),
+    ("POST", "/api/blobs/:digest", "CreateBlobHandler-fm", 5), ("HEAD", "/api/blobs/:digest", "HeadBlobHandler-fm", 5),
+    ("GET", "/api/ps", "PsHandler-fm", 5), ("POST", "/v1/chat/completions", "ChatHandler-fm", 6),
+    ("POST", "/v1/completions", "GenerateHandler-fm", 6), ("POST", "/v1/embeddings", "EmbedHandler-fm", 6),
+    ("GET", "/v1/models", "ListHandler-fm", 6), ("GET", "/v1/models/:model", "ShowHandler-fm", 6),
+    ("GET", "/", "GenerateRoutes.func1", 5), ("GET", "/api/tags", "ListHandler-fm", 5),
+    ("GET", "/api/version", "GenerateRoutes.func2", 5), ("HEAD", "/", "GenerateRoutes.func1", 5),
+    ("HEAD", "/api/tags", "ListHandler-fm", 5), ("HEAD", "/api/version", "GenerateRoutes.func2", 5),
+]
+
+
+def initialize_keypair() -> None:
+    """cmd/cmd.go initializeKeypair: a key pair in ~/.ollama, announced on
+    stdout when it is made. (The double's key is a placeholder, not ed25519.)"""
+    home = os.path.expanduser("~")
+    private = os.path.join(home, ".ollama", "id_ed25519")
+    if os.path.exists(private):
+        return
+    print(f"Couldn't find '{private}'. Generating new private key.")
+    os.makedirs(os.path.dirname(private), mode=0o755, exist_ok=True)
+    public = "ssh-ed25519 " + __import__("base64").b64encode(os.urandom(51)).decode() + "\n"
+    with open(private, "w", encoding="ascii") as handle:
+        handle.write("-----BEGIN OPENSSH PRIVATE KEY-----\n(the ollama double's placeholder)\n-----END OPENSSH PRIVATE KEY-----\n")
+    os.chmod(private, 0o600)
+    with open(private + ".pub", "w", encoding="ascii") as handle:
+        handle.write(public)
+    print(f"Your new public key is: \n\n{public}")
+    sys.stdout.flush()
+
+
+def gin_debug_routes() -> None:
+    """What gin prints to stdout when ollama 0.5.7 builds its routes. The
+    GIN_MODE variable does not silence it: server/routes.go pins gin's mode
+    in its init (var mode = gin.DebugMode), after gin read the variable."""
+    print("[GIN-debug] [WARNING] Creating an Engine instance with the Logger and Recovery middleware already attached.\n")
+    print('[GIN-debug] [WARNING] Running in "debug" mode. Switch to "release" mode in production.\n'
+          " - using env:\texport GIN_MODE=release\n - using code:\tgin.SetMode(gin.ReleaseMode)\n")
+    for method, path, handler, count in GIN_ROUTES:
+        print(f"[GIN-debug] {method:<6} {path:<25} --> github.com/ollama/ollama/server.(*Server).{handler} ({count} handlers)")
+    sys.stdout.flush()
+
+
 def serve() -> int:
     _scheme, host, port = ollama_host()
+    initialize_keypair()
     log("INFO", DOUBLE_NOTE)
     log("INFO", "server config", env=f"map[OLLAMA_HOST:{env_var('OLLAMA_HOST')} OLLAMA_MODELS:{models_dir()} OLLAMA_NOPRUNE:{str(env_bool('OLLAMA_NOPRUNE')).lower()}]")
     server_class = _Server
@@ -2821,6 +2871,7 @@ def serve() -> int:
         server.server_close()
         return 1
 
+    gin_debug_routes()
     bound = server.server_address
     log("INFO", f"Listening on {join_host_port(bound[0], bound[1])} (version {VERSION})")
     server.serve_forever(poll_interval=0.1)

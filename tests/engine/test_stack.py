@@ -54,6 +54,10 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     result = tiny_stack.builder("up")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"{tiny_stack.url} serves tiny:latest"
+    # Output a person can read: no web-framework chatter, no key, a few lines.
+    printed = (result.stderr + result.stdout).splitlines()
+    assert not [l for l in printed if "GIN-debug" in l or "ssh-ed25519" in l or "public key" in l], printed
+    assert "merge: done in " in result.stderr and "create: done in " in result.stderr
     # up returned once the supervisor had loaded the model, and said so.
     assert "load: tiny:latest loaded in " in result.stderr and "0 B (0%) in GPU memory; planned: no GPU (gpus: none)" in result.stderr
     (loaded,) = _get(f"{tiny_stack.url}/api/ps")["models"]
@@ -98,6 +102,20 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
 
     logs = tiny_stack.builder("logs", "merge")
     assert logs.returncode == 0 and "joining 3 shards" in logs.stdout
+    # With the image built, a fresh stack takes a handful of lines.
+    assert tiny_stack.builder("down").returncode == 0
+    fresh = tiny_stack.builder("up")
+    assert fresh.returncode == 0, fresh.stderr
+    lines = (fresh.stderr + fresh.stdout).splitlines()
+    assert len(lines) <= 15, lines
+    assert not [l for l in lines if "GIN-debug" in l or "ssh-ed25519" in l or "public key" in l], lines
+    serve_logs = tiny_stack.builder("logs", "serve").stdout
+    assert "serve: tiny:latest loaded in" in serve_logs
+    assert "GIN-debug" not in serve_logs and "ssh-ed25519" not in serve_logs
+    assert "serve: ollama made its key pair in $HOME/.ollama" in serve_logs
+    # create's private ollama wrote to its own log beside the create record, and did say all that.
+    private = (tiny_stack.root / "models" / "ollama" / ".builder-create.log").read_text()
+    assert "[GIN-debug]" in private
 
 
 @pytest.mark.parametrize("damage", ["missing", "truncated", "other-model"])
