@@ -95,3 +95,21 @@ def test_re_create_frees_the_old_model_blob_when_no_one_else_uses_it(tmp_path: P
     assert len(after) == len(before)  # same layer kinds, new model blob and config blob
     out = capsys.readouterr().out
     assert f"create: removed blob sha256-{first[:12]}..." in out
+
+
+def test_a_failed_create_shows_the_private_ollama_s_last_lines(tmp_path: Path, ollama: Path, capsys) -> None:
+    from builder.supervisor.common import StepError
+
+    runtime = runtime_for(tmp_path / "models", ollama)
+    write_split_model(tmp_path / "models" / "tiny", "tiny", 3)
+    assert merge(runtime) == 0
+    runtime["model"] = "Not A Valid Name!"
+    capsys.readouterr()
+    with pytest.raises(StepError, match=r"^create: ollama refused to create Not A Valid Name! \(HTTP 400"):
+        create(runtime)
+    out = capsys.readouterr().out
+    log = tmp_path / "models" / "ollama" / ".builder-create.log"
+    assert f"create: the private ollama's last lines (all of them in {log}):" in out
+    assert '"/api/create"' in out  # its request line, from the log's tail
+    assert "[GIN-debug]" in log.read_text() and "[GIN-debug]" not in out.split("last lines")[0]
+    assert (tmp_path / "models" / "ollama" / ".builder-home").stat().st_mode & 0o777 == 0o700

@@ -31,8 +31,12 @@ def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
+    import sys
+
     tail: deque[str] = deque(maxlen=LOG_TAIL)
     started = time.monotonic()
+    tty = sys.stderr.isatty()
+    bar = ""  # the progress line being redrawn on a terminal
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip("\n")
@@ -40,7 +44,16 @@ def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
             continue
         tail.append(line)
         if _worth_showing(line):
+            if bar:
+                sys.stderr.write("\r" + " " * len(bar) + "\r")
+                bar = ""
             echo(f"  {line.removeprefix('supervisor: ')}")
+        elif tty and line.startswith("supervisor: "):
+            bar = f"  {service}: {line.removeprefix('supervisor: ')}"[:120]
+            sys.stderr.write("\r" + bar)
+            sys.stderr.flush()
+    if bar:
+        sys.stderr.write("\r" + " " * len(bar) + "\r")
     code = process.wait()
     if code != 0:
         reason = next((l.split("error: ", 1)[1] for l in reversed(tail) if "supervisor: error: " in l), None)
