@@ -94,6 +94,10 @@ def _warnings(config) -> list[str]:
             f"serve.bind is {config.serve.bind}: ollama's API has no authentication; "
             "anyone who reaches this address can use and delete models"
         )
+    if config.model.template is not None:
+        from builder.config.gotemplate import check_template
+
+        out += [f"model.template: {warning}" for warning in check_template(config.model.template)[1]]
     return out
 
 

@@ -14,6 +14,7 @@ from builder.errors import ConfigError, Problem
 from builder.modelfile import check_modelfile_text, check_stop
 from builder.supervisor.shards import merged_file_name, parse_shard_name, shard_file_name
 from builder.config.yamlsource import Path as KeyPath
+from builder.config.gotemplate import check_template
 from builder.config.shape import _Locator
 from builder.config.types import (
     DEFAULT_NFS_OPTIONS, RESERVED_ENV, Base, Config, Gpus, KubernetesSettings, Model, PlanSettings, Release, Serve, Shards, Storage,
@@ -189,6 +190,11 @@ def _resolve_model(model: dict[str, Any], storage: dict[str, Any], base_dir: Pat
             if reason:
                 fail(("model", key), reason)
                 ok = False
+            elif key == "template":
+                problem, _warnings = check_template(text)
+                if problem:
+                    fail(("model", key), f"{problem}; ollama 0.5.7's Go template parser would refuse it at create")
+                    ok = False
         texts[key] = text
 
     if not ok or shards is None or merged is None:

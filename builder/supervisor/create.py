@@ -168,7 +168,7 @@ def _create_locked(runtime: dict, store: str) -> int:
     model = runtime["model"]
     records = read_json(record_file) or {}
     if records.get(model) == identity and os.path.isfile(manifest_path(store, model)):
-        log(f"create: {model} is up to date with {runtime['merged']} and the Modelfile; nothing to do")
+        log(f"create: {model} is up to date with {runtime['merged']} and its create request; nothing to do")
         return 0
     merged = runtime["merged"]
     digest = merged_digest(merged)

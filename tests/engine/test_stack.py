@@ -96,7 +96,7 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     again = tiny_stack.builder("up")  # how fast a no-op up is: a benchmark figure
     assert again.returncode == 0, again.stderr
     assert "is up to date with its 3 shards; nothing to do" in again.stderr
-    assert "is up to date with /models/tiny/tiny.gguf and the Modelfile; nothing to do" in again.stderr
+    assert "is up to date with /models/tiny/tiny.gguf and its create request; nothing to do" in again.stderr
     assert tiny_stack.inspect("serve")["State"]["StartedAt"] == serve["State"]["StartedAt"], "serve must keep running"
     assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in sorted(tiny_stack.models.glob("tiny-*"))]
 
