@@ -104,3 +104,30 @@ def test_up_on_the_host_target_inside_an_instance_without_docker(user: str, tiny
     assert "MODEL-KEPT" in out and "NO-DOCKER-SOCKET" in out
     status = json.loads((work / "status.json").read_text())
     assert status["target"] == "host" and status["services"]["serve"]["state"] == "running" and status["loaded"]
+
+
+FIRST_COMMAND = r"""
+set -u
+cd /work
+python3 -m venv --without-pip .venv
+.venv/bin/python "$(ls /wheels/pip-*.whl)/pip" install -q --no-index --find-links /wheels gguf-builder || exit 90
+. .venv/bin/activate && builder init --preset tiny && builder sample-model && builder up
+echo "EXIT $?"
+"""
+
+
+def test_the_first_readme_command_from_apt_s_python_stops_at_the_missing_engine(tiny_stack, wheelhouse: Path, tmp_path: Path) -> None:
+    """Debian's own python3 (no pip, PEP 668): the README's venv route works
+    and gets as far as one clear line about the engine this machine lacks."""
+    assert tiny_stack.builder("base").returncode == 0
+    base = tiny_stack.builder("base").stdout.split()[0]
+    work = tmp_path / "work"
+    work.mkdir()
+    result = docker("run", "--rm", "--network", "none", "-v", f"{wheelhouse}:/wheels:ro", "-v", f"{work}:/work", base,
+                    "sh", "-c", FIRST_COMMAND, check=False, timeout=600)
+    out = result.stdout + result.stderr
+    assert "EXIT 1" in out, out[-3000:]
+    assert "Traceback" not in out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert errors == ["error: cannot reach the Docker engine at unix:///var/run/docker.sock: the socket does not exist (no engine runs); start dockerd, or set DOCKER_HOST"], out[-2000:]
+    assert (work / "models" / "tiny" / "tiny-00001-of-00003.gguf").is_file()
