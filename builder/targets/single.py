@@ -55,6 +55,9 @@ def single_argv(blueprint: Blueprint) -> list[str]:
     for key, value in sorted(blueprint.compose["labels"].items()):
         argv += ["--label", f"{key}={value}"]
     argv += ["--label", "io.builder.role=all"]
+    # Least privilege, as the Compose services have it.
+    argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--read-only",
+             "--tmpfs", "/tmp:size=256m,mode=1777", "--pids-limit", "512"]
     argv += ["--publish", f"{config.serve.bind}:{config.serve.port}:{OLLAMA_PORT}" if ":" not in config.serve.bind
              else f"[{config.serve.bind}]:{config.serve.port}:{OLLAMA_PORT}"]
     argv += ["--mount", single_mount(blueprint)]

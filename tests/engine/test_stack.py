@@ -72,6 +72,13 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     assert serve["State"]["Health"]["Status"] == "healthy"
     assert f"BUILDER_TEST_NASTY={NASTY_VALUE}" in serve["Config"]["Env"]
     assert serve["NetworkSettings"]["Ports"]["11434/tcp"] == [{"HostIp": "127.0.0.1", "HostPort": str(tiny_stack.port)}]
+    # Least privilege on every service, and the stack still merges, creates and answers under it.
+    for container in (merge, create, serve):
+        host = container["HostConfig"]
+        assert host["CapDrop"] == ["ALL"] and host["SecurityOpt"] == ["no-new-privileges:true"]
+        assert host["ReadonlyRootfs"] is True and host["PidsLimit"] == 512 and "/tmp" in host["Tmpfs"]
+    image = json.loads(docker("image", "inspect", tiny_stack.image).stdout)[0]
+    assert image["Config"]["Healthcheck"]["Test"] == ["CMD", "python3", "-m", "supervisor", "health"]
     # Secure defaults: not root, and serve cannot write to the model storage.
     assert serve["Config"]["User"] == "1000:1000" and merge["Config"]["User"] == "1000:1000"
     assert [m["RW"] for m in serve["Mounts"] if m["Destination"] == "/models"] == [False]
@@ -257,6 +264,8 @@ def test_single_container_target(tiny_stack: TinyStack) -> None:
     answer = _get(f"{tiny_stack.url}/api/generate", {"model": "tiny", "prompt": "one box", "stream": False, "options": {"num_predict": 8}})
     expected, _ = greedy(llama_cpp_bin_dir(), tiny_stack.models / "tiny.gguf", "one box", 8)
     assert (answer["response"], answer["eval_count"]) == (expected, 8)
+    host = json.loads(docker("inspect", tiny_stack.project).stdout)[0]["HostConfig"]
+    assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] is True and host["PidsLimit"] == 512
     report = json.loads(tiny_stack.builder("status", "--target", "single", "--json").stdout)
     assert report["target"] == "single" and report["services"] == {"all": report["services"]["all"]}
     assert report["services"]["all"]["state"] == "running" and report["model_listed"] is True

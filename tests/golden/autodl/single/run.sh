@@ -10,6 +10,11 @@ docker run -d \
   --label io.builder.config.sha256=9a72825a6327d898ae97643755465e81a195fb3484f5009c1ea14160b71062a7 \
   --label io.builder.project=autodl \
   --label io.builder.role=all \
+  --cap-drop ALL \
+  --security-opt no-new-privileges:true \
+  --read-only \
+  --tmpfs /tmp:size=256m,mode=1777 \
+  --pids-limit 512 \
   --publish 0.0.0.0:6006:11434 \
   --mount type=bind,source=/root/autodl-tmp,target=/models \
   --health-cmd 'python3 -m supervisor health' \

@@ -10,6 +10,11 @@ docker run -d \
   --label io.builder.config.sha256=c625f7000521f216aa0751aa592019aa38babf8697e7e931e323d5c61121e361 \
   --label io.builder.project=deepseek-r1-ud-iq1-s \
   --label io.builder.role=all \
+  --cap-drop ALL \
+  --security-opt no-new-privileges:true \
+  --read-only \
+  --tmpfs /tmp:size=256m,mode=1777 \
+  --pids-limit 512 \
   --publish 127.0.0.1:11434:11434 \
   --mount 'type=volume,source=deepseek-r1-ud-iq1-s_models,target=/models,volume-driver=local,volume-opt=type=nfs,"volume-opt=o=addr=192.0.2.10,rw,nfsvers=4.1,hard",volume-opt=device=:/export/models' \
   --health-cmd 'python3 -m supervisor health' \

@@ -10,6 +10,11 @@ docker run -d \
   --label io.builder.config.sha256=78c76a6a283cd2abd21db0559e99d845bf51e7a43fad9d8f09753b939d6be090 \
   --label io.builder.project=tiny \
   --label io.builder.role=all \
+  --cap-drop ALL \
+  --security-opt no-new-privileges:true \
+  --read-only \
+  --tmpfs /tmp:size=256m,mode=1777 \
+  --pids-limit 512 \
   --publish 127.0.0.1:11434:11434 \
   --mount type=bind,source=/srv/builder/models,target=/models \
   --health-cmd 'python3 -m supervisor health' \
