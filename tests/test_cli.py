@@ -108,7 +108,7 @@ def test_validate_reports_missing_shards_then_passes(tmp_path: Path) -> None:
     write_split_model(tmp_path / "models" / "tiny", "tiny", 3)
     result = run_builder("validate", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "ok (tiny:latest, local storage, image builder-tiny:latest)" in result.stdout
+    assert "ok (tiny:latest, local storage, image builder-tiny:demo)" in result.stdout
 
 
 def test_shard_folder_is_resolved_on_local_storage(tmp_path: Path) -> None:

@@ -176,7 +176,7 @@ def test_kubernetes_shapes() -> None:
     assert pvc["spec"]["volumeName"] == pv["metadata"]["name"]
     assert "num_gpu was planned for 2 GPU(s) of 24 + 24 GiB" in files["kubernetes/NOTES.md"].decode()
     tiny = yaml.safe_load(render_preset("tiny", targets=("kubernetes",))["kubernetes/deployment.yaml"])
-    assert "resources" not in tiny["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in tiny["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert tiny["spec"]["template"]["spec"]["volumes"][0]["hostPath"] == {"path": "/srv/builder/models", "type": "Directory"}
 
 

@@ -117,6 +117,8 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             data["kubernetes"]["storage_size"],
             data["kubernetes"]["replicas"],
             data["kubernetes"].get("gpu_product"),
+            str(data["kubernetes"]["cpu_limit"]),
+            data["kubernetes"]["memory_limit"],
         ),
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,

@@ -280,6 +280,8 @@ def config_schema() -> dict[str, Any]:
                     "storage_class": _str("A StorageClass for the model volume claim, instead of an NFS PersistentVolume.", minLength=1),
                     "storage_size": _str("The model volume's size, e.g. 1Ti.", pattern="^[0-9]+(Ki|Mi|Gi|Ti|Pi)$"),
                     "replicas": {"description": "Serving pods (each with its GPUs).", "type": "integer", "minimum": 1},
+                    "cpu_limit": {"description": "serve's CPU limit (cores, or a quantity like 500m).", "type": ["string", "integer"], "pattern": "^[0-9]+(\\.[0-9]+)?m?$", "minimum": 1},
+                    "memory_limit": _str("serve's memory limit; above the part of the model that stays off the GPUs (`builder plan`).", pattern="^[0-9]+(Ki|Mi|Gi|Ti)$"),
                     "gpu_product": _str("The GPU model the pods need, as the NVIDIA GPU feature discovery labels nodes (nvidia.com/gpu.product), e.g. NVIDIA-GeForce-RTX-4090.", minLength=1),
                 }
             ),

@@ -105,6 +105,8 @@ class KubernetesSettings:
     storage_size: str
     replicas: int
     gpu_product: str | None = None
+    cpu_limit: str = "32"
+    memory_limit: str = "256Gi"
 
 
 @dataclass(frozen=True)

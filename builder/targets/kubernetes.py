@@ -8,11 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, Blueprint
+import json
+
 from builder.errors import ConfigError, Problem
 from builder.targets.base import Declined, Target
 
 
 K8S_GPU = "nvidia.com/gpu"
+
+
+def json_copy(value):
+    return json.loads(json.dumps(value))
 DEFAULT_STARTUP_SECONDS = 3600  # serve.load_timeout: auto: 720 GB at 200 MB/s
 
 def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
@@ -42,11 +48,12 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
     k8s = config.kubernetes
     name = config.project.replace("_", "-")
     labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/managed-by": "builder"}
-    meta = {"name": name, "labels": dict(labels)}
-    if k8s.namespace:
-        meta["namespace"] = k8s.namespace
+    # Never the default namespace: the configured one, else one of its own.
+    namespace = k8s.namespace or name
+    meta = {"name": name, "labels": dict(labels), "namespace": namespace}
     notes: list[str] = []
     mount = [{"name": "models", "mountPath": MODELS_DIR}]
+    scratch = {"name": "tmp", "mountPath": "/tmp"}  # the only writable path besides the model volume
     storage_docs: list[dict] = []
     storage = config.storage
     if storage.kind == "local":
@@ -80,8 +87,17 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
     if note:
         notes.append(note)
 
+    # Least privilege on every container (CIS Kubernetes Benchmark, checkov).
+    hardened = {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    step_resources = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
+
     def step(role: str) -> dict:
-        return {"name": role, "image": blueprint.image, "args": [role], "volumeMounts": mount}
+        return {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
+                "securityContext": dict(hardened), "resources": json_copy(step_resources), "volumeMounts": [*mount, scratch]}
 
     # Ready means the model answers: the supervisor's warm-up loaded it
     # (health --loaded). Alive means ollama answers. The start-up budget is
@@ -99,18 +115,26 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
     serve = {
         "name": "serve",
         "image": blueprint.image,
+        "imagePullPolicy": "IfNotPresent",  # air-gapped clusters load the image, they do not pull it
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
         "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
         "startupProbe": dict(loaded, failureThreshold=-(-budget // 10)),
         "readinessProbe": dict(loaded, failureThreshold=3),
         "livenessProbe": dict(alive, failureThreshold=6),
-        "volumeMounts": [dict(mount[0], readOnly=True)],
+        "securityContext": dict(hardened),
+        # The memory limit must hold the part of the model that stays off the
+        # GPUs (`builder plan`): ollama reads /proc/meminfo, which shows the
+        # node, so a smaller cgroup limit is an OOM kill after ollama's own check passed.
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": k8s.cpu_limit, "memory": k8s.memory_limit}},
+        "volumeMounts": [dict(mount[0], readOnly=True), scratch],
     }
     if not serve["env"]:
         del serve["env"]
     if gpu_count:
-        serve["resources"] = {"limits": {K8S_GPU: gpu_count}}
+        serve["resources"]["limits"][K8S_GPU] = gpu_count
+    notes.append(f"serve's memory limit is {k8s.memory_limit} (kubernetes.memory_limit): keep it above the part of the model "
+                 "that stays off the GPUs, which `builder plan` shows")
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -122,11 +146,19 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
             "template": {
                 "metadata": {"labels": dict(labels)},
                 "spec": {
+                    "automountServiceAccountToken": False,  # the pod never talks to the API server
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": config.uid,
+                        "runAsGroup": config.gid,
+                        "fsGroup": config.gid,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     # Init containers run in order, to completion: merge, then create.
                     # Pods sharing the export take a lock on it, so only one merges.
                     "initContainers": [step("merge"), step("create")],
                     "containers": [serve],
-                    "volumes": [volume],
+                    "volumes": [volume, {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
                     **({"nodeSelector": {"nvidia.com/gpu.product": k8s.gpu_product}} if k8s.gpu_product else {}),
                 },
             },
@@ -142,7 +174,20 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
             "ports": [{"name": "http", "port": OLLAMA_PORT, "targetPort": "http", "protocol": "TCP"}],
         },
     }
-    files = {"kubernetes/deployment.yaml": [deployment], "kubernetes/service.yaml": [service]}
+    # Only the API port is reachable, and only from inside the cluster's network.
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta,
+        "spec": {
+            "podSelector": {"matchLabels": dict(labels)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": OLLAMA_PORT}]}],
+        },
+    }
+    files = {"kubernetes/deployment.yaml": [deployment], "kubernetes/service.yaml": [service], "kubernetes/networkpolicy.yaml": [policy]}
+    if not k8s.namespace:
+        files["kubernetes/namespace.yaml"] = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": dict(labels)}}]
     if storage_docs:
         files["kubernetes/storage.yaml"] = storage_docs
     return files, notes

@@ -7,7 +7,7 @@ docker rm -f autodl 2>/dev/null || true
 docker run -d \
   --name autodl \
   --restart unless-stopped \
-  --label io.builder.config.sha256=9a72825a6327d898ae97643755465e81a195fb3484f5009c1ea14160b71062a7 \
+  --label io.builder.config.sha256=8c8c8b585d13fc48bd597a71524887f172dd20a67b6c8940276ed459f5143648 \
   --label io.builder.project=autodl \
   --label io.builder.role=all \
   --cap-drop ALL \
@@ -23,4 +23,4 @@ docker run -d \
   --health-retries 3 \
   --health-start-period 30s \
   --gpus 2 \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-autodl:latest all
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-deepseek-r1:ud-iq1-m all

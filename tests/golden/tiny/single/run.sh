@@ -7,7 +7,7 @@ docker rm -f tiny 2>/dev/null || true
 docker run -d \
   --name tiny \
   --restart unless-stopped \
-  --label io.builder.config.sha256=78c76a6a283cd2abd21db0559e99d845bf51e7a43fad9d8f09753b939d6be090 \
+  --label io.builder.config.sha256=a687be17027460217574a316bf603c4f00b97d8615a9a122ea7c8191f015fac8 \
   --label io.builder.project=tiny \
   --label io.builder.role=all \
   --cap-drop ALL \
@@ -22,4 +22,4 @@ docker run -d \
   --health-timeout 5s \
   --health-retries 3 \
   --health-start-period 30s \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-tiny:latest all
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-tiny:demo all
