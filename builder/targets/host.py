@@ -168,7 +168,7 @@ class HostTarget(Target):
                 echo(f"serve: the config changed; stopping pid {record['pid']}")
                 self._stop(prefix, record)
             self._start(prefix, env, wanted, echo)
-        url = f"http://{'127.0.0.1' if blueprint.config.serve.bind in ('0.0.0.0', '::') else blueprint.config.serve.bind}:{blueprint.config.serve.port}"
+        url = local_url(blueprint)
         wait_for_model(url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout))
         return Endpoint(url, blueprint.config.model.name)
 
@@ -258,7 +258,7 @@ class HostTarget(Target):
                 records[name] = {"state": "done", "record": str(path), "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))}
             except OSError:
                 records[name] = {"state": "absent"}
-        url = f"http://127.0.0.1:{blueprint.config.serve.port}"
+        url = local_url(blueprint)
         names = listed_models(url)
         listed = None if names is None else full_name(blueprint.config.model.name) in names
         return {
@@ -281,6 +281,13 @@ class HostTarget(Target):
             raise BuilderError(f"no log at {log}: the host target's serve has not run here")
         argv = ["tail", "-n", "+1" if tail == "all" else tail] + (["-F"] if follow else []) + [str(log)]
         subprocess.run(argv)
+
+
+def local_url(blueprint: Blueprint) -> str:
+    """Where this machine reaches the API ollama binds to serve.bind:serve.port."""
+    bind = blueprint.config.serve.bind
+    host = "127.0.0.1" if bind in ("0.0.0.0", "::") else (f"[{bind}]" if ":" in bind else bind)
+    return f"http://{host}:{blueprint.config.serve.port}"
 
 
 def _prefix(project: str, config) -> Path:
