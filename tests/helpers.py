@@ -22,6 +22,15 @@ def run_builder(*args: str, cwd: Path | None = None, env: dict[str, str] | None 
     )
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def registry_client_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a package registry's own client (pip): the
     tests' network guard (tests/netguard/) left out, since those are the only

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,16 +18,12 @@ from tests.engine.conftest import LLAMA_PATH, OLLAMA_PATH
 from tests.fixtures.artifact_server import ArtifactServer
 from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir, llama_cpp_release_zip
 from tests.fixtures.ollama_release import ollama_release_tgz
-from tests.helpers import run_builder
+from tests.helpers import free_port, run_builder
 from tests.test_sample_model import greedy
 
 PROMPT = "Why is the sky blue?"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def post(url: str, body: dict) -> dict:

@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import free_port
+
 from builder.modelfile import render_modelfile
 from tests.doubles.modelfile_parser import parse_modelfile as reference_parse
 
@@ -41,10 +43,6 @@ def load_double():
 od = load_double()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def sha256_hex(data: bytes) -> str:

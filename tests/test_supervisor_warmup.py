@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import free_port
+
 from builder.sample import write_split_model
 from builder.supervisor.create import create
 from builder.supervisor.merge import merge
@@ -24,12 +26,6 @@ from tests.fixtures.ollama_release import unpack_ollama_release
 from tests.test_supervisor_create import runtime_for
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -252,8 +252,9 @@ class HostTarget(Target):
             "state": "running", "pid": record["pid"], "uptime_s": round(_uptime(record)), "restarts": state.get("restarts", 0),
         }
         records = {}
-        for name, path in (("merge", Path(host_runtime(blueprint, prefix)["merged"] + ".merge.json")),
-                           ("create", Path(host_runtime(blueprint, prefix)["ollama_store"]) / ".builder-create.json")):
+        runtime = host_runtime(blueprint, prefix)
+        for name, path in (("merge", Path(runtime["merged"] + ".merge.json")),
+                           ("create", Path(runtime["ollama_store"]) / ".builder-create.json")):
             try:
                 records[name] = {"state": "done", "record": str(path), "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))}
             except OSError:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, Blueprint
-import json
+import copy
 
 from builder.errors import ConfigError, Problem
 from builder.targets.base import Declined, Target
@@ -16,9 +16,6 @@ from builder.targets.base import Declined, Target
 
 K8S_GPU = "nvidia.com/gpu"
 
-
-def json_copy(value):
-    return json.loads(json.dumps(value))
 DEFAULT_STARTUP_SECONDS = 3600  # serve.load_timeout: auto: 720 GB at 200 MB/s
 
 def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
@@ -97,7 +94,7 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
 
     def step(role: str) -> dict:
         return {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
-                "securityContext": dict(hardened), "resources": json_copy(step_resources), "volumeMounts": [*mount, scratch]}
+                "securityContext": dict(hardened), "resources": copy.deepcopy(step_resources), "volumeMounts": [*mount, scratch]}
 
     # Ready means the model answers: the supervisor's warm-up loaded it
     # (health --loaded). Alive means ollama answers. The start-up budget is

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -25,17 +24,13 @@ from tests.fixtures.artifact_server import ArtifactServer
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
 from builder.sample import write_split_model
 from tests.fixtures.ollama_release import ollama_release_tgz
-from tests.helpers import run_builder
+from tests.helpers import free_port, run_builder
 
 OLLAMA_PATH = "/ollama/ollama/releases/download/v0.5.7/ollama-linux-amd64.tgz"
 LLAMA_PATH = "/ggml-org/llama.cpp/releases/download/b4610/llama-b4610-bin-ubuntu-x64.zip"
 NASTY_VALUE = 'a$b ${HOME} "q" `x` {{ y }} \\z'
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def docker(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
