@@ -3,6 +3,7 @@ normalized, and which archives are refused (with nothing left behind)."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -11,11 +12,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from builder.errors import BuilderError
 from builder.image.stage import UnsafeArchive, stage
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
-from tests.fixtures.ollama_release import ollama_release_tgz
+from tests.fixtures.ollama_release import ollama_release_tar_zst, ollama_release_tgz
 
 EPOCH = 1738368000
 
@@ -124,16 +126,20 @@ BAD_ARCHIVES = {
 }
 
 
+@pytest.mark.parametrize("suffix", [".tgz", ".tar.zst"])
 @pytest.mark.parametrize("case", sorted(BAD_ARCHIVES))
-def test_bad_archives_are_refused_and_leave_nothing(case: str, tmp_path: Path, llama_zip: Path) -> None:
+def test_bad_archives_are_refused_and_leave_nothing(case: str, suffix: str, tmp_path: Path, llama_zip: Path) -> None:
     members, message = BAD_ARCHIVES[case]
-    ollama = write(tmp_path / "ollama-linux-amd64.tgz", tgz(members))
+    data = tgz(members)
+    if suffix == ".tar.zst":
+        data = zstandard.ZstdCompressor().compress(gzip.decompress(data))
+    ollama = write(tmp_path / f"ollama-linux-amd64{suffix}", data)
     context = tmp_path / "ctx"
     context.mkdir()
     with pytest.raises(BuilderError) as error:
         run_stage(context, ollama, llama_zip)
     assert message in str(error.value)
-    assert str(error.value).startswith("ollama-linux-amd64.tgz: ") or case == "no-ollama"
+    assert str(error.value).startswith(f"ollama-linux-amd64{suffix}: ")
     leftovers = sorted(str(p.relative_to(context)) for p in context.rglob("*"))
     assert leftovers in ([], ["staged"]), leftovers
     assert not (tmp_path / "PWNED").exists() and not (context / "PWNED").exists()
@@ -145,11 +151,45 @@ def test_unsafe_is_a_builder_error() -> None:
 
 def test_missing_llama_binary_names_what_is_there(tmp_path: Path, llama_zip: Path) -> None:
     ollama = write(tmp_path / "ollama.tgz", ollama_release_tgz())
-    with pytest.raises(BuilderError, match=r"has no build/bin/llama-quantize \(llama_cpp.binaries\); it has: llama-gguf-split, llama-server, llama-simple$"):
-        run_stage(tmp_path / "ctx", ollama, llama_zip, binaries=("llama-gguf-split", "llama-quantize"))
+    with pytest.raises(BuilderError, match=r"has no build/bin/llama-imatrix \(llama_cpp.binaries\); it has: llama-gguf-split, llama-quantize, llama-server, llama-simple$"):
+        run_stage(tmp_path / "ctx", ollama, llama_zip, binaries=("llama-gguf-split", "llama-imatrix"))
 
 
 def test_corrupt_archive(tmp_path: Path, llama_zip: Path) -> None:
     ollama = write(tmp_path / "ollama-linux-amd64.tgz", ollama_release_tgz()[:300])
     with pytest.raises(BuilderError, match=r"^ollama-linux-amd64.tgz: not a readable tar archive"):
         run_stage(tmp_path / "ctx", ollama, llama_zip)
+
+
+def test_corrupt_tar_zst(tmp_path: Path, llama_zip: Path) -> None:
+    whole = ollama_release_tar_zst()
+    for cut, name in ((len(whole) // 2, "half"), (40, "header")):
+        ollama = write(tmp_path / "ollama-linux-amd64.tar.zst", whole[:cut])
+        with pytest.raises(BuilderError, match=r"^ollama-linux-amd64.tar.zst: not a readable tar archive \(.+\); delete it"):
+            run_stage(tmp_path / f"ctx-{name}", ollama, llama_zip)
+        assert not (tmp_path / f"ctx-{name}" / "staged" / "ollama").exists()
+
+
+def test_stages_a_current_release_tar_zst(tmp_path: Path, llama_zip: Path) -> None:
+    """ollama 0.30+: .tar.zst, llama-server and llama-quantize in lib/ollama/, streamed (no temporary tar)."""
+    data = ollama_release_tar_zst()
+    assert data[:4] == b"\x28\xb5\x2f\xfd"
+    ollama = write(tmp_path / "ollama-linux-amd64.tar.zst", data)
+    context = tmp_path / "ctx"
+    assert run_stage(context, ollama, llama_zip) == ["ollama", "llama.cpp"]
+    staged = tree(context / "staged")
+    for program in ("bin/ollama", "lib/ollama/llama-server", "lib/ollama/llama-quantize"):
+        assert staged[f"ollama/{program}"][:2] == ("file", 0o755), program
+    assert staged["ollama/lib/ollama/libllama.so"][:2] == ("file", 0o644)
+    assert staged["ollama/lib/ollama/cuda_v12"][:2] == ("dir", 0o755)
+    plain = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    with tarfile.open(fileobj=io.BytesIO(plain)) as archive:
+        files = [m for m in archive.getmembers() if m.isfile()]
+        assert files
+        for member in files:
+            rel = "ollama/" + member.name.removeprefix("./")
+            assert staged[rel][3] == hashlib.sha256(archive.extractfile(member).read()).hexdigest(), rel
+    assert {entry[2] for entry in staged.values()} == {EPOCH}
+    # The double says which version it is: the archive of 0.32.15 carries 0.32.15.
+    assert b'\nVERSION = "0.32.15"\n' in (context / "staged" / "ollama" / "bin" / "ollama").read_bytes()
+    assert run_stage(context, ollama, llama_zip) == []

@@ -4,6 +4,8 @@ on a store that other models share."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -113,3 +115,65 @@ def test_a_failed_create_shows_the_private_ollama_s_last_lines(tmp_path: Path, o
     assert '"/api/create"' in out  # its request line, from the log's tail
     assert "[GIN-debug]" in log.read_text() and "[GIN-debug]" not in out.split("last lines")[0]
     assert (tmp_path / "models" / "ollama" / ".builder-home").stat().st_mode & 0o777 == 0o700
+
+
+# ollama 0.30 and later: no merge; the shards are hard-linked into the store and
+# ollama's create rewrites them (llama-quantize COPY) into one new blob.
+
+
+@pytest.fixture(scope="module")
+def ollama_current(tmp_path_factory) -> Path:
+    return unpack_ollama_release(tmp_path_factory.mktemp("release-current"), version="0.32.15")
+
+
+def test_current_ollama_creates_from_the_shards_and_leaves_no_unreferenced_blob(tmp_path: Path, ollama_current: Path, capsys) -> None:
+    from builder.supervisor.gguf import read_header_file
+
+    models = tmp_path / "models"
+    runtime = dict(runtime_for(models, ollama_current), ollama_generation="0.30")
+    shards = write_split_model(models / "tiny", "tiny", 3, seed=0)
+    contents = [p.read_bytes() for p in shards]
+    assert merge(runtime) == 0
+    assert not Path(runtime["merged"]).exists(), "no merge with a current ollama"
+    assert sorted(p.name for p in (models / "tiny").iterdir()) == [p.name for p in shards]
+    assert create(runtime) == 0
+    out = capsys.readouterr().out
+    assert "ollama rewrote the 3 shard(s) into one blob" in out
+    store = models / "ollama"
+    manifest = json.loads((store / "manifests/registry.ollama.ai/library/tiny/latest").read_text())
+    model_layer = next(l for l in manifest["layers"] if l["mediaType"] == "application/vnd.ollama.image.model")
+    shard_digests = {hashlib.sha256(c).hexdigest() for c in contents}
+    assert model_layer["digest"][7:] not in shard_digests and "from" not in model_layer
+    assert "rootfs" not in json.loads((store / "blobs" / manifest["config"]["digest"].replace(":", "-")).read_text())
+    # Nothing unreferenced (no shard link, no temporary file), and the shards are as they were.
+    assert set(blobs(store)) == referenced_digests(str(store))
+    assert [p.name for p in (store / "blobs").iterdir() if not p.name.startswith("sha256-")] == []
+    assert [p.read_bytes() for p in shards] == contents and all(p.stat().st_nlink == 1 for p in shards)
+    # The one model blob is what llama-quantize made of the shards: one file, no split keys, every tensor.
+    header = read_header_file(str(store / "blobs" / model_layer["digest"].replace(":", "-")))
+    assert header.split_count in (None, 0) and "general.quantization_version" in header.metadata
+    assert header.tensor_count == sum(read_header_file(str(p)).tensor_count for p in shards)
+    # ollama touched the shards through their links; a second create still has nothing to do.
+    assert create(runtime) == 0
+    assert "is up to date with its 3 shard(s)" in capsys.readouterr().out
+
+
+def test_current_ollama_refuses_a_lone_first_shard(tmp_path: Path, ollama_current: Path) -> None:
+    """v0.32.15 server/create.go:1165, through the double's own client (`FROM first-shard`)."""
+    models = tmp_path / "models"
+    shards = write_split_model(models / "tiny", "tiny", 3, seed=0)
+    (tmp_path / "Modelfile").write_text(f"FROM {shards[0]}\n", encoding="utf-8")
+    store = tmp_path / "store"
+    from builder.supervisor.ollama import PrivateServer
+
+    with PrivateServer(str(ollama_current), str(store)) as server:
+        env = {**os.environ, "OLLAMA_HOST": server.host}
+        result = subprocess.run([str(ollama_current), "create", "tiny", "-f", str(tmp_path / "Modelfile")],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert 'Error: split GGUF "tiny-00001-of-00003.gguf" has 1 shards, expected 3' in result.stderr
+        folder = tmp_path / "Modelfile.dir"
+        folder.write_text(f"FROM {models / 'tiny'}\n", encoding="utf-8")
+        result = subprocess.run([str(ollama_current), "create", "tiny", "-f", str(folder)],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr

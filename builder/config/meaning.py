@@ -15,6 +15,7 @@ from builder.modelfile import check_modelfile_text, check_stop
 from builder.supervisor.shards import merged_file_name, parse_shard_name, shard_file_name
 from builder.config.yamlsource import Path as KeyPath
 from builder.config.gotemplate import check_template
+from builder.config.releases import SUPPORTED, default_url, generation
 from builder.config.shape import _Locator
 from builder.config.types import (
     DEFAULT_NFS_OPTIONS, RESERVED_ENV, Base, Config, Gpus, KubernetesSettings, Model, PlanSettings, Release, Serve, Shards, Storage,
@@ -63,8 +64,13 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
         )
 
     releases = {}
+    ollama_version = data["ollama"]["version"]
+    if generation(ollama_version) is None:
+        fail(("ollama", "version"), f"{ollama_version} is not supported; builder supports {SUPPORTED}")
     for key, field in (("ollama", "version"), ("llama_cpp", "build")):
-        section = data[key]
+        section = dict(data[key])
+        if section["url"] is None:  # ollama only: the release's own asset, by generation
+            section["url"] = default_url(section[field])
         fields = _template_fields(section["url"])
         unknown = {"{"} if fields is None else fields - {field}
         if fields is None:

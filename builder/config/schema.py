@@ -165,8 +165,11 @@ def config_schema() -> dict[str, Any]:
             ),
             "ollama": _obj(
                 {
-                    "version": _str("ollama release, e.g. 0.5.7.", "a release number such as 0.5.7", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+(-rc[0-9]+)?$"),
-                    "url": _str("Download URL template; {version} is replaced.", "an http(s):// URL", pattern=_URL),
+                    "version": _str("ollama release: 0.5.x (default 0.5.7) or 0.30 and later (tested with 0.32.15).", "a release number such as 0.5.7", pattern="^[0-9]+\\.[0-9]+\\.[0-9]+(-rc[0-9]+)?$"),
+                    "url": {
+                        "description": "Download URL template; {version} is replaced. Default (null): ollama's GitHub release, ollama-linux-amd64.tgz for 0.5.x and .tar.zst from 0.30.",
+                        "oneOf": [{"type": "string", "pattern": _URL, "x-expect": "an http(s):// URL"}, {"type": "null"}],
+                    },
                     **release,
                 }
             ),

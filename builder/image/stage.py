@@ -1,6 +1,7 @@
 """Unpack the release archives into the build context, safely and byte-stably.
 
-ollama's archive gives `bin/` and `lib/ollama/`; llama.cpp's zip gives
+ollama's archive (.tgz for 0.5.x, .tar.zst from 0.30) gives `bin/` and
+`lib/ollama/`; llama.cpp's zip gives
 `build/bin/`, of which only the chosen programs and the libraries they load
 are kept. Absolute paths, `..`, links that leave the tree and members that
 would be written through a link are refused. Members are streamed to disk
@@ -11,6 +12,7 @@ the same tree, and the same image layers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -19,7 +21,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from builder.image.elf import elf_needed
 from builder.errors import BuilderError
@@ -119,12 +121,41 @@ class TreeWriter:
             os.utime(path, (epoch, epoch))
 
 
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@contextlib.contextmanager
+def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
+    """A streaming reader of a .tar.zst (by its magic, whatever its name) or
+    of a tar gzip, bzip2 or xz compress. Nothing is unpacked to a temporary file."""
+    with open(archive, "rb") as raw:
+        if raw.read(4) == ZSTD_MAGIC:
+            import zstandard
+
+            raw.seek(0)
+            with zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False) as plain:
+                with tarfile.open(fileobj=plain, mode="r|") as tar:
+                    yield tar
+            return
+        raw.seek(0)
+        with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            yield tar
+
+
+def _archive_errors() -> tuple[type[Exception], ...]:
+    import zlib
+
+    import zstandard
+
+    return (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError)
+
+
 def write_ollama(archive: Path, writer: TreeWriter) -> None:
-    """Stream bin/ and lib/ollama/ of ollama's archive into `writer`."""
+    """Stream bin/ and lib/ollama/ of ollama's archive (.tgz or .tar.zst) into `writer`."""
     name = archive.name
     found = False
     try:
-        with tarfile.open(archive, mode="r|*") as tar:
+        with open_tar_stream(archive) as tar:
             for info in tar:
                 rel = _normalize(info.name, name)
                 if not rel or not (any((rel + "/").startswith(k) for k in OLLAMA_KEEP) or rel == "lib"):
@@ -142,10 +173,10 @@ def write_ollama(archive: Path, writer: TreeWriter) -> None:
                     found = found or rel == "bin/ollama"
                 else:
                     raise UnsafeArchive(f"{name}: member '{info.name}' is a device or fifo; refusing to stage it")
-    except (tarfile.TarError, EOFError, zlib_error()) as exc:
+    except _archive_errors() as exc:
         raise BuilderError(f"{name}: not a readable tar archive ({exc}); delete it from the cache and fetch again") from None
     if not found:
-        raise BuilderError("the ollama archive has no bin/ollama; is ollama.url the linux-amd64 .tgz?")
+        raise BuilderError(f"{name}: the ollama archive has no bin/ollama; is ollama.url the ollama-linux-amd64 release (.tgz for 0.5.x, .tar.zst from 0.30)?")
 
 
 def zlib_error() -> type[Exception]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from builder import __version__
 from builder.config import Config
+from builder.config.releases import CURRENT, generation
 from builder.modelfile import render_modelfile
 
 # Where things live inside the image and the containers.
@@ -106,7 +107,10 @@ def make_blueprint(config: Config) -> Blueprint:
     digest = config.digest()
     merged_path = str(PurePosixPath(MODELS_DIR, model.merged))
     header = f"Rendered by builder {__version__} for {model.name}; change the config, not this file."
-    modelfile = render_modelfile(merged_path, model.parameters, model.template, model.system, header)
+    current = generation(config.ollama.version) == CURRENT
+    # ollama 0.30+ creates from the shards: by hand, `FROM` their folder (builder names each shard's blob).
+    source = str(PurePosixPath(MODELS_DIR, model.shards.first).parent) if current and model.shards.count else merged_path
+    modelfile = render_modelfile(source, model.parameters, model.template, model.system, header)
     labels = (
         ("org.opencontainers.image.title", config.image_name),
         ("org.opencontainers.image.version", config.image_tag),
@@ -153,6 +157,9 @@ def make_blueprint(config: Config) -> Blueprint:
             "prefix": shards.prefix,
         },
     }
+    if current:
+        # Left out for 0.5.x, whose rendered files stay as they were.
+        runtime["ollama_generation"] = CURRENT
     image = config.image
     return Blueprint(
         config=config,

@@ -23,6 +23,7 @@ from .create import create
 from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
 from .ollama import OllamaChatter, ollama_env, request, signal_group
+from .shards import shard_file_names
 from .warmup import OutputTail, Warmer, health_loaded
 
 DEFAULT_SERVE = {
@@ -105,6 +106,23 @@ def serve(runtime: dict) -> int:
     return 0
 
 
+def model_size(runtime: dict) -> int:
+    """What ollama loads: the merged file (0.5.x), else every shard (0.30+ creates from them)."""
+    merged = runtime.get("merged", "")
+    if runtime.get("ollama_generation") != "0.30" and os.path.exists(merged):
+        return os.path.getsize(merged)
+    shards = runtime.get("shards", {})
+    first = shards.get("first", "")
+    names = shard_file_names(shards["prefix"], shards["count"]) if shards.get("count") else [os.path.basename(first)]
+    total = 0
+    for name in names:
+        try:
+            total += os.path.getsize(os.path.join(os.path.dirname(first), name))
+        except OSError:
+            pass
+    return total
+
+
 def serve_environment(runtime: dict) -> tuple[dict[str, str], dict, int]:
     """ollama's environment for serving: its limits sized to the model
     (BUILDER_SERVE's rule; a value set in serve.env wins), release mode."""
@@ -113,11 +131,7 @@ def serve_environment(runtime: dict) -> tuple[dict[str, str], dict, int]:
         rule.update(json.loads(os.environ.get("BUILDER_SERVE") or "{}"))
     except ValueError:
         log("serve: BUILDER_SERVE is not JSON; using the default limits")
-    model_file = runtime.get("merged") if os.path.exists(runtime.get("merged", "")) else runtime.get("shards", {}).get("first", "")
-    try:
-        size = os.path.getsize(model_file)
-    except OSError:
-        size = 0
+    size = model_size(runtime)
     env = ollama_env(store=runtime.get("ollama_store"))
     env.setdefault("GIN_MODE", "release")
     for (name, value), why in zip(sorted(ollama_limits(size, rule).items()), _explained(size, rule)):

@@ -29,14 +29,46 @@ import json
 import os
 import urllib.request
 
-from .common import StepError, file_lock, human_bytes, io_counters, log, read_json, write_json_atomic
+from .common import StepError, file_lock, human_bytes, io_counters, log, read_json, sha256_of, write_json_atomic
 from .merge import merged_digest
-from .ollama import PrivateServer, manifest_path, request
+from .shards import shard_file_names
+from .ollama import PrivateServer, create_streamed, manifest_path, request
 
 RECORD = ".builder-create.json"
 
 
+CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later
+SHARD_DIGESTS = ".builder-shards.json"
+
+
+def _shard_paths(runtime: dict) -> list[str]:
+    shards = runtime["shards"]
+    folder = os.path.dirname(shards["first"])
+    if not shards["count"]:
+        return [shards["first"]]
+    return [os.path.join(folder, name) for name in shard_file_names(shards["prefix"], shards["count"])]
+
+
+def _shard_identity(runtime: dict) -> dict:
+    """What a create from the shards depends on: every shard as it is now."""
+    states = []
+    for path in _shard_paths(runtime):
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            raise StepError(f"create: shard {path} is missing; copy it there (all of them are needed)") from None
+        states.append({"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns})
+    request_body = json.dumps(runtime.get("create", {}), sort_keys=True).encode()
+    return {
+        "shards": states,
+        "model": runtime["model"],
+        "request_sha256": hashlib.sha256(request_body).hexdigest(),
+    }
+
+
 def _identity(runtime: dict) -> dict:
+    if runtime.get("ollama_generation") == CURRENT:
+        return _shard_identity(runtime)
     merged = runtime["merged"]
     try:
         info = os.stat(merged)
@@ -58,8 +90,10 @@ def create(runtime: dict) -> int:
         return _create_locked(runtime, store)
 
 
-def place_blob(merged: str, store: str, digest: str) -> str:
-    """Put the merged file in ollama's blob store; say how ('present', 'linked', or why not)."""
+def place_blob(merged: str, store: str, digest: str, must_own: bool = False) -> str:
+    """Put the merged file (or a shard) in ollama's blob store; say how
+    ('present', 'linked', or why not). `must_own`: ollama 0.30+ sets the times
+    of every input blob, which only the file's owner (or root) may do."""
     blobs = os.path.join(store, "blobs")
     os.makedirs(blobs, exist_ok=True)
     blob = os.path.join(blobs, f"sha256-{digest}")
@@ -67,6 +101,9 @@ def place_blob(merged: str, store: str, digest: str) -> str:
         if os.path.getsize(blob) == os.path.getsize(merged):
             return "present"
         os.unlink(blob)  # a partial upload from an earlier run: ollama's own temp would be misnamed
+    owner = os.stat(merged).st_uid
+    if must_own and os.geteuid() not in (0, owner):
+        return f"not linked (owned by uid {owner}, and this ollama changes its input blobs' times; chown it to uid {os.geteuid()} to avoid the copy)"
     tmp = os.path.join(blobs, f".sha256-{digest}.link-{os.getpid()}")
     try:
         os.link(merged, tmp)
@@ -130,9 +167,10 @@ def referenced_digests(store: str) -> set[str] | None:
     return found
 
 
-def remove_unreferenced(store: str, candidates: set[str], model: str) -> None:
+def remove_unreferenced(store: str, candidates: set[str], model: str, quiet: set[str] = frozenset()) -> None:
     """Remove the blobs among `candidates` (what the replaced version of
-    `model` used) that no manifest references now."""
+    `model` used, and the shards linked in for this create) that no manifest
+    references now; `quiet` ones are not logged one by one."""
     if not candidates:
         return
     referenced = referenced_digests(store)
@@ -146,6 +184,8 @@ def remove_unreferenced(store: str, candidates: set[str], model: str) -> None:
             size = os.stat(blob).st_size
             os.unlink(blob)
         except FileNotFoundError:
+            continue
+        if digest in quiet:
             continue
         freed += size
         log(f"create: removed blob sha256-{digest[:12]}... ({human_bytes(size)}): the old {model} used it and no model does now")
@@ -162,36 +202,84 @@ def _show_private_log(server: PrivateServer) -> None:
             print(f"    {line}", flush=True)
 
 
+def shard_digests(paths: list[str], store: str) -> list[str]:
+    """Each shard's sha256, remembered in the store by (path, size, mtime) so
+    that only a changed shard is read again."""
+    record_file = os.path.join(store, SHARD_DIGESTS)
+    known = read_json(record_file) or {}
+    digests = []
+    for path in paths:
+        info = os.stat(path)
+        key = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+        entry = known.get(path)
+        if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("sha256"), str):
+            digests.append(entry["sha256"])
+            continue
+        digest = sha256_of(path, f"hashing {os.path.basename(path)}")
+        known[path] = dict(key, sha256=digest)
+        write_json_atomic(record_file, known)
+        digests.append(digest)
+    return digests
+
+
+def remember_digests(store: str, entries: dict[str, tuple[int, int, str]]) -> None:
+    record_file = os.path.join(store, SHARD_DIGESTS)
+    known = read_json(record_file) or {}
+    for path, (size, mtime_ns, digest) in entries.items():
+        known[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
+    write_json_atomic(record_file, known)
+
+
+def _check_rewrite_space(store: str, size: int) -> None:
+    """ollama 0.30+ writes the model into blobs/ twice: llama-quantize COPY's
+    output (a temporary file), then its copy under its digest (manifest.NewLayer),
+    before it deletes the first. So twice the model must be free at the peak."""
+    stats = os.statvfs(store)
+    free = stats.f_bavail * stats.f_frsize
+    if free < 2 * size + (64 << 20):
+        raise StepError(
+            f"create: this ollama writes the model ({human_bytes(size)}) into {store}/blobs twice before it deletes "
+            f"one copy, so it needs {human_bytes(2 * size)} free and there is {human_bytes(free)}; free some space, "
+            "or use ollama.version 0.5.7, whose create does not copy"
+        )
+
+
 def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
     model = runtime["model"]
     records = read_json(record_file) or {}
-    if records.get(model) == identity and os.path.isfile(manifest_path(store, model)):
-        log(f"create: {model} is up to date with {runtime['merged']} and its create request; nothing to do")
+    current = runtime.get("ollama_generation") == CURRENT
+    source = f"its {len(identity['shards'])} shard(s)" if current else runtime["merged"]
+    if records.get(model, {}).get("identity", records.get(model)) == identity and os.path.isfile(manifest_path(store, model)):
+        log(f"create: {model} is up to date with {source} and its create request; nothing to do")
         return 0
-    merged = runtime["merged"]
-    digest = merged_digest(merged)
     previous = manifest_digests(manifest_path(store, model))
-    log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
     before = io_counters()
-    how = place_blob(merged, store, digest)
+    if current:
+        files, placed = _place_shards(runtime, store, identity)
+    else:
+        merged = runtime["merged"]
+        digest = merged_digest(merged)
+        log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
+        files = {os.path.basename(merged): digest}
+        placed = {digest: (merged, place_blob(merged, store, digest))}
     server_ref: list = []
     try:
         with PrivateServer(runtime["ollama"], store) as server:
             server_ref.append(server)
             server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
-            status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
-            if status != 200:
-                _check_space(store, identity["merged"]["size"])
-                log(f"create: blob {how}; uploading {human_bytes(identity['merged']['size'])} to ollama (it keeps a copy)")
-                upload_blob(server.base, merged, digest)
-            else:
-                log(f"create: blob {how} in {store}/blobs: no copy")
-            body = dict(runtime.get("create", {}), model=model, files={os.path.basename(merged): f"sha256:{digest}"}, stream=False)
-            status, answer = request(server.base, "POST", "/api/create", body, timeout=3600)
-            if status != 200:
-                raise StepError(f"create: ollama refused to create {model} (HTTP {status}: {answer[:300]!r})")
+            for digest, (path, how) in placed.items():
+                status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
+                if status != 200:
+                    size = os.path.getsize(path)
+                    _check_space(store, size)
+                    log(f"create: blob {how}; uploading {human_bytes(size)} of {os.path.basename(path)} to ollama (it keeps a copy)")
+                    upload_blob(server.base, path, digest)
+                elif not current:
+                    log(f"create: blob {how} in {store}/blobs: no copy")
+            body = dict(runtime.get("create", {}), model=model, files={n: f"sha256:{d}" for n, d in files.items()})
+            create_streamed(server.base, body)
             try:
                 status, shown = request(server.base, "POST", "/api/show", {"model": model})
             except OSError as exc:
@@ -202,14 +290,51 @@ def _create_locked(runtime: dict, store: str) -> int:
     except StepError:
         _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
         raise
-    records[model] = identity
+    now = manifest_digests(manifest_path(store, model))
+    written = _new_model_bytes(store, now, set(placed)) if current else 0
+    if current:
+        # ollama 0.30+ touches every input blob (manifest/layer.go touchLayer), and
+        # a hard-linked blob is the shard itself: record the shards as they are now.
+        identity = _shard_identity(runtime)
+        remember_digests(store, {s["path"]: (s["size"], s["mtime_ns"], d) for s, d in zip(identity["shards"], files.values())})
+    records[model] = {"identity": identity, "path": "shards" if current else "merged", "written": written}
     write_json_atomic(record_file, records)
-    remove_unreferenced(store, previous - {digest}, model)
+    # The hard-linked shards (ollama 0.30+ wrote its own merged blob) and what the old version used.
+    remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))
     after = io_counters()
     details = json.loads(shown or b"{}").get("details") or {}
     facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
     log(f"create: {model} is ready" + (f" ({facts})" if facts else ""))
+    if current:
+        log(f"create: ollama rewrote the {len(placed)} shard(s) into one blob of {human_bytes(written)} "
+            "(llama-quantize COPY, then a copy under its digest); the shards stay where they are")
     read = after[0] - before[0] + server_after[0] - server_before[0]
-    written = after[1] - before[1] + server_after[1] - server_before[1]
-    log(f"create: io read {read} written {written} bytes")
+    wrote = after[1] - before[1] + server_after[1] - server_before[1]
+    log(f"create: io read {read} written {wrote} bytes" + (f" (and {written} by ollama's rewrite)" if current else ""))
     return 0
+
+
+def _place_shards(runtime: dict, store: str, identity: dict) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """ollama 0.30+: every shard hard-linked into blobs/ under its digest; no merge."""
+    paths = [s["path"] for s in identity["shards"]]
+    total = sum(s["size"] for s in identity["shards"])
+    _check_rewrite_space(store, total)
+    log(f"create: registering {runtime['model']} from {len(paths)} shard(s) ({human_bytes(total)}); ollama merges them as it creates")
+    digests = shard_digests(paths, store)
+    placed = {}
+    for path, digest in zip(paths, digests):
+        how = place_blob(path, store, digest, must_own=True)
+        placed[digest] = (path, how)
+        log(f"create: {os.path.basename(path)} (sha256 {digest[:12]}...) {how} in {store}/blobs")
+    return {os.path.basename(p): d for p, d in zip(paths, digests)}, placed
+
+
+def _new_model_bytes(store: str, digests: set[str], inputs: set[str]) -> int:
+    """The size of the blobs the create wrote (in the manifest, not among its inputs)."""
+    total = 0
+    for digest in digests - inputs:
+        try:
+            total += os.stat(os.path.join(store, "blobs", f"sha256-{digest}")).st_size
+        except OSError:
+            pass
+    return total

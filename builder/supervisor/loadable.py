@@ -14,10 +14,31 @@ from typing import Sequence
 
 from .gguf import GGUFHeader
 
-# The architectures the llama.cpp vendored by each ollama generation knows
-# (LLM_ARCH_NAMES), read from ollama's source:
-#   "0.5": v0.5.7, llama/llama-arch.cpp.
+# The architectures the llama.cpp of each ollama generation knows (LLM_ARCH_NAMES):
+#   "0.5": ollama v0.5.7's vendored llama/llama-arch.cpp.
+#   "0.30": ollama 0.30+ builds llama.cpp's own llama-server from the build in
+#     its LLAMA_CPP_VERSION file (b10488 at v0.32.15), no longer vendored. This
+#     list is src/llama-arch.cpp at llama.cpp commit 00395eb, the newest copy at
+#     hand (b10488's own could not be fetched), less "clip" (only llama-quantize
+#     uses it). ollama 0.32.15's code names deepseek2, llama, gpt-oss, glm4,
+#     laguna, qwen35 and gemma4 among them.
 ARCHITECTURES: dict[str, frozenset[str]] = {
+    "0.30": frozenset(
+        (
+            "llama llama4 deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert modern-bert "
+            "nomic-bert nomic-bert-moe neo-bert jina-bert-v2 jina-bert-v3 eurobert bloom stablelm qwen qwen2 "
+            "qwen2moe qwen2vl qwen3 qwen3moe qwen3next qwen3vl qwen3vlmoe qwen35 qwen35moe phi2 phi3 phimoe plamo "
+            "plamo2 plamo3 codeshell orion internlm2 minicpm minicpm3 gemma gemma2 gemma3 gemma3n gemma4 "
+            "gemma4-assistant gemma-embedding starcoder2 mamba mamba2 jamba falcon-h1 xverse command-r cohere2 "
+            "cohere2moe dbrx olmo olmo2 olmoe openelm arctic deepseek deepseek2 deepseek2-ocr deepseek32 deepseek4 "
+            "chatglm glm4 glm4moe glm-dsa bitnet t5 t5encoder jais jais2 nemotron nemotron_h nemotron_h_moe exaone "
+            "exaone4 exaone-moe rwkv6 rwkv6qwen2 rwkv7 arwkv7 granite granitemoe granitehybrid chameleon "
+            "wavtokenizer-dec plm bailingmoe bailingmoe2 dots1 arcee afmoe laguna ernie4_5 ernie4_5-moe hunyuan-moe "
+            "hunyuan-dense hunyuan_vl hy_v3 smollm3 gpt-oss lfm2 lfm2moe dream smallthinker llada llada-moe seed_oss "
+            "grovemoe apertus minimax-m2 cogvlm rnd1 pangu-embedded mistral3 eagle3 dflash mistral4 paddleocr mimo2 "
+            "step35 llama-embed maincoder kimi-linear talkie mellum"
+        ).split()
+    ),
     "0.5": frozenset(
         (
             "llama mllama deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert nomic-bert "
@@ -28,7 +49,7 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
         ).split()
     ),
 }
-OLLAMA_NAMES = {"0.5": "ollama 0.5.7"}
+OLLAMA_NAMES = {"0.5": "ollama 0.5.7", "0.30": "ollama 0.30+"}
 
 
 class NotLoadable(ValueError):

@@ -1,5 +1,7 @@
 """The `merge` role: check every shard, join them with llama-gguf-split into a
-temporary file, verify it, then rename it into place.
+temporary file, verify it, then rename it into place. With ollama 0.30 and
+later (runtime.json's ollama_generation), which creates from the shards
+themselves, it only checks them (headers and lengths) and writes nothing.
 
 Facts it is built on (llama.cpp b4610): `--merge` refuses an existing output,
 leaves a 0-byte or truncated output when it fails or is killed, and accepts a
@@ -37,6 +39,7 @@ from .join import join
 from .shards import shard_file_names
 
 RECORD_SUFFIX = ".merge.json"
+CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later
 TEMP_MARK = ".merging-"
 FREE_SPACE_MARGIN = 64 << 20
 
@@ -250,12 +253,17 @@ def merge(runtime: dict) -> int:
         return 0
     names = shard_file_names(shards["prefix"], count)
     states = shard_states(folder, names)
-    if up_to_date(states, merged):
+    if runtime.get("ollama_generation") != CURRENT and up_to_date(states, merged):
         log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
         return 0
     # Every check that can fail on the user's shards comes before anything is written.
     headers, tensors = check_shards(folder, states, count)
     preflight([(os.path.join(folder, s.name), h) for s, h in zip(states, headers)], runtime)
+    if runtime.get("ollama_generation") == CURRENT:
+        # ollama 0.30+ takes the shards as they are: its create writes the one merged blob.
+        log(f"merge: {count} shards checked ({human_bytes(sum(s.size for s in states))}, {tensors} tensors); "
+            "this ollama reads split models, so nothing is merged")
+        return 0
     os.makedirs(os.path.dirname(merged), exist_ok=True)
     # Before anything is written (even the lock file): is there room, counting
     # what the leftovers of a killed run would give back?

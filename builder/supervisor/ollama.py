@@ -11,16 +11,19 @@ import time
 import urllib.error
 import urllib.request
 
-from .common import StepError
+from .common import Progress, StepError
 
 
 def ollama_env(host: str | None = None, store: str | None = None) -> dict[str, str]:
     """ollama's environment: without llama.cpp's LD_LIBRARY_PATH (whose libggml
-    would shadow the one ollama's runners expect) and with pruning off, so a
-    blob builder placed is never deleted before a manifest names it."""
+    would shadow the one ollama's runners expect), with pruning off, so a
+    blob builder placed is never deleted before a manifest names it, and
+    without ollama's cloud features (no traffic to ollama.com)."""
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
     env.setdefault("OLLAMA_NOPRUNE", "1")
+    # ollama 0.30+ asks ollama.com for recommendations and cloud models unless told not to.
+    env.setdefault("OLLAMA_NO_CLOUD", "1")
     if host:
         env["OLLAMA_HOST"] = host
     if store:
@@ -42,6 +45,49 @@ def request(base: str, method: str, path: str, body: dict | None = None, timeout
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def create_streamed(base: str, body: dict, idle_timeout: float = 600.0) -> None:
+    """POST /api/create with progress: ollama streams {"status", "total",
+    "completed"} lines and ends with "success" or {"error"}. A long rewrite
+    (ollama 0.30+ copies the whole model) shows as a progress line; the
+    timeout is between two lines, never for the whole create."""
+    data = json.dumps(dict(body, stream=True)).encode()
+    req = urllib.request.Request(base + "/api/create", data=data, method="POST", headers={"Content-Type": "application/json"})
+    progress: Progress | None = None
+    label = None
+    try:
+        with urllib.request.urlopen(req, timeout=idle_timeout) as response:
+            for raw in response:
+                try:
+                    event = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(event, dict):
+                    continue
+                if event.get("error"):
+                    raise StepError(f"create: ollama refused to create {body['model']}: {event['error']}")
+                status = str(event.get("status", ""))
+                if event.get("total") and event.get("completed") is not None:
+                    if status != label:
+                        if progress is not None:
+                            progress.finish()
+                        label, progress = status, Progress(f"create: {status}", int(event["total"]))
+                    progress.update(int(event["completed"]))
+                    continue
+                if progress is not None:
+                    progress.finish()
+                    progress, label = None, None
+                if status == "success":
+                    return
+    except urllib.error.HTTPError as exc:
+        answer = exc.read()
+        try:
+            error = json.loads(answer).get("error") or answer[:300]
+        except (ValueError, AttributeError):
+            error = answer[:300]
+        raise StepError(f"create: ollama refused to create {body['model']} (HTTP {exc.code}: {error})") from None
+    raise StepError(f"create: ollama's answer to creating {body['model']} ended without success")
 
 
 def wait_until_up(base: str, process: subprocess.Popen | None, seconds: float) -> None:

@@ -51,6 +51,7 @@ def check_local_shards(config: Config) -> Path | None:
         )
     from builder.supervisor.common import StepError
     from builder.supervisor.gguf import check_file
+    from builder.config.releases import LEGACY, generation
     from builder.supervisor.loadable import NotLoadable, check_loadable
     from builder.supervisor.merge import check_shards, shard_states
 
@@ -60,7 +61,7 @@ def check_local_shards(config: Config) -> Path | None:
             headers, _ = check_shards(str(folder), shard_states(str(folder), names), count)
         else:
             headers = [check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)]
-        check_loadable([(str(folder / name), header) for name, header in zip(names, headers)])
+        check_loadable([(str(folder / name), header) for name, header in zip(names, headers)], generation(config.ollama.version) or LEGACY)
     except StepError as exc:
         raise ConfigError(Problem("model.shards", str(exc).removeprefix("merge: "), None, config.source)) from None
     except GGUFError as exc:
@@ -68,7 +69,7 @@ def check_local_shards(config: Config) -> Path | None:
     except NotLoadable as exc:
         raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     merged = folder / PurePosixPath(config.model.merged).name
-    if count and merged.is_file():
+    if count and merged.is_file() and generation(config.ollama.version) == LEGACY:  # 0.30+ never reads it
         try:
             check_file(str(merged), merged.stat().st_size)
         except GGUFError as exc:
@@ -94,10 +95,11 @@ def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFH
             raise ConfigError(Problem("model.shards", f"{path} is missing; the plan needs every shard's header", None, config.source)) from None
         except (GGUFError, OSError) as exc:
             raise ConfigError(Problem("model.shards", f"{path} {exc}", None, config.source)) from None
+    from builder.config.releases import LEGACY, generation
     from builder.supervisor.loadable import NotLoadable, check_loadable
 
     try:
-        check_loadable([(str(folder / name), header) for name, header in zip(shard_names(config), headers)])
+        check_loadable([(str(folder / name), header) for name, header in zip(shard_names(config), headers)], generation(config.ollama.version) or LEGACY)
     except NotLoadable as exc:
         raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     return headers

@@ -100,7 +100,10 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 VERSION = "0.5.7"
-DOUBLE_NOTE = "ollama double: a test stand-in for ollama 0.5.7, not the real ollama"
+# The generation decides the behaviour where ollama changed (see CURRENT below):
+# 0.30 and later run lib/ollama/llama-server and rewrite GGUFs at create.
+CURRENT = tuple(int(p) for p in VERSION.split("-")[0].split(".")[:2]) >= (0, 30)
+DOUBLE_NOTE = f"ollama double: a test stand-in for ollama {VERSION}, not the real ollama"
 CHUNK = 1 << 20  # 1 MiB: files are hashed and streamed in pieces this size
 
 MT_MODEL = "application/vnd.ollama.image.model"
@@ -614,6 +617,14 @@ def new_layer_from_bytes(data: bytes, media_type: str) -> dict:
 def new_layer_from_layer(digest: str, media_type: str, origin: str) -> dict:
     path = blob_path(digest)
     size = os.stat(path).st_size
+    if CURRENT:
+        # v0.32.15 manifest/layer.go touchLayer: os.Chtimes(blob, now, now), which
+        # needs the blob's owner (or root); a hard link's other name changes too.
+        now = time.time()
+        try:
+            os.utime(path, (now, now))
+        except OSError as exc:
+            raise OllamaError(f"chtimes {path}: {go_os_error(exc).split(': ', 1)[-1]}") from None
     layer = {"mediaType": media_type, "digest": digest, "size": size}
     if origin:
         layer["from"] = origin
@@ -760,6 +771,8 @@ def prune_layers() -> None:
     candidates: dict[str, str] = {}
     for entry in sorted(os.listdir(directory)):
         digest = entry.replace("-", ":")
+        if CURRENT and os.path.isdir(os.path.join(directory, entry)):
+            continue  # v0.32.15 server/images.go: directories are skipped
         if not DIGEST_RE.match(digest):
             try:
                 os.remove(os.path.join(directory, entry))
@@ -767,6 +780,8 @@ def prune_layers() -> None:
             except OSError as exc:
                 log("ERROR", "couldn't remove blob", blob=entry, error=str(exc))
             continue
+        if CURRENT and time.time() - os.stat(os.path.join(directory, entry)).st_mtime < 3600:
+            continue  # v0.32.15 server/images.go:897: layerPruneGracePeriod, blobs younger than an hour stay
         candidates[digest] = entry
     log("INFO", f"total blobs: {len(candidates)}")
     for manifest in list_manifests(True).values():
@@ -1997,6 +2012,8 @@ def _layers_from_files(files: dict, adapter: bool):
         raise OllamaError("no files provided to convert", 400)
     if adapter and len(files) > 1:
         raise OllamaError("only one adapter is currently supported", 400)
+    if CURRENT:
+        return (yield from _layers_from_files_current(files))
     layers = []
     for digest in files.values():
         yield {"status": "parsing GGUF"}
@@ -2020,6 +2037,147 @@ def _layers_from_files(files: dict, adapter: bool):
     return layers
 
 
+# ollama 0.30+ (v0.32.15 server/create.go): files in sorted order, split GGUF
+# shards grouped into one model layer, and every model layer rewritten at
+# create by llama-quantize COPY into a new blob.
+SPLIT_NAME_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")  # create.go:1109
+
+
+def _split_value(kv: dict, key: str) -> int | None:
+    """splitGGUFUint (create.go:1199-1227): `key` or `<arch>.key`."""
+    for name in (key, f"{kv_architecture(kv)}.{key}"):
+        value = kv.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _split_group_key(layer: dict, kv: dict) -> str | None:
+    """splitGGUFGroupKey (create.go:1128-1153)."""
+    count = _split_value(kv, "split.count")
+    if count is None or count <= 1:
+        return None
+    source = layer.get("from", "")
+    match = SPLIT_NAME_RE.match(source.rsplit("/", 1)[-1])
+    if not match or int(match[2]) == 0 or int(match[3]) == 0:
+        raise OllamaError(f"split GGUF {go_quote(source)} must use llama.cpp split filename pattern")
+    prefix, index, name_count = match[1], int(match[2]) - 1, int(match[3])
+    if name_count != count:
+        raise OllamaError(f"split GGUF {go_quote(source)} filename count {name_count} does not match metadata count {count}")
+    split_no = _split_value(kv, "split.no")
+    if split_no is None:
+        raise OllamaError(f"split GGUF {go_quote(source)} is missing split.no metadata")
+    if split_no != index:
+        raise OllamaError(f"split GGUF {go_quote(source)} filename index {index} does not match metadata index {split_no}")
+    return f"{layer['mediaType']}:{prefix}:{count}"
+
+
+def _merge_split_layers(group: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+    """mergeSplitGGUFLayers (create.go:1155-1197): shard 0's layer, carrying every part."""
+    first_layer, first_kv = group[0]
+    count = _split_value(first_kv, "split.count") or 0
+    if count != len(group):
+        raise OllamaError(f"split GGUF {go_quote(first_layer.get('from', ''))} has {len(group)} shards, expected {count}")
+    by_index: list = [None] * count
+    for layer, kv in group:
+        index = _split_value(kv, "split.no")
+        if index is None:
+            raise OllamaError(f"split GGUF {go_quote(layer.get('from', ''))} is missing split.no metadata")
+        if index >= count:
+            raise OllamaError(f"split GGUF {go_quote(layer.get('from', ''))} has invalid shard index {index}")
+        if by_index[index] is not None:
+            raise OllamaError(f"split GGUF has duplicate shard index {index}")
+        by_index[index] = (layer, kv)
+    if by_index[0] is None:
+        raise OllamaError("split GGUF is missing first shard")
+    primary, kv = by_index[0]
+    primary = dict(primary, parts=[(part[0]["digest"], part[0].get("from", "")) for part in by_index])
+    return primary, kv
+
+
+def go_quote(text: str) -> str:
+    """Go's %q for the plain names used here."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _layers_from_files_current(files: dict):
+    """convertModelFromFilesWithMediaType's GGUF branch (create.go:420-466)."""
+    layers: list[tuple[dict, dict]] = []
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for source in sorted(files):
+        digest = str(files[source])
+        yield {"status": "parsing GGUF"}  # ggufLayersWithMediaType (create.go:1236)
+        path = blob_path(digest)
+        if not is_gguf(path):
+            log("ERROR", "unsupported content type: unknown")
+            raise OllamaError("supplied file was not in GGUF format", 400)
+        kv = read_gguf_kv(path)
+        layer = dict(new_layer_from_layer(digest, kv_media_type(kv), source), rewrite=True)
+        key = _split_group_key(layer, kv)
+        if key is None:
+            layers.append((layer, kv))
+        else:
+            groups.setdefault(key, []).append((layer, kv))
+    for group in groups.values():
+        layers.append(_merge_split_layers(group))
+    return layers
+
+
+def _rewrite_with_llama_quantize(layer: dict):
+    """copyLayerWithLlamaQuantize / rewriteLayerWithLlamaQuantize (create.go:942-1070,
+    server/quantization.go:118-170): split parts hard-linked into blobs/split-gguf-*
+    under their own names, `llama-quantize --allow-requantize IN blobs/COPY* COPY`
+    with OLLAMA_LLAMA_CPP_COMPAT=0, then the output becomes a new blob. The
+    input blobs stay (unreferenced until a prune)."""
+    import subprocess
+
+    wrap = "failed to validate GGUF with llama-quantize without compatibility patches: "
+    source = blob_path(layer["digest"])
+    link_dir = None
+    fd, out = tempfile.mkstemp(prefix="COPY", dir=blobs_dir())
+    os.close(fd)
+    try:
+        source_in = source
+        if layer.get("parts"):
+            link_dir = tempfile.mkdtemp(prefix="split-gguf-", dir=blobs_dir())
+            for index, (digest, name) in enumerate(layer["parts"]):
+                link = os.path.join(link_dir, name.rsplit("/", 1)[-1])
+                os.link(blob_path(digest), link)
+                if index == 0:
+                    source_in = link
+        try:
+            binary = find_llama_cpp_binary("llama-quantize")
+        except LoadError as exc:
+            raise OllamaError(wrap + f"llama-quantize unavailable: {exc.message}") from None
+        env = {k: v for k, v in os.environ.items() if k != "OLLAMA_LLAMA_CPP_COMPAT"}
+        env["OLLAMA_LLAMA_CPP_COMPAT"] = "0"
+        env["LD_LIBRARY_PATH"] = llama_cpp_dir()  # the release's libraries, beside the program
+        log("INFO", "quantizing model", type="COPY", input=source_in, output=out)
+        process = subprocess.Popen([binary, "--allow-requantize", source_in, out, "COPY"], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace")
+            with _LOG_LOCK:
+                sys.stderr.write(line)
+            match = re.search(r"\[\s*(\d+)/\s*(\d+)\]", line)
+            if match and int(match[2]) > 0:
+                yield {"status": "validating GGUF model", "digest": "0000000000000000000", "total": layer["size"],
+                       "completed": layer["size"] * int(match[1]) // int(match[2])}
+        code = process.wait()
+        if code != 0:
+            raise OllamaError(wrap + f"llama-quantize failed: exit status {code}")
+        yield {"status": "verifying conversion"}
+        new = new_layer(_file_chunks(out, os.path.getsize(out)), layer["mediaType"])
+        return new, read_gguf_kv(blob_path(new["digest"]))
+    finally:
+        os.remove(out)
+        if link_dir is not None:
+            for entry in os.listdir(link_dir):
+                os.remove(os.path.join(link_dir, entry))
+            os.rmdir(link_dir)
+
+
 def _file_chunks(path: str, length: int):
     with open(path, "rb") as handle:
         left = length
@@ -2034,11 +2192,15 @@ def _file_chunks(path: str, length: int):
 def _create_model(request: dict, name: Name, base: list):
     config = {
         "model_format": "", "model_family": "", "model_families": None, "model_type": "", "file_type": "",
-        "architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []},
+        "architecture": "amd64", "os": "linux", **({} if CURRENT else {"rootfs": {"type": "layers", "diff_ids": []}}),
     }
     layers: list[dict] = []
     quantize = (request.get("quantize") or request.get("quantization") or "").upper()
     for layer, kv in base:
+        if CURRENT and kv is not None and layer.get("rewrite") and layer["mediaType"] == MT_MODEL:
+            if quantize:
+                raise OllamaError("the ollama double cannot quantize models")
+            layer, kv = yield from _rewrite_with_llama_quantize(layer)  # createModel (create.go:765-771)
         if kv is not None:
             if quantize and layer["mediaType"] == MT_MODEL:
                 if quantize not in FILE_TYPES or quantize in ("Q4_2", "Q4_3"):
@@ -2085,7 +2247,8 @@ def _create_model(request: dict, name: Name, base: list):
         replace(MT_MESSAGES)
         messages = [{"role": m.get("role", ""), "content": m.get("content", "")} for m in request["messages"]]
         layers.append(new_layer_from_bytes((go_json(messages) + "\n").encode(), MT_MESSAGES))
-    config["rootfs"]["diff_ids"] = [layer["digest"] for layer in layers]
+    if not CURRENT:  # v0.32.15 types/model/config.go has no rootfs
+        config["rootfs"]["diff_ids"] = [layer["digest"] for layer in layers]
     config_layer = new_layer_from_bytes((go_json(config) + "\n").encode(), MT_CONFIG)
     for layer in layers:
         if layer.get("status"):
@@ -2177,12 +2340,13 @@ def load_timeout() -> float:
 
 
 def num_parallel() -> int:
-    """envconfig.NumParallel; unset on a machine without GPUs, ollama 0.5.7 uses 4."""
+    """envconfig.NumParallel; unset on a machine without GPUs, ollama 0.5.7 uses 4,
+    0.30+ uses 1 (v0.32.15 envconfig/config.go:275, server/sched.go:497)."""
     try:
         value = int(env_var("OLLAMA_NUM_PARALLEL") or 0)
     except ValueError:
         value = 0
-    return value if value > 0 else 4
+    return value if value > 0 else (1 if CURRENT else 4)
 
 
 # --------------------------------------------------------------------------
@@ -2485,7 +2649,22 @@ def runners_dir() -> str:
     return ""
 
 
+def llama_cpp_dir() -> str:
+    """ml.LibOllamaPath (v0.32.15 ml/path.go:85-86, llm/llama_binary.go): lib/ollama above the executable."""
+    exe = os.path.realpath(sys.argv[0])
+    return os.path.normpath(os.path.join(os.path.dirname(exe), "..", "lib", "ollama"))
+
+
+def find_llama_cpp_binary(name: str) -> str:
+    path = os.path.join(llama_cpp_dir(), name)
+    if os.access(path, os.X_OK):
+        return path
+    raise LoadError(f"{name} binary not found (checked: {path}). Run 'cmake -S llama/server --preset cpu && cmake --build --preset cpu' first", 500)
+
+
 def runner_binary() -> str:
+    if CURRENT:
+        return find_llama_cpp_binary("llama-server")
     directory = runners_dir()
     for variant in sorted(os.listdir(directory)) if directory else []:
         path = os.path.join(directory, variant, "ollama_llama_server")
@@ -2515,6 +2694,19 @@ class Runner:
     def command(self, binary: str) -> list[str]:
         """NewLlamaServer's params."""
         opts = self.options
+        if CURRENT:
+            # v0.32.15 llm/llama_server.go:369-420, less what b4610's llama-server
+            # (the double's runner) does not know: --no-webui, --offline,
+            # --log-verbosity, --no-log-prefix/--no-log-timestamps, --flash-attn VALUE.
+            argv = [binary, "--model", self.model_path, "--port", str(self.port), "--host", "127.0.0.1",
+                    "-c", str(int(opts["num_ctx"]) * self.parallel), "-np", str(self.parallel)]
+            if int(opts["num_batch"]) > 0:
+                argv += ["-b", str(int(opts["num_batch"])), "-ub", str(int(opts["num_batch"]))]
+            if int(opts["num_gpu"]) >= 0:
+                argv += ["-ngl", "0"]  # no GPU here: the layers asked for run on the CPU
+            if int(opts["num_thread"]) > 0:
+                argv += ["-t", str(int(opts["num_thread"]))]
+            return argv
         argv = [binary, "--model", self.model_path, "--ctx-size", str(int(opts["num_ctx"]) * self.parallel),
                 "--batch-size", str(int(opts["num_batch"])), "--n-gpu-layers", "0"]
         if int(opts["num_thread"]) > 0:
@@ -2534,7 +2726,10 @@ class Runner:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([os.path.dirname(binary), os.path.dirname(runners_dir())])
+        if CURRENT:  # v0.32.15 llm/llama_server.go:442-522: the server's folder first
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([os.path.dirname(binary)] + ([os.environ["LD_LIBRARY_PATH"]] if os.environ.get("LD_LIBRARY_PATH") else []))
+        else:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([os.path.dirname(binary), os.path.dirname(runners_dir())])
         argv = self.command(binary)
         log("INFO", "starting llama server", cmd=" ".join(argv))
         started = time.monotonic()
@@ -2552,9 +2747,14 @@ class Runner:
                 detail = self.last_error or f"exit status {code}"
                 if "unknown model" in self.last_error:
                     detail = "this model is not supported by your version of Ollama. You may need to upgrade"
+                if CURRENT:  # v0.32.15 llm/llama_server.go:1304-1325
+                    tail = f": {self.last_error}" if self.last_error else ""
+                    raise LoadError(f"llama-server process has terminated: exit status {code}{tail}", 500)
                 raise LoadError(f"llama runner process has terminated: {detail}", 500)
             if time.monotonic() > deadline:
                 self.stop()
+                if CURRENT:  # v0.32.15 llm/llama_server.go:1334-1336
+                    raise LoadError(f"timed out waiting for llama-server to start - {self.last_error}", 500)
                 raise LoadError(f"timed out waiting for llama runner to start - progress 0.00 - {self.last_error}", 500)
             if env_bool("OLLAMA_DOUBLE_RUNNER_STALL"):  # tests: a load that makes no progress
                 time.sleep(0.05)

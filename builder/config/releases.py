@@ -1,0 +1,48 @@
+"""Which ollama releases builder supports, and what each generation needs.
+
+Two generations, decided from `ollama.version` at render time:
+
+* "0.5" (0.5.x, the default 0.5.7): a `.tgz` release whose Go binary runs its
+  own llama.cpp runner. It cannot load split GGUF files, so the shards are
+  merged into one file, which is hard-linked into the blob store and named
+  in `POST /api/create`: no copy.
+* "0.30" (0.30 and later, tested with 0.32.15): a `.tar.zst` release whose
+  binary runs `lib/ollama/llama-server`. `POST /api/create` takes every
+  shard's blob in `files` and writes one new blob (llama-quantize COPY), so
+  there is no merge step: the shards are hard-linked into the store, and
+  ollama's own rewrite is the one copy.
+
+Versions in between (0.6 to 0.29) changed the runner and the archive format
+more than once and are refused with one line.
+"""
+
+from __future__ import annotations
+
+import re
+
+LEGACY = "0.5"
+CURRENT = "0.30"
+TESTED_CURRENT = "0.32.15"
+SUPPORTED = f"0.5.x (default 0.5.7) or 0.30 and later (tested with {TESTED_CURRENT})"
+GITHUB_RELEASE = "https://github.com/ollama/ollama/releases/download/v{version}/ollama-linux-amd64"
+ARCHIVE_SUFFIX = {LEGACY: ".tgz", CURRENT: ".tar.zst"}
+
+_VERSION = re.compile(r"^(\d+)\.(\d+)\.(\d+)(?:-rc\d+)?$")
+
+
+def generation(version: str) -> str | None:
+    """"0.5", "0.30", or None for a version builder does not support."""
+    match = _VERSION.match(version)
+    if not match:
+        return None
+    major, minor = int(match[1]), int(match[2])
+    if (major, minor) == (0, 5):
+        return LEGACY
+    if major >= 1 or minor >= 30:
+        return CURRENT
+    return None
+
+
+def default_url(version: str) -> str:
+    """ollama's own release asset for `version`: .tgz for 0.5.x, .tar.zst after."""
+    return GITHUB_RELEASE.replace("{version}", version) + ARCHIVE_SUFFIX[generation(version) or LEGACY]
