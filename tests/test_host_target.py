@@ -137,6 +137,47 @@ def test_offline_from_carried_archives(project: HostProject, tmp_path: Path) -> 
     assert "load: tiny:latest loaded in " in result.stderr
 
 
+def test_current_ollama_from_a_carried_tar_zst_creates_from_the_shards(project: HostProject, tmp_path: Path) -> None:
+    """The issue's "done when" on the host target: ollama 0.32.15's .tar.zst carried
+    in, no merge step, no unreferenced blob, answers from real llama.cpp."""
+    from tests.fixtures.ollama_release import ollama_release_tar_zst
+
+    config = project.root / "builder.yaml"
+    text = config.read_text()
+    start = text.index("ollama:\n")
+    end = text.index("llama_cpp:\n")
+    config.write_text(text[:start] + "ollama:\n  version: 0.32.15\n" + text[end:])
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "ollama-linux-amd64.tar.zst").write_bytes(ollama_release_tar_zst("0.32.15"))
+    (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+    assert project.builder("sample-model").returncode == 0
+    result = project.builder("up", "--offline", "--from", str(carried))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ollama-linux-amd64.tar.zst: taken from" in result.stderr and "load: tiny:latest loaded in " in result.stderr
+    models = project.root / "models"
+    assert not (models / "tiny" / "tiny.gguf").exists(), "no merge with ollama 0.30+"
+    first_shard = models / "tiny" / "tiny-00001-of-00003.gguf"
+    expected, _ = greedy(llama_cpp_bin_dir(), first_shard, PROMPT, 8)
+    answer = post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
+    assert (answer["response"], answer["eval_count"]) == (expected, 8)
+    from builder.supervisor.create import referenced_digests
+
+    store = models / "ollama"
+    on_disk = {p.name for p in (store / "blobs").iterdir()}
+    assert on_disk == {f"sha256-{d}" for d in referenced_digests(str(store))}, "a blob no manifest references was left"
+    status = json.loads(project.builder("status", "--json").stdout)
+    created = status["created"]
+    assert created["path"] == "shards" and created["inputs"] == 3 and created["written"] > 0
+    assert status["services"]["merge"]["state"].startswith("none needed")
+    human = project.builder("status").stdout
+    assert "create    from 3 shard(s), no merge: ollama wrote " in human
+    print(result.stderr)
+    assert "nothing is merged" in result.stderr and "ollama rewrote the 3 shard(s) into one blob" in result.stderr
+    again = project.builder("up", "--offline", "--from", str(carried))
+    assert again.returncode == 0 and "serve: already running with this config" in again.stderr, again.stderr
+
+
 def test_doctor_on_the_host_target_needs_no_engine(project: HostProject) -> None:
     project.env["DOCKER_HOST"] = f"unix://{project.root}/no-engine.sock"
     assert project.builder("sample-model").returncode == 0

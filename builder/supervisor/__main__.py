@@ -19,7 +19,7 @@ import threading
 import time
 
 from .common import StepError, Stopped, log
-from .create import create
+from .create import create, created_summary
 from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
 from .ollama import OllamaChatter, ollama_env, request, signal_group
@@ -198,7 +198,8 @@ def health(runtime: dict, flags: list[str]) -> int:
     if "--loaded" in flags:
         code, state = health_loaded(base, runtime["model"])
         if "--json" in flags:
-            print(json.dumps(state, sort_keys=True))
+            created = created_summary(runtime["ollama_store"], runtime["model"]) if runtime.get("ollama_store") else None
+            print(json.dumps(dict(state, create=created) if created else state, sort_keys=True))
         elif code:
             print(f"health: {runtime['model']} is not loaded ({state.get('state')}{': ' + state['error'] if state.get('error') else ''})", file=sys.stderr)
         return code

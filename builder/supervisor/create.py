@@ -202,6 +202,16 @@ def _show_private_log(server: PrivateServer) -> None:
             print(f"    {line}", flush=True)
 
 
+def created_summary(store: str, model: str) -> dict | None:
+    """How the model was created, for `builder status`: {"path": "merged" (the
+    merged file hard-linked, no copy) or "shards" (ollama 0.30+ rewrote them),
+    "inputs": files named, "written": bytes ollama wrote}; None if unknown."""
+    record = (read_json(os.path.join(store, RECORD)) or {}).get(model)
+    if not isinstance(record, dict) or "path" not in record:
+        return None
+    return {key: record.get(key) for key in ("path", "inputs", "written")}
+
+
 def shard_digests(paths: list[str], store: str) -> list[str]:
     """Each shard's sha256, remembered in the store by (path, size, mtime) so
     that only a changed shard is read again."""
@@ -297,7 +307,7 @@ def _create_locked(runtime: dict, store: str) -> int:
         # a hard-linked blob is the shard itself: record the shards as they are now.
         identity = _shard_identity(runtime)
         remember_digests(store, {s["path"]: (s["size"], s["mtime_ns"], d) for s, d in zip(identity["shards"], files.values())})
-    records[model] = {"identity": identity, "path": "shards" if current else "merged", "written": written}
+    records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed), "written": written}
     write_json_atomic(record_file, records)
     # The hard-linked shards (ollama 0.30+ wrote its own merged blob) and what the old version used.
     remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))

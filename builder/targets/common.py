@@ -211,6 +211,12 @@ def status_lines(report: dict) -> list[str]:
         out.append(f"{name:<9} {state}{extra}{health}")
     listed = {True: "listed", False: "not listed", None: "endpoint not answering"}[report["model_listed"]]
     out.append(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
+    created = report.get("created")
+    if created:
+        if created.get("path") == "shards":
+            out.append(f"create    from {created.get('inputs')} shard(s), no merge: ollama wrote {human_bytes(created.get('written') or 0)} (its rewrite into one blob)")
+        else:
+            out.append("create    the merged file hard-linked into ollama's store: no copy")
     loaded = report["loaded"]
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
@@ -220,9 +226,21 @@ def status_lines(report: dict) -> list[str]:
     return out
 
 
-def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target: str, services: dict) -> dict:
+def created_via(probe) -> dict | None:
+    """The supervisor's record of how the model was created, through `probe`'s ask."""
+    if probe is None:
+        return None
+    try:
+        code, output = probe[0]()
+        return json.loads(output.strip().splitlines()[-1]).get("create") if output.strip() else None
+    except (ValueError, AttributeError, IndexError, OSError, BuilderError):
+        return None
+
+
+def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target: str, services: dict, probe=None) -> dict:
     """`builder status`'s report: the target's containers, the image and
-    whether it is stale, the endpoint, the model listed and loaded."""
+    whether it is stale, the endpoint, how the model was created, whether it
+    is listed and loaded."""
     from builder.image.build import image_staleness
 
     url = endpoint_url(blueprint)
@@ -238,5 +256,6 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
         "model": blueprint.config.model.name,
         "model_listed": listed,
         "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+        "created": created_via(probe),
         "services": services,
     }

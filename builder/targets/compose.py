@@ -18,7 +18,7 @@ from builder.errors import BuilderError
 from builder.image.engine import compose_argv
 from builder.render.blueprint import Blueprint
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, check_storage, endpoint_url, status_report, wait_for_model
+from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, status_report, wait_for_model
 
 
 ONE_SHOT = ("merge", "create")
@@ -128,7 +128,8 @@ def status(blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
                 "status": entry.get("Status"),
             }
     services = {name: services.get(name, {"state": "absent"}) for name in ("merge", "create", "serve")}
-    return status_report(blueprint, engine, lock_sha256, "compose", services)
+    serve = engine.service_container(project, "serve") if services["serve"].get("state") == "running" else None
+    return status_report(blueprint, engine, lock_sha256, "compose", services, container_probe(engine, serve) if serve else None)
 
 
 class ComposeTarget(Target):

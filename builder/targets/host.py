@@ -242,6 +242,8 @@ class HostTarget(Target):
             (prefix / "run" / "serve.pid").unlink(missing_ok=True)
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
+        from builder.supervisor.create import created_summary
+
         prefix = prefix_for(blueprint)
         record = read_pidfile(prefix)
         try:
@@ -259,6 +261,8 @@ class HostTarget(Target):
                 records[name] = {"state": "done", "record": str(path), "at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(path.stat().st_mtime))}
             except OSError:
                 records[name] = {"state": "absent"}
+        if runtime.get("ollama_generation"):  # ollama 0.30+ creates from the shards
+            records["merge"] = {"state": "none needed (this ollama reads the shards)"}
         url = local_url(blueprint)
         names = listed_models(url)
         listed = None if names is None else full_name(blueprint.config.model.name) in names
@@ -273,6 +277,7 @@ class HostTarget(Target):
             "model": blueprint.config.model.name,
             "model_listed": listed,
             "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+            "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
             "services": {**records, "serve": serve},
         }
 

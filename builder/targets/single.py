@@ -163,13 +163,14 @@ class SingleTarget(Target):
             engine.remove_volume(f"{project}_models")
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
-        from builder.targets.common import status_report
+        from builder.targets.common import container_probe, status_report
 
         info = engine.container(blueprint.config.project)
         state = {"state": "absent"} if info is None else {
             "state": info["status"], "health": info["health"], "exit_code": info["exit_code"], "status": info["status"],
         }
-        return status_report(blueprint, engine, lock_sha256, "single", {"all": state})
+        probe = container_probe(engine, blueprint.config.project) if state["state"] == "running" else None
+        return status_report(blueprint, engine, lock_sha256, "single", {"all": state}, probe)
 
     def logs(self, project: str, engine, service: str | None, follow: bool, tail: str, config=None) -> None:
         from builder.image.engine import run_command
