@@ -1,4 +1,4 @@
-"""The performance figures of issue 7, measured side by side in one run.
+"""The performance figures of issues 7 and 19, measured side by side in one run.
 
     make bench                      # a 4 GB model
     python3 -m bench.benchmark --size-gb 1 --dir /data/bench
@@ -62,9 +62,97 @@ def supervisor(role: str, runtime: dict, work: Path) -> tuple[float, str]:
 
 
 def io_line(output: str, role: str) -> tuple[int, int]:
-    line = next(l for l in output.splitlines() if f"{role}: io read" in l)
-    words = line.split()
-    return int(words[-4]), int(words[-2])
+    import re
+
+    match = re.search(rf"{role}: io read (\d+) written (\d+) bytes", output)
+    assert match, f"no io line from {role}"
+    return int(match[1]), int(match[2])
+
+
+# The hand procedure, in a child that starts `ollama serve`, runs the client and
+# stops the server: /proc/self/io then counts every process it reaped.
+HAND = r"""
+import json, os, subprocess, sys, time, urllib.request
+ollama, store, modelfile, merge = sys.argv[1:5]
+def io():
+    fields = dict(l.split(": ") for l in open("/proc/self/io").read().splitlines())
+    return int(fields["rchar"]), int(fields["wchar"])
+before = io()
+started = time.monotonic()
+if merge != "-":
+    tool, first, out = merge.split(",")
+    subprocess.run([tool, "--merge", first, out], check=True, capture_output=True, env=dict(os.environ, LD_LIBRARY_PATH=os.path.dirname(tool)))
+env = dict(os.environ, OLLAMA_MODELS=store, OLLAMA_HOST="127.0.0.1:18997", OLLAMA_NOPRUNE="1", OLLAMA_NO_CLOUD="1")
+server = subprocess.Popen([ollama, "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+for _ in range(200):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:18997/", timeout=1)
+        break
+    except OSError:
+        time.sleep(0.1)
+subprocess.run([ollama, "create", "bench", "-f", modelfile], env=env, check=True, capture_output=True)
+server.terminate()
+server.wait()
+after = io()
+print(json.dumps({"seconds": time.monotonic() - started, "read": after[0] - before[0], "written": after[1] - before[1]}))
+"""
+
+
+def hand_procedure(ollama: Path, store: Path, source: Path, merge: str, work: Path) -> dict:
+    modelfile = work / f"Modelfile-{store.name}"
+    modelfile.write_text(f"FROM {source}\nPARAMETER num_ctx 2048\n")
+    env = dict(os.environ)
+    env.pop("LD_LIBRARY_PATH", None)
+    _, result = timed([sys.executable, "-c", HAND, str(ollama), str(store), str(modelfile), merge], env=env)
+    return json.loads(result.stdout)
+
+
+def measure_generations(work: Path, shards: list[Path], gguf_split: Path) -> dict:
+    """The whole path (merge + create) for ollama 0.5.7 and 0.32.15, builder's way
+    and by hand, side by side: wall time and bytes read + written per model byte."""
+    from tests.fixtures.ollama_release import CURRENT_VERSION, unpack_ollama_release
+
+    size = sum(p.stat().st_size for p in shards)
+    folder = shards[0].parent
+    rows = {}
+    for version in ("0.5.7", CURRENT_VERSION):
+        ollama = unpack_ollama_release(work / f"ollama-{version}", version)
+        current = version != "0.5.7"
+        runtime = {
+            "shards": {"first": str(shards[0]), "count": len(shards), "prefix": "m"},
+            "merged": str(folder / "m.gguf"),
+            "gguf_split": str(gguf_split),
+            "merge_tool": "builder",
+            "model": "bench:latest",
+            "ollama": str(ollama),
+            "ollama_store": str(work / f"store-{version}"),
+            "create": {"parameters": {"num_ctx": 2048}},
+            **({"ollama_generation": "0.30"} if current else {}),
+        }
+        for leftover in (folder / "m.gguf", folder / "m.gguf.merge.json"):
+            leftover.unlink(missing_ok=True)
+        drop_caches()
+        started = time.monotonic()
+        _, merge_out = supervisor("merge", runtime, work)
+        _, create_out = supervisor("create", runtime, work)
+        subprocess.run(["sync"], check=True)
+        seconds = time.monotonic() - started
+        moved = sum(io_line(merge_out, "merge")) if not current else 0
+        moved += sum(io_line(create_out, "create"))
+        rows[f"builder, ollama {version}"] = (seconds, moved / size)
+        shutil.rmtree(runtime["ollama_store"])
+        (folder / "m.gguf").unlink(missing_ok=True)
+        drop_caches()
+        if current:  # ollama create FROM the shard folder: hash, upload, rewrite
+            hand = hand_procedure(ollama, work / f"hand-{version}", folder, "-", work)
+        else:  # llama-gguf-split --merge, then ollama create FROM the merged file
+            merged = work / "hand-merged.gguf"
+            hand = hand_procedure(ollama, work / f"hand-{version}", merged, f"{gguf_split},{shards[0]},{merged}", work)
+            merged.unlink()
+        subprocess.run(["sync"], check=True)
+        rows[f"by hand, ollama {version}"] = (hand["seconds"], (hand["read"] + hand["written"]) / size)
+        shutil.rmtree(work / f"hand-{version}", ignore_errors=True)
+    return rows
 
 
 def measure_merge(work: Path, size_gb: float) -> dict:
@@ -130,6 +218,8 @@ def measure_merge(work: Path, size_gb: float) -> dict:
     subprocess.run(["sync"], check=True)
     figures["gguf_split_seconds"] = time.monotonic() - started
     figures["same_bytes_as_gguf_split"] = subprocess.run(["cmp", "-s", str(reference), runtime["merged"]]).returncode == 0
+    reference.unlink()
+    figures["generations"] = measure_generations(work, shards, gguf_split)
     return figures
 
 
@@ -214,6 +304,13 @@ def main() -> int:
     width = max(len(r[0]) for r in rows)
     for name, value, target in rows:
         print(f"{name:<{width}}  {value:<40}  target {target}")
+    print()
+    print("the whole path (merge + create), builder and the hand procedure, per ollama generation:")
+    for name, (seconds, per_byte) in merge["generations"].items():
+        print(f"  {name:<28}  {seconds:7.1f} s   {per_byte:6.3f} bytes read+written per model byte")
+    print("  (read(2) and write(2) bytes of every process, from /proc/self/io with the children reaped; llama-quantize,"
+          " which ollama 0.30+ runs at create, reads its input through mmap, which that does not count: one more model's"
+          " worth of reading for the 0.32.15 rows)")
     return 0
 
 

@@ -278,7 +278,6 @@ def _create_locked(runtime: dict, store: str) -> int:
     try:
         with PrivateServer(runtime["ollama"], store) as server:
             server_ref.append(server)
-            server_before = io_counters(str(server.process.pid)) if server.process else (0, 0)
             for digest, (path, how) in placed.items():
                 status, _ = request(server.base, "HEAD", f"/api/blobs/sha256:{digest}")
                 if status != 200:
@@ -296,7 +295,6 @@ def _create_locked(runtime: dict, store: str) -> int:
                 raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
             if status != 200:
                 raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
-            server_after = io_counters(str(server.process.pid)) if server.process else (0, 0)
     except StepError:
         _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
         raise
@@ -318,9 +316,8 @@ def _create_locked(runtime: dict, store: str) -> int:
     if current:
         log(f"create: ollama rewrote the {len(placed)} shard(s) into one blob of {human_bytes(written)} "
             "(llama-quantize COPY, then a copy under its digest); the shards stay where they are")
-    read = after[0] - before[0] + server_after[0] - server_before[0]
-    wrote = after[1] - before[1] + server_after[1] - server_before[1]
-    log(f"create: io read {read} written {wrote} bytes" + (f" (and {written} by ollama's rewrite)" if current else ""))
+    # /proc/self/io counts the reaped private ollama and its llama-quantize too.
+    log(f"create: io read {after[0] - before[0]} written {after[1] - before[1]} bytes, ollama's included")
     return 0
 
 

@@ -137,6 +137,7 @@ def _kernel_has_nfs() -> bool:
 def check_shards(config: Config) -> list[Check]:
     from builder.targets.checks import shard_folder, shard_names
     from builder.supervisor.common import StepError, human_bytes
+    from builder.config.releases import CURRENT, generation
     from builder.supervisor.merge import check_shards as check_set
     from builder.supervisor.merge import shard_states
 
@@ -156,7 +157,13 @@ def check_shards(config: Config) -> list[Check]:
     merged = folder / Path(config.model.merged).name
     stats = os.statvfs(folder)
     free = stats.f_bavail * stats.f_frsize
-    if merged.exists() or not count:
+    if generation(config.ollama.version) == CURRENT:
+        # No merge; create writes the model twice into ollama's store before deleting one copy.
+        need = 2 * total
+        verdict = OK if free >= need else FAIL
+        out.append(Check("space", verdict, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)",
+                         "" if verdict == OK else f"free {human_bytes(need - free)} on the model storage, or use ollama.version 0.5.7 (no copy)"))
+    elif merged.exists() or not count:
         out.append(Check("space", OK, f"{human_bytes(free)} free; the merged file is already there"))
     elif free >= total:
         out.append(Check("space", OK, f"{human_bytes(free)} free, the merge needs {human_bytes(total)}"))
