@@ -177,3 +177,23 @@ def test_current_ollama_refuses_a_lone_first_shard(tmp_path: Path, ollama_curren
         result = subprocess.run([str(ollama_current), "create", "tiny", "-f", str(folder)],
                                 env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
+
+
+def test_current_ollama_uploads_a_shard_it_may_not_touch_and_says_so(tmp_path: Path, ollama_current: Path, capsys, monkeypatch) -> None:
+    """ollama 0.30+ sets the times of its input blobs (owner only): a shard the
+    containers' user does not own is uploaded instead of linked, and the
+    uploaded copies are removed once ollama has written its own blob."""
+    import builder.supervisor.create as create_module
+
+    models = tmp_path / "models"
+    runtime = dict(runtime_for(models, ollama_current), ollama_generation="0.30")
+    shards = write_split_model(models / "tiny", "tiny", 3, seed=0)
+    owner = shards[0].stat().st_uid
+    monkeypatch.setattr(create_module.os, "geteuid", lambda: owner + 1)  # as a user that does not own them
+    assert create(runtime) == 0
+    out = capsys.readouterr().out
+    assert f"not linked (owned by uid {owner}, and this ollama changes its input blobs' times; chown it to uid {owner + 1}" in out
+    assert "uploading" in out
+    store = models / "ollama"
+    assert set(blobs(store)) == referenced_digests(str(store))
+    assert all(p.stat().st_nlink == 1 for p in shards)

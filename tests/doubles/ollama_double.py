@@ -37,6 +37,31 @@ manifest.go, layer.go, envconfig/):
   POSTed with no HEAD before them) and parses Modelfiles with a port of
   ollama's parser state machine.
 
+The same file is the double of ollama v0.32.15 when its `VERSION` line says
+0.30 or later (the test archive of that version rewrites the line, as a real
+binary has its version compiled in). Then, as v0.32.15's source has it:
+* create (server/create.go): `files` in sorted order; GGUFs with
+  split.count > 1 grouped by name (`PREFIX-0000k-of-0000N.gguf`) into one
+  model layer, with its errors ("split GGUF %q has %d shards, expected %d",
+  name and metadata mismatches); every model layer rewritten by
+  `lib/ollama/llama-quantize --allow-requantize IN blobs/COPY* COPY`
+  (server/quantization.go; split parts hard-linked into blobs/split-gguf-*
+  under their own names), the output copied under its digest
+  (manifest.NewLayer), the inputs left in blobs/; statuses "parsing GGUF",
+  "validating GGUF model" (digest 0000000000000000000), "verifying
+  conversion"; input blobs touched (manifest/layer.go touchLayer), which
+  only their owner may do; a config without rootfs.
+* pruning (server/images.go) spares blobs younger than an hour and folders.
+* the runner is `lib/ollama/llama-server` (llm/llama_server.go, llm/
+  llama_binary.go), load failures read "llama-server process has
+  terminated: exit status N: ..." and "timed out waiting for llama-server to
+  start - ...", OLLAMA_NUM_PARALLEL defaults to 1 (envconfig).
+Not followed for 0.32.15: the API's new fields (/api/ps context_length,
+/api/show capabilities and model_info, thinking), /api/status, 405 for a
+wrong method, the cloud features, GPU discovery; llama-server gets only the
+flags b4610's llama-server knows (not --no-webui, --offline,
+--log-verbosity, --flash-attn VALUE).
+
 Where it knowingly differs from ollama (its fakes):
 * The runner is llama.cpp's llama-server, not ollama's Go runner around
   llama.cpp: same flags and request fields, but llama-server reports no load
