@@ -1,4 +1,15 @@
-"""The `create` role: register the merged file with ollama without copying it.
+"""The `create` role: register the model with ollama, copying as little as
+ollama allows.
+
+ollama 0.30 and later (runtime.json's ollama_generation "0.30") create from
+the shards themselves: each shard's sha256 (read once, remembered in the
+store by path, size and mtime) names its hard link in `blobs/`, ollama
+confirms each (`HEAD`), and `POST /api/create` names them all in `files`.
+ollama then writes one new blob (llama-quantize COPY, then a copy under its
+digest: twice the model at the peak, checked first) and sets the times of
+its inputs, the shards themselves through their links; the links are removed
+afterwards, and the shards' new times recorded. The rest of this docstring is
+ollama 0.5.x, where the merge step joined the shards.
 
 ollama's own `ollama create` reads the file twice (hash, upload) and its
 server writes a third copy into the blob store. Here the sha256 comes from
@@ -261,7 +272,9 @@ def _create_locked(runtime: dict, store: str) -> int:
     records = read_json(record_file) or {}
     current = runtime.get("ollama_generation") == CURRENT
     source = f"its {len(identity['shards'])} shard(s)" if current else runtime["merged"]
-    if records.get(model, {}).get("identity", records.get(model)) == identity and os.path.isfile(manifest_path(store, model)):
+    entry = records.get(model)
+    recorded = entry.get("identity", entry) if isinstance(entry, dict) else None  # older records were the identity itself
+    if recorded == identity and os.path.isfile(manifest_path(store, model)):
         log(f"create: {model} is up to date with {source} and its create request; nothing to do")
         return 0
     previous = manifest_digests(manifest_path(store, model))

@@ -263,6 +263,8 @@ def merge(runtime: dict) -> int:
         # ollama 0.30+ takes the shards as they are: its create writes the one merged blob.
         log(f"merge: {count} shards checked ({human_bytes(sum(s.size for s in states))}, {tensors} tensors); "
             "this ollama reads split models, so nothing is merged")
+        if os.path.isfile(merged):
+            log(f"merge: {merged} (from an ollama 0.5 setup) is not used any more; delete it to free {human_bytes(os.path.getsize(merged))}")
         return 0
     os.makedirs(os.path.dirname(merged), exist_ok=True)
     # Before anything is written (even the lock file): is there room, counting
