@@ -171,7 +171,7 @@ def test_current_ollama_from_a_carried_tar_zst_creates_from_the_shards(project: 
     assert created["path"] == "shards" and created["inputs"] == 3 and created["written"] > 0
     assert status["services"]["merge"]["state"].startswith("none needed")
     human = project.builder("status").stdout
-    assert "create    from 3 shard(s), no merge: ollama wrote " in human
+    assert "created   from 3 shard(s), no merge: ollama wrote " in human
     print(result.stderr)
     assert "nothing is merged" in result.stderr and "ollama rewrote the 3 shard(s) into one blob" in result.stderr
     again = project.builder("up", "--offline", "--from", str(carried))

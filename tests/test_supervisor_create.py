@@ -195,5 +195,14 @@ def test_current_ollama_uploads_a_shard_it_may_not_touch_and_says_so(tmp_path: P
     assert f"not linked (owned by uid {owner}, and this ollama changes its input blobs' times; chown it to uid {owner + 1}" in out
     assert "uploading" in out
     store = models / "ollama"
+    from builder.supervisor.create import created_summary
+    from builder.targets.common import status_lines
+
+    summary = created_summary(str(store), "tiny:latest")
+    assert summary["path"] == "shards" and summary["uploaded"] == sum(p.stat().st_size for p in shards)
+    report = {"image": "i", "image_id": None, "image_stale": None, "services": {}, "endpoint": "e", "model": "tiny:latest",
+              "model_listed": True, "loaded": None, "created": summary}
+    assert any(line.startswith("created   from 3 shard(s), no merge: ollama wrote ") and "uploaded (no hard link possible)" in line
+               for line in status_lines(report))
     assert set(blobs(store)) == referenced_digests(str(store))
     assert all(p.stat().st_nlink == 1 for p in shards)

@@ -40,23 +40,30 @@ def human_bytes(size: float) -> str:
     return f"{size:.1f} TiB"
 
 
-class Progress:
-    """A redrawn line on a terminal; a line every 10% otherwise (container logs)."""
+QUIET_BELOW = 64 << 20  # work this small ends before anyone reads a progress line
 
-    def __init__(self, label: str, total: int):
+
+class Progress:
+    """A redrawn line on a terminal; a line every 10% otherwise (container
+    logs), except for work under 64 MiB. `sizes=False` shows the share only
+    (for a total that is someone else's, like ollama's rewrite)."""
+
+    def __init__(self, label: str, total: int, sizes: bool = True):
         self.label = label
         self.total = max(total, 1)
         self.tty = sys.stdout.isatty()
-        self.next_step = 10
+        self.next_step = 10 if total >= QUIET_BELOW else 1000
+        self.sizes = sizes
         self.began = time.monotonic()
 
     def update(self, done: int) -> None:
         share = min(100.0, done * 100.0 / self.total)
+        amount = f" ({human_bytes(done)} of {human_bytes(self.total)})" if self.sizes else ""
         if self.tty:
-            sys.stdout.write(f"\rsupervisor: {self.label} {share:5.1f}% ({human_bytes(done)} of {human_bytes(self.total)})")
+            sys.stdout.write(f"\rsupervisor: {self.label} {share:5.1f}%{amount}")
             sys.stdout.flush()
         elif share >= self.next_step:
-            log(f"{self.label} {int(share)}% ({human_bytes(done)} of {human_bytes(self.total)})")
+            log(f"{self.label} {int(share)}%{amount}")
             while self.next_step <= share:
                 self.next_step += 10
 

@@ -215,12 +215,13 @@ def _show_private_log(server: PrivateServer) -> None:
 
 def created_summary(store: str, model: str) -> dict | None:
     """How the model was created, for `builder status`: {"path": "merged" (the
-    merged file hard-linked, no copy) or "shards" (ollama 0.30+ rewrote them),
-    "inputs": files named, "written": bytes ollama wrote}; None if unknown."""
+    merged file) or "shards" (ollama 0.30+ rewrote them), "inputs": files
+    named, "written": bytes of ollama's rewrite, "uploaded": bytes copied
+    because a hard link was impossible}; None if unknown."""
     record = (read_json(os.path.join(store, RECORD)) or {}).get(model)
     if not isinstance(record, dict) or "path" not in record:
         return None
-    return {key: record.get(key) for key in ("path", "inputs", "written")}
+    return {key: record.get(key) for key in ("path", "inputs", "written", "uploaded")}
 
 
 def shard_digests(paths: list[str], store: str) -> list[str]:
@@ -318,7 +319,9 @@ def _create_locked(runtime: dict, store: str) -> int:
         # a hard-linked blob is the shard itself: record the shards as they are now.
         identity = _shard_identity(runtime)
         remember_digests(store, {s["path"]: (s["size"], s["mtime_ns"], d) for s, d in zip(identity["shards"], files.values())})
-    records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed), "written": written}
+    uploaded = sum(os.path.getsize(path) for path, how in placed.values() if how not in ("linked", "present"))
+    records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed),
+                      "written": written, "uploaded": uploaded}
     write_json_atomic(record_file, records)
     # The hard-linked shards (ollama 0.30+ wrote its own merged blob) and what the old version used.
     remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))

@@ -72,7 +72,8 @@ def create_streamed(base: str, body: dict, idle_timeout: float = 600.0) -> None:
                     if status != label:
                         if progress is not None:
                             progress.finish()
-                        label, progress = status, Progress(f"create: {status}", int(event["total"]))
+                        # ollama's total for a split model is its first shard: show the share only.
+                        label, progress = status, Progress(f"create: ollama: {status}", int(event["total"]), sizes=False)
                     progress.update(int(event["completed"]))
                     continue
                 if progress is not None:

@@ -213,10 +213,13 @@ def status_lines(report: dict) -> list[str]:
     out.append(f"endpoint  {report['endpoint']} ({report['model']}: {listed})")
     created = report.get("created")
     if created:
+        uploaded = f"; {human_bytes(created['uploaded'])} uploaded (no hard link possible)" if created.get("uploaded") else ""
         if created.get("path") == "shards":
-            out.append(f"create    from {created.get('inputs')} shard(s), no merge: ollama wrote {human_bytes(created.get('written') or 0)} (its rewrite into one blob)")
+            out.append(f"created   from {created.get('inputs')} shard(s), no merge: ollama wrote {human_bytes(created.get('written') or 0)} (its rewrite into one blob){uploaded}")
+        elif uploaded:
+            out.append(f"created   from the merged file{uploaded}: ollama keeps that copy")
         else:
-            out.append("create    the merged file hard-linked into ollama's store: no copy")
+            out.append("created   the merged file hard-linked into ollama's store: no copy")
     loaded = report["loaded"]
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
