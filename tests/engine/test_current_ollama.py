@@ -12,6 +12,7 @@ import pytest
 
 from builder.supervisor.create import referenced_digests
 from tests.engine.conftest import TinyStack, docker
+from tests.engine.test_main_job import post
 from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir
 from tests.fixtures.ollama_release import CURRENT_VERSION, ollama_release_tar_zst
 from tests.test_sample_model import greedy
@@ -19,12 +20,6 @@ from tests.test_sample_model import greedy
 pytestmark = pytest.mark.engine
 CURRENT_PATH = f"/ollama/ollama/releases/download/v{CURRENT_VERSION}/ollama-linux-amd64.tar.zst"
 PROMPT = "Why is the sky blue?"
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=120) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture
@@ -64,7 +59,7 @@ def test_current_ollama_serves_split_shards_without_a_merge(current_stack: TinyS
     assert [p.read_bytes() for p in shards] == contents
     # A real forward pass over the blob ollama wrote: llama.cpp's greedy text of the shards.
     expected, _ = greedy(llama_cpp_bin_dir(), shards[0], PROMPT, 8)
-    answer = _post(f"{current_stack.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
+    answer = post(f"{current_stack.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
     assert (answer["response"], answer["eval_count"]) == (expected, 8)
     status = json.loads(current_stack.builder("status", "--json").stdout)
     assert status["created"]["path"] == "shards" and status["created"]["inputs"] == 3 and status["created"]["written"] > 0
@@ -80,6 +75,6 @@ def test_current_ollama_serves_split_shards_without_a_merge(current_stack: TinyS
     assert single.returncode == 0, single.stderr[-3000:]
     logs = docker("logs", current_stack.project).stdout
     assert "nothing is merged" in logs and "nothing to do" in logs
-    answer = _post(f"{current_stack.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
+    answer = post(f"{current_stack.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
     assert (answer["response"], answer["eval_count"]) == (expected, 8)
     assert current_stack.builder("down", "--target", "single").returncode == 0
