@@ -162,7 +162,7 @@ def effective_parallel(config: Config, model_bytes: int) -> tuple[int, str]:
 def sched_spread(config: Config) -> bool:
     """OLLAMA_SCHED_SPREAD from serve.env, read as ollama's envconfig.Bool
     does: any value but an empty or false one (strconv.ParseBool) is true."""
-    value = dict(config.serve.env).get("OLLAMA_SCHED_SPREAD", "")
+    value = str(dict(config.serve.env).get("OLLAMA_SCHED_SPREAD", ""))
     return value not in ("", "0", "f", "F", "false", "False", "FALSE")
 
 
