@@ -114,14 +114,12 @@ def oom_advice(config, cause: str) -> str:
     if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
         return ""
     try:
-        from builder.render.offload import model_shape, plan_offload
-        from builder.targets.checks import effective_parallel, gpu_memory, read_shard_headers
+        from builder.render.offload import model_shape
+        from builder.targets.checks import gpu_memory, plan_for, read_shard_headers
 
         memory, source = gpu_memory(config)
         shape = model_shape(read_shard_headers(config))
-        parallel, _ = effective_parallel(config, shape.total_bytes)
-        parameters = dict(config.model.parameters)
-        planned = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)), parallel)
+        planned = plan_for(config, shape, memory)
         return f"; out of GPU memory: for the GPUs here ({source}) builder plan puts {planned.num_gpu} layers on them (model.parameters.num_gpu: {planned.num_gpu})"
     except Exception:  # noqa: BLE001 - advice only: the cause above stands on its own
         return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"

@@ -6,11 +6,15 @@ import dataclasses
 import shutil
 import subprocess
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from builder.config import Config
 from builder.errors import ConfigError, Problem
 from builder.supervisor.gguf import GGUFError, GGUFHeader, read_header_file
 from builder.supervisor.shards import shard_file_names
+
+if TYPE_CHECKING:
+    from builder.render.offload import ModelShape, OffloadPlan
 
 
 def shard_names(config: Config) -> list[str]:
@@ -157,6 +161,26 @@ def effective_parallel(config: Config, model_bytes: int) -> tuple[int, str]:
     return parallel_sequences(model_bytes, config.serve.limits()["parallel"]), "serve.parallel"
 
 
+def sched_spread(config: Config) -> bool:
+    """OLLAMA_SCHED_SPREAD from serve.env, read as ollama's envconfig.Bool
+    does: any value but an empty or false one (strconv.ParseBool) is true."""
+    value = str(dict(config.serve.env).get("OLLAMA_SCHED_SPREAD", ""))
+    return value not in ("", "0", "f", "F", "false", "False", "FALSE")
+
+
+def plan_for(config: Config, shape: ModelShape, memory: list[int], num_ctx: int | None = None) -> OffloadPlan:
+    """render.offload.plan_offload with what the config says about the
+    context, the sequences, the batch and ollama's scheduler."""
+    from builder.render.offload import GIB, N_UBATCH, plan_offload
+
+    parameters = dict(config.model.parameters)
+    ctx = num_ctx or int(parameters.get("num_ctx", 2048))
+    parallel, _ = effective_parallel(config, shape.total_bytes)
+    # ollama gives the runner num_batch x parallel (runner.go); llama.cpp's ubatch is at most 512 of it
+    batch = min(N_UBATCH, int(parameters.get("num_batch", N_UBATCH)) * parallel)
+    return plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel, batch, sched_spread(config))
+
+
 def check_parallel(config: Config) -> None:
     """A parallelism that leaves no room for the layers model.parameters.num_gpu
     puts on the GPUs is a config error, with the numbers. Checked where the
@@ -170,12 +194,12 @@ def check_parallel(config: Config) -> None:
     memory, source = gpu_memory(config, required=False)
     if not memory:
         return
-    from builder.render.offload import GIB, model_shape, plan_offload
+    from builder.render.offload import GIB, model_shape
 
     shape = model_shape(read_shard_headers(config))
     parallel, where = effective_parallel(config, shape.total_bytes)
     num_ctx = int(parameters.get("num_ctx", 2048))
-    planned = plan_offload(shape, memory, num_ctx, int(config.plan.margin_gib * GIB), parallel)
+    planned = plan_for(config, shape, memory)
     if planned.num_gpu < num_gpu:
         sizes = " + ".join(f"{m / GIB:g}" for m in memory)
         raise ConfigError(Problem(
@@ -192,15 +216,14 @@ def resolve_num_gpu(config: Config) -> tuple[Config, str | None]:
     parameters = dict(config.model.parameters)
     if parameters.get("num_gpu") != "auto":
         return config, None
-    from builder.render.offload import model_shape, plan_offload
+    from builder.render.offload import model_shape
 
     if config.gpus.kind == "none":
         number, reason = 0, "num_gpu: auto -> 0 (gpus: none)"
     else:
         memory, source = gpu_memory(config)
         shape = model_shape(read_shard_headers(config))
-        parallel, _ = effective_parallel(config, shape.total_bytes)
-        plan = plan_offload(shape, memory, int(parameters.get("num_ctx", 2048)), int(config.plan.margin_gib * (1 << 30)), parallel)
+        plan = plan_for(config, shape, memory)
         number, reason = plan.num_gpu, f"num_gpu: auto -> {plan.summary()}; memory from {source}"
     parameters["num_gpu"] = number
     model = dataclasses.replace(config.model, parameters=tuple(sorted(parameters.items())))
@@ -234,15 +257,20 @@ class OffloadReport:
         return data
 
     def lines(self) -> list[str]:
-        from builder.render.offload import GIB
+        from builder.render.offload import GIB, MIB
 
         shape, result = self.shape, self.result
         out = [f"model   {shape.architecture}, {shape.block_count} layers, {shape.total_bytes / GIB:.1f} GiB"]
         for gpu in result.gpus:
+            if gpu.position is None:
+                out.append(f"gpu {gpu.index}   unused: ollama runs num_gpu {result.num_gpu} without it ({gpu.memory / MIB:.0f} MiB)")
+                continue
             layers = f"{gpu.blocks[0]}-{gpu.blocks[-1]}" if gpu.blocks else "none"
+            # the terms llama.cpp logs (model, KV, compute buffer) and the peak nvidia-smi shows, in MiB
             out.append(
-                f"gpu {gpu.index}   layers {layers} ({len(gpu.blocks)}): weights {gpu.weights / GIB:.1f} + kv {gpu.kv_cache / GIB:.2f} "
-                f"+ compute {gpu.compute / GIB:.2f} + cuda {gpu.overhead / GIB:.2f} = {gpu.used / GIB:.1f} of {gpu.memory / GIB:.1f} GiB"
+                f"gpu {gpu.index}   layers {layers} ({len(gpu.blocks)}): model {gpu.weights / MIB:.0f} + KV {gpu.kv_cache / MIB:.0f} "
+                f"+ compute {gpu.compute / MIB:.0f} ({gpu.compute_point}) + CUDA {gpu.overhead / MIB:.0f} "
+                f"= peak {gpu.used / MIB:.0f} of {gpu.memory / MIB:.0f} MiB (CUDA{gpu.position})"
             )
         out += [result.summary(), f"memory from {self.source}"]
         for line in self.explained:
@@ -253,16 +281,14 @@ class OffloadReport:
 
 def offload_report(config: Config, shards_dir: Path | None, gpu_memory_gib: tuple[float, ...] | None, num_ctx: int | None) -> OffloadReport:
     """`builder plan`: read the headers, place the layers, size ollama's limits."""
-    from builder.render.offload import GIB, model_shape, plan_offload
+    from builder.render.offload import model_shape
     from builder.supervisor.limits import explain, ollama_limits
 
     if gpu_memory_gib:
         config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, gpu_memory_gib=gpu_memory_gib))
     memory, source = gpu_memory(config)
     shape = model_shape(read_shard_headers(config, shards_dir))
-    ctx = num_ctx or int(dict(config.model.parameters).get("num_ctx", 2048))
-    parallel, _ = effective_parallel(config, shape.total_bytes)
-    result = plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel)
+    result = plan_for(config, shape, memory, num_ctx)
     limits = ollama_limits(shape.total_bytes, config.serve.limits())
     limits.update({k: v for k, v in config.serve.env if k in limits})
     return OffloadReport(result, shape, source, limits, explain(shape.total_bytes, config.serve.limits()),
