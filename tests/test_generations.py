@@ -21,6 +21,7 @@ from tests.test_render_golden import CONFIG_DIR
     ("0.5.0", "0.5"), ("0.5.7", "0.5"), ("0.5.13-rc1", "0.5"),
     ("0.30.0", "0.30"), ("0.32.15", "0.30"), ("0.33.0-rc2", "0.30"), ("1.0.0", "0.30"),
     ("0.4.7", None), ("0.6.0", None), ("0.14.0", None), ("0.24.0", None), ("0.29.9", None), ("0.5", None),
+    ("0.30.0-rc0", None), ("0.30.0-rc15", None), ("0.30.0-rc16", "0.30"), ("0.31.0-rc1", "0.30"),
 ])
 def test_generation_of_each_version(version: str, expected: str | None) -> None:
     assert generation(version) == expected
@@ -58,3 +59,18 @@ def test_the_default_generation_renders_as_before() -> None:
     runtime = json.loads(files["rootfs/etc/builder/runtime.json"])
     assert "ollama_generation" not in runtime
     assert files == _render("0.5.7")[0]
+
+
+@pytest.mark.parametrize(("version", "num_ctx", "gib", "expected"), [
+    ("0.5.7", None, [24, 24], 2048),  # ollama 0.5.7's default
+    ("0.32.15", None, [16], 4096),  # v0.32.15 server/routes.go: by total GPU memory
+    ("0.32.15", None, [24], 32768),
+    ("0.32.15", None, [24, 24], 262144),
+    ("0.32.15", 8192, [24, 24], 8192),  # the config's own wins
+])
+def test_the_planned_context_is_the_one_ollama_will_use(version, num_ctx, gib, expected) -> None:
+    from builder.targets.checks import default_num_ctx
+
+    text = (PRESETS_DIR / "tiny.yaml").read_text(encoding="utf-8").replace("    num_ctx: 512\n", f"    num_ctx: {num_ctx}\n" if num_ctx else "")
+    config = parse_config(text + f"ollama:\n  version: {version}\n", "builder.yaml", base_dir=CONFIG_DIR, env={})
+    assert default_num_ctx(config, [g << 30 for g in gib]) == expected

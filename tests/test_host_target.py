@@ -152,9 +152,14 @@ def test_current_ollama_from_a_carried_tar_zst_creates_from_the_shards(project: 
     (carried / "ollama-linux-amd64.tar.zst").write_bytes(ollama_release_tar_zst("0.32.15"))
     (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
     assert project.builder("sample-model").returncode == 0
+    space = {c["name"]: c for c in json.loads(project.builder("doctor", "--json").stdout)}["space"]
+    assert space["status"] == "ok" and "ollama 0.32.15's create needs " in space["detail"], space
+    assert space["detail"].endswith(" at its peak (no merge)"), space
     result = project.builder("up", "--offline", "--from", str(carried))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ollama-linux-amd64.tar.zst: taken from" in result.stderr and "load: tiny:latest loaded in " in result.stderr
+    assert "ollama-linux-amd64.tar.zst: taken from" in result.stderr
+    space = {c["name"]: c for c in json.loads(project.builder("doctor", "--json").stdout)}["space"]
+    assert space["status"] == "ok" and space["detail"].endswith("free; tiny:latest is already created"), space and "load: tiny:latest loaded in " in result.stderr
     models = project.root / "models"
     assert not (models / "tiny" / "tiny.gguf").exists(), "no merge with ollama 0.30+"
     first_shard = models / "tiny" / "tiny-00001-of-00003.gguf"

@@ -183,16 +183,17 @@ def test_current_ollama_uploads_a_shard_it_may_not_touch_and_says_so(tmp_path: P
     """ollama 0.30+ sets the times of its input blobs (owner only): a shard the
     containers' user does not own is uploaded instead of linked, and the
     uploaded copies are removed once ollama has written its own blob."""
-    import builder.supervisor.create as create_module
+    import builder.supervisor.create_shards as create_shards
 
     models = tmp_path / "models"
     runtime = dict(runtime_for(models, ollama_current), ollama_generation="0.30")
     shards = write_split_model(models / "tiny", "tiny", 3, seed=0)
     owner = shards[0].stat().st_uid
-    monkeypatch.setattr(create_module.os, "geteuid", lambda: owner + 1)  # as a user that does not own them
+    # As root on a root_squash export, or a user who does not own them: their times cannot be set.
+    monkeypatch.setattr(create_shards, "may_set_times", lambda path: False)
     assert create(runtime) == 0
     out = capsys.readouterr().out
-    assert f"not linked (owned by uid {owner}, and this ollama changes its input blobs' times; chown it to uid {owner + 1}" in out
+    assert f"not linked (owned by uid {owner}, and this ollama sets its input blobs' times; chown it to uid {os.geteuid()}" in out
     assert "uploading" in out
     store = models / "ollama"
     from builder.supervisor.create import created_summary
@@ -206,3 +207,58 @@ def test_current_ollama_uploads_a_shard_it_may_not_touch_and_says_so(tmp_path: P
                for line in status_lines(report))
     assert set(blobs(store)) == referenced_digests(str(store))
     assert all(p.stat().st_nlink == 1 for p in shards)
+
+
+def test_a_failed_current_create_leaves_no_link_and_no_second_hash(tmp_path: Path, ollama_current: Path, capsys) -> None:
+    """ollama 0.30+ touches the shards before llama-quantize runs: when the
+    create then fails, the links go and the shards' new times are recorded
+    (the next run does not hash 150 GB again); ollama's temporaries of a
+    killed create are removed before the next one."""
+    import shutil
+
+    from builder.supervisor.common import StepError
+    from builder.supervisor.create_shards import SHARD_DIGESTS
+
+    release = tmp_path / "release"
+    shutil.copytree(ollama_current.parent.parent, release, symlinks=True)
+    quantize = release / "lib" / "ollama" / "llama-quantize"
+    quantize.rename(quantize.with_name("llama-quantize.away"))
+    models = tmp_path / "models"
+    runtime = dict(runtime_for(models, release / "bin" / "ollama"), ollama_generation="0.30")
+    shards = write_split_model(models / "tiny", "tiny", 3, seed=0)
+    with pytest.raises(StepError, match=r"^create: ollama refused to create tiny:latest: failed to validate GGUF with llama-quantize .*llama-quantize binary not found"):
+        create(runtime)
+    store = models / "ollama"
+    assert blobs(store) == {}, "the shard links stay only while a create needs them"
+    record = json.loads((store / SHARD_DIGESTS).read_text())
+    assert [record[str(p)]["mtime_ns"] for p in shards] == [p.stat().st_mtime_ns for p in shards]
+    # A killed create of ollama's left its temporaries; the next create removes them and succeeds.
+    (store / "blobs" / "COPY123456").write_bytes(b"x" * 1000)
+    (store / "blobs" / "sha256-987654").write_bytes(b"y" * 1000)
+    (store / "blobs" / "split-gguf-4242").mkdir()
+    quantize.with_name("llama-quantize.away").rename(quantize)
+    capsys.readouterr()
+    assert create(runtime) == 0
+    out = capsys.readouterr().out
+    assert "removed 2.0 KiB of temporary files a stopped create of ollama left" in out
+    assert sorted(p.name for p in (store / "blobs").iterdir()) == sorted(f"sha256-{d}" for d in referenced_digests(str(store)))
+
+
+def test_current_create_refuses_when_the_rewrite_cannot_fit(tmp_path: Path, ollama_current: Path, monkeypatch) -> None:
+    import builder.supervisor.create_shards as create_shards
+    from builder.supervisor.common import StepError
+
+    models = tmp_path / "models"
+    runtime = dict(runtime_for(models, ollama_current), ollama_generation="0.30")
+    write_split_model(models / "tiny", "tiny", 3, seed=0)
+    real = os.statvfs
+
+    class Small:
+        def __init__(self, path):
+            stats = real(path)
+            self.f_frsize, self.f_bavail = 4096, 1
+
+    monkeypatch.setattr(create_shards.os, "statvfs", Small)
+    with pytest.raises(StepError, match=r"^create: this ollama writes the model \(458.7 KiB\) into .*/blobs twice before it deletes one copy: 917.4 KiB needed, 4.0 KiB free"):
+        create(runtime)
+    assert blobs(models / "ollama") == {} and not (models / "ollama" / "manifests").exists()

@@ -12,8 +12,10 @@ Two generations, decided from `ollama.version` at render time:
   there is no merge step: the shards are hard-linked into the store, and
   ollama's own rewrite is the one copy.
 
-Versions in between (0.6 to 0.29) changed the runner and the archive format
-more than once and are refused with one line.
+Versions before 0.5, and 0.6 to 0.29 (0.25 to 0.29 were never released),
+which changed the runner and the archive format more than once, are refused
+with one line; so are 0.30.0's first release candidates (rc0 to rc15), whose
+create had no split-GGUF support yet.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def generation(version: str) -> str | None:
     major, minor = int(match[1]), int(match[2])
     if (major, minor) == (0, 5):
         return LEGACY
+    rc = re.search(r"-rc(\d+)$", version)
+    if version.startswith("0.30.0-") and rc and int(rc[1]) < 16:
+        return None  # 0.30.0-rc0 to rc15 create without the split-GGUF support and the rewrite
     if major >= 1 or minor >= 30:
         return CURRENT
     return None

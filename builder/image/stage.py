@@ -145,9 +145,12 @@ def open_tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
 def _archive_errors() -> tuple[type[Exception], ...]:
     import zlib
 
-    import zstandard
-
-    return (tarfile.TarError, EOFError, zlib.error, zstandard.ZstdError)
+    errors: tuple[type[Exception], ...] = (tarfile.TarError, EOFError, zlib.error)
+    try:
+        import zstandard
+    except ImportError:  # a missing module must not hide a .tgz's own error
+        return errors
+    return errors + (zstandard.ZstdError,)
 
 
 def write_ollama(archive: Path, writer: TreeWriter) -> None:

@@ -18,12 +18,11 @@ import sys
 import threading
 import time
 
-from .common import StepError, Stopped, log
+from .common import StepError, Stopped, is_current, log, shard_paths
 from .create import create, created_summary
 from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
 from .ollama import OllamaChatter, ollama_env, request, signal_group
-from .shards import shard_file_names
 from .warmup import OutputTail, Warmer, health_loaded
 
 DEFAULT_SERVE = {
@@ -109,15 +108,12 @@ def serve(runtime: dict) -> int:
 def model_size(runtime: dict) -> int:
     """What ollama loads: the merged file (0.5.x), else every shard (0.30+ creates from them)."""
     merged = runtime.get("merged", "")
-    if runtime.get("ollama_generation") != "0.30" and os.path.exists(merged):
+    if not is_current(runtime) and os.path.exists(merged):
         return os.path.getsize(merged)
-    shards = runtime.get("shards", {})
-    first = shards.get("first", "")
-    names = shard_file_names(shards["prefix"], shards["count"]) if shards.get("count") else [os.path.basename(first)]
     total = 0
-    for name in names:
+    for path in shard_paths(runtime) if runtime.get("shards") else []:
         try:
-            total += os.path.getsize(os.path.join(os.path.dirname(first), name))
+            total += os.path.getsize(path)
         except OSError:
             pass
     return total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -10,6 +11,25 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+
+
+CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later (absent for 0.5.x)
+
+
+def is_current(runtime: dict) -> bool:
+    """ollama 0.30+: creates from the shards, so nothing is merged."""
+    return runtime.get("ollama_generation") == CURRENT
+
+
+def shard_paths(runtime: dict) -> list[str]:
+    """Every shard's path, in order (the one file of an unsplit model)."""
+    from .shards import shard_file_names
+
+    shards = runtime["shards"]
+    if not shards.get("count"):
+        return [shards["first"]]
+    folder = os.path.dirname(shards["first"])
+    return [os.path.join(folder, name) for name in shard_file_names(shards["prefix"], shards["count"])]
 
 
 class Stopped(BaseException):
@@ -154,3 +174,32 @@ def file_lock(path: str, waiting: str):
             yield
         finally:
             fcntl.lockf(handle, fcntl.LOCK_UN)
+
+
+def place_blob(merged: str, store: str, digest: str, may_link=lambda path: None) -> str:
+    """Put a file (the merged model, or a shard) in ollama's blob store as
+    blobs/sha256-HEX by a hard link; say how ('present', 'linked', or why
+    not). `may_link(path)` returns why a link would not do, or None."""
+    blobs = os.path.join(store, "blobs")
+    os.makedirs(blobs, exist_ok=True)
+    blob = os.path.join(blobs, f"sha256-{digest}")
+    if os.path.exists(blob) and os.path.getsize(blob) == os.path.getsize(merged):
+        return "present"
+    refused = may_link(merged)
+    if refused:
+        return f"not linked ({refused})"
+    if os.path.exists(blob):
+        os.unlink(blob)  # a partial upload from an earlier run: ollama's own temp would be misnamed
+    tmp = os.path.join(blobs, f".sha256-{digest}.link-{os.getpid()}")
+    try:
+        os.link(merged, tmp)
+        os.replace(tmp, blob)
+        return "linked"
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+            return f"not linked ({exc.strerror})"
+        raise

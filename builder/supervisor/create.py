@@ -2,13 +2,7 @@
 ollama allows.
 
 ollama 0.30 and later (runtime.json's ollama_generation "0.30") create from
-the shards themselves: each shard's sha256 (read once, remembered in the
-store by path, size and mtime) names its hard link in `blobs/`, ollama
-confirms each (`HEAD`), and `POST /api/create` names them all in `files`.
-ollama then writes one new blob (llama-quantize COPY, then a copy under its
-digest: twice the model at the peak, checked first) and sets the times of
-its inputs, the shards themselves through their links; the links are removed
-afterwards, and the shards' new times recorded. The rest of this docstring is
+the shards themselves: see create_shards.py. The rest of this docstring is
 ollama 0.5.x, where the merge step joined the shards.
 
 ollama's own `ollama create` reads the file twice (hash, upload) and its
@@ -34,62 +28,30 @@ server must keep off. A blob another model uses is never touched.
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import urllib.request
 
-from .common import StepError, file_lock, human_bytes, io_counters, log, read_json, sha256_of, write_json_atomic
+from .common import StepError, file_lock, human_bytes, io_counters, is_current, log, place_blob, read_json, write_json_atomic
+from .create_shards import place_shards, remember_new_times, remove_ollama_temporaries, request_digest, shard_identity
 from .merge import merged_digest
-from .shards import shard_file_names
 from .ollama import PrivateServer, create_streamed, manifest_path, request
 
 RECORD = ".builder-create.json"
 
 
-CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later
-SHARD_DIGESTS = ".builder-shards.json"
-
-
-def _shard_paths(runtime: dict) -> list[str]:
-    shards = runtime["shards"]
-    folder = os.path.dirname(shards["first"])
-    if not shards["count"]:
-        return [shards["first"]]
-    return [os.path.join(folder, name) for name in shard_file_names(shards["prefix"], shards["count"])]
-
-
-def _shard_identity(runtime: dict) -> dict:
-    """What a create from the shards depends on: every shard as it is now."""
-    states = []
-    for path in _shard_paths(runtime):
-        try:
-            info = os.stat(path)
-        except FileNotFoundError:
-            raise StepError(f"create: shard {path} is missing; copy it there (all of them are needed)") from None
-        states.append({"path": path, "size": info.st_size, "mtime_ns": info.st_mtime_ns})
-    request_body = json.dumps(runtime.get("create", {}), sort_keys=True).encode()
-    return {
-        "shards": states,
-        "model": runtime["model"],
-        "request_sha256": hashlib.sha256(request_body).hexdigest(),
-    }
-
-
 def _identity(runtime: dict) -> dict:
-    if runtime.get("ollama_generation") == CURRENT:
-        return _shard_identity(runtime)
+    if is_current(runtime):
+        return shard_identity(runtime)
     merged = runtime["merged"]
     try:
         info = os.stat(merged)
     except FileNotFoundError:
         raise StepError(f"create: the merged model {merged} is missing; run the merge step first") from None
-    request_body = json.dumps(runtime.get("create", {}), sort_keys=True).encode()
     return {
         "merged": {"path": merged, "size": info.st_size, "mtime_ns": info.st_mtime_ns},
         "model": runtime["model"],
-        "request_sha256": hashlib.sha256(request_body).hexdigest(),
+        "request_sha256": request_digest(runtime),
     }
 
 
@@ -99,35 +61,6 @@ def create(runtime: dict) -> int:
     # Pods sharing the store register the model one at a time; the others then find it done.
     with file_lock(os.path.join(store, ".builder-create.lock"), f"create: another create in {store} is running; waiting for it"):
         return _create_locked(runtime, store)
-
-
-def place_blob(merged: str, store: str, digest: str, must_own: bool = False) -> str:
-    """Put the merged file (or a shard) in ollama's blob store; say how
-    ('present', 'linked', or why not). `must_own`: ollama 0.30+ sets the times
-    of every input blob, which only the file's owner (or root) may do."""
-    blobs = os.path.join(store, "blobs")
-    os.makedirs(blobs, exist_ok=True)
-    blob = os.path.join(blobs, f"sha256-{digest}")
-    if os.path.exists(blob):
-        if os.path.getsize(blob) == os.path.getsize(merged):
-            return "present"
-        os.unlink(blob)  # a partial upload from an earlier run: ollama's own temp would be misnamed
-    owner = os.stat(merged).st_uid
-    if must_own and os.geteuid() not in (0, owner):
-        return f"not linked (owned by uid {owner}, and this ollama changes its input blobs' times; chown it to uid {os.geteuid()} to avoid the copy)"
-    tmp = os.path.join(blobs, f".sha256-{digest}.link-{os.getpid()}")
-    try:
-        os.link(merged, tmp)
-        os.replace(tmp, blob)
-        return "linked"
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
-            return f"not linked ({exc.strerror})"
-        raise
 
 
 def upload_blob(base: str, merged: str, digest: str) -> None:
@@ -224,54 +157,12 @@ def created_summary(store: str, model: str) -> dict | None:
     return {key: record.get(key) for key in ("path", "inputs", "written", "uploaded")}
 
 
-def shard_digests(paths: list[str], store: str) -> list[str]:
-    """Each shard's sha256, remembered in the store by (path, size, mtime) so
-    that only a changed shard is read again."""
-    record_file = os.path.join(store, SHARD_DIGESTS)
-    known = read_json(record_file) or {}
-    digests = []
-    for path in paths:
-        info = os.stat(path)
-        key = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
-        entry = known.get(path)
-        if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("sha256"), str):
-            digests.append(entry["sha256"])
-            continue
-        digest = sha256_of(path, f"hashing {os.path.basename(path)}")
-        known[path] = dict(key, sha256=digest)
-        write_json_atomic(record_file, known)
-        digests.append(digest)
-    return digests
-
-
-def remember_digests(store: str, entries: dict[str, tuple[int, int, str]]) -> None:
-    record_file = os.path.join(store, SHARD_DIGESTS)
-    known = read_json(record_file) or {}
-    for path, (size, mtime_ns, digest) in entries.items():
-        known[path] = {"size": size, "mtime_ns": mtime_ns, "sha256": digest}
-    write_json_atomic(record_file, known)
-
-
-def _check_rewrite_space(store: str, size: int) -> None:
-    """ollama 0.30+ writes the model into blobs/ twice: llama-quantize COPY's
-    output (a temporary file), then its copy under its digest (manifest.NewLayer),
-    before it deletes the first. So twice the model must be free at the peak."""
-    stats = os.statvfs(store)
-    free = stats.f_bavail * stats.f_frsize
-    if free < 2 * size + (64 << 20):
-        raise StepError(
-            f"create: this ollama writes the model ({human_bytes(size)}) into {store}/blobs twice before it deletes "
-            f"one copy, so it needs {human_bytes(2 * size)} free and there is {human_bytes(free)}; free some space, "
-            "or use ollama.version 0.5.7, whose create does not copy"
-        )
-
-
 def _create_locked(runtime: dict, store: str) -> int:
     record_file = os.path.join(store, RECORD)
     identity = _identity(runtime)
     model = runtime["model"]
     records = read_json(record_file) or {}
-    current = runtime.get("ollama_generation") == CURRENT
+    current = is_current(runtime)
     source = f"its {len(identity['shards'])} shard(s)" if current else runtime["merged"]
     entry = records.get(model)
     recorded = entry.get("identity", entry) if isinstance(entry, dict) else None  # older records were the identity itself
@@ -280,14 +171,49 @@ def _create_locked(runtime: dict, store: str) -> int:
         return 0
     previous = manifest_digests(manifest_path(store, model))
     before = io_counters()
+    placed: dict[str, tuple[str, str]] = {}
+    try:
+        if current:
+            remove_ollama_temporaries(store)
+            files = place_shards(runtime, store, identity, placed)
+        else:
+            merged = runtime["merged"]
+            digest = merged_digest(merged)
+            log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
+            files = {os.path.basename(merged): digest}
+            placed = {digest: (merged, place_blob(merged, store, digest))}
+        shown = _register(runtime, store, files, placed, current)
+    finally:
+        if current:
+            # Worked or not: ollama set the shards' times through the links (record
+            # them, or the next run hashes 150 GB again), and the links and uploaded
+            # copies no manifest names go.
+            remember_new_times(store, [path for path, _ in placed.values()])
+            remove_unreferenced(store, set(placed) - manifest_digests(manifest_path(store, model)), model, quiet=set(placed))
+    now = manifest_digests(manifest_path(store, model))
+    written = _new_model_bytes(store, now, set(placed)) if current else 0
     if current:
-        files, placed = _place_shards(runtime, store, identity)
-    else:
-        merged = runtime["merged"]
-        digest = merged_digest(merged)
-        log(f"create: registering {model} from {merged} (sha256 {digest[:12]}...)")
-        files = {os.path.basename(merged): digest}
-        placed = {digest: (merged, place_blob(merged, store, digest))}
+        identity = shard_identity(runtime)
+    uploaded = sum(os.path.getsize(path) for path, how in placed.values() if how not in ("linked", "present"))
+    records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed),
+                      "written": written, "uploaded": uploaded}
+    write_json_atomic(record_file, records)
+    remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))
+    after = io_counters()
+    details = json.loads(shown or b"{}").get("details") or {}
+    facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
+    log(f"create: {model} is ready" + (f" ({facts})" if facts else ""))
+    if current:
+        log(f"create: ollama rewrote the {len(placed)} shard(s) into one blob of {human_bytes(written)} "
+            "(llama-quantize COPY, then a copy under its digest); the shards stay where they are")
+    # /proc/self/io counts the reaped private ollama and its llama-quantize too.
+    log(f"create: io read {after[0] - before[0]} written {after[1] - before[1]} bytes, ollama's included")
+    return 0
+
+
+def _register(runtime: dict, store: str, files: dict[str, str], placed: dict[str, tuple[str, str]], current: bool) -> bytes:
+    """A private ollama confirms (or receives) each blob and creates the model; return /api/show's answer."""
+    model = runtime["model"]
     server_ref: list = []
     try:
         with PrivateServer(runtime["ollama"], store) as server:
@@ -302,54 +228,24 @@ def _create_locked(runtime: dict, store: str) -> int:
                 elif not current:
                     log(f"create: blob {how} in {store}/blobs: no copy")
             body = dict(runtime.get("create", {}), model=model, files={n: f"sha256:{d}" for n, d in files.items()})
-            create_streamed(server.base, body)
+            create_streamed(server.base, body, idle_timeout=_idle_timeout(placed))
             try:
                 status, shown = request(server.base, "POST", "/api/show", {"model": model})
             except OSError as exc:
                 raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
             if status != 200:
                 raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
+            return shown
     except StepError:
         _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
         raise
-    now = manifest_digests(manifest_path(store, model))
-    written = _new_model_bytes(store, now, set(placed)) if current else 0
-    if current:
-        # ollama 0.30+ touches every input blob (manifest/layer.go touchLayer), and
-        # a hard-linked blob is the shard itself: record the shards as they are now.
-        identity = _shard_identity(runtime)
-        remember_digests(store, {s["path"]: (s["size"], s["mtime_ns"], d) for s, d in zip(identity["shards"], files.values())})
-    uploaded = sum(os.path.getsize(path) for path, how in placed.values() if how not in ("linked", "present"))
-    records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed),
-                      "written": written, "uploaded": uploaded}
-    write_json_atomic(record_file, records)
-    # The hard-linked shards (ollama 0.30+ wrote its own merged blob) and what the old version used.
-    remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))
-    after = io_counters()
-    details = json.loads(shown or b"{}").get("details") or {}
-    facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))
-    log(f"create: {model} is ready" + (f" ({facts})" if facts else ""))
-    if current:
-        log(f"create: ollama rewrote the {len(placed)} shard(s) into one blob of {human_bytes(written)} "
-            "(llama-quantize COPY, then a copy under its digest); the shards stay where they are")
-    # /proc/self/io counts the reaped private ollama and its llama-quantize too.
-    log(f"create: io read {after[0] - before[0]} written {after[1] - before[1]} bytes, ollama's included")
-    return 0
 
 
-def _place_shards(runtime: dict, store: str, identity: dict) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
-    """ollama 0.30+: every shard hard-linked into blobs/ under its digest; no merge."""
-    paths = [s["path"] for s in identity["shards"]]
-    total = sum(s["size"] for s in identity["shards"])
-    _check_rewrite_space(store, total)
-    log(f"create: registering {runtime['model']} from {len(paths)} shard(s) ({human_bytes(total)}); ollama merges them as it creates")
-    digests = shard_digests(paths, store)
-    placed = {}
-    for path, digest in zip(paths, digests):
-        how = place_blob(path, store, digest, must_own=True)
-        placed[digest] = (path, how)
-        log(f"create: {os.path.basename(path)} (sha256 {digest[:12]}...) {how} in {store}/blobs")
-    return {os.path.basename(p): d for p, d in zip(paths, digests)}, placed
+def _idle_timeout(placed: dict[str, tuple[str, str]]) -> float:
+    """How long ollama may stay silent during create: 0.30+ copies the whole
+    rewritten model under its digest without a word; allow 20 MB/s for it."""
+    size = sum(os.path.getsize(path) for path, _ in placed.values())
+    return max(600.0, size / 20e6)
 
 
 def _new_model_bytes(store: str, digests: set[str], inputs: set[str]) -> int:

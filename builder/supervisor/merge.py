@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from .common import (
     Progress,
+    is_current,
     StepError,
     file_lock,
     fsync_dir,
@@ -39,7 +40,6 @@ from .join import join
 from .shards import shard_file_names
 
 RECORD_SUFFIX = ".merge.json"
-CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later
 TEMP_MARK = ".merging-"
 FREE_SPACE_MARGIN = 64 << 20
 
@@ -253,18 +253,22 @@ def merge(runtime: dict) -> int:
         return 0
     names = shard_file_names(shards["prefix"], count)
     states = shard_states(folder, names)
-    if runtime.get("ollama_generation") != CURRENT and up_to_date(states, merged):
+    if not is_current(runtime) and up_to_date(states, merged):
         log(f"merge: {merged} is up to date with its {count} shards; nothing to do")
         return 0
     # Every check that can fail on the user's shards comes before anything is written.
     headers, tensors = check_shards(folder, states, count)
     preflight([(os.path.join(folder, s.name), h) for s, h in zip(states, headers)], runtime)
-    if runtime.get("ollama_generation") == CURRENT:
+    if is_current(runtime):
         # ollama 0.30+ takes the shards as they are: its create writes the one merged blob.
         log(f"merge: {count} shards checked ({human_bytes(sum(s.size for s in states))}, {tensors} tensors); "
             "this ollama reads split models, so nothing is merged")
         if os.path.isfile(merged):
             log(f"merge: {merged} (from an ollama 0.5 setup) is not used any more; delete it to free {human_bytes(os.path.getsize(merged))}")
+        if glob.glob(os.path.join(glob.escape(os.path.dirname(merged)), f".{glob.escape(os.path.basename(merged))}{TEMP_MARK}*")):
+            with merge_lock(merged):  # a killed 0.5 merge's temporary file: up to the model's size
+                for leftover in remove_leftovers(merged):
+                    log(f"merge: removed {leftover}, left by a run that was stopped")
         return 0
     os.makedirs(os.path.dirname(merged), exist_ok=True)
     # Before anything is written (even the lock file): is there room, counting

@@ -84,10 +84,16 @@ def create_streamed(base: str, body: dict, idle_timeout: float = 600.0) -> None:
     except urllib.error.HTTPError as exc:
         answer = exc.read()
         try:
-            error = json.loads(answer).get("error") or answer[:300]
+            error = json.loads(answer).get("error")
         except (ValueError, AttributeError):
-            error = answer[:300]
+            error = None
+        error = error or answer[:300].decode("utf-8", "replace").strip()
         raise StepError(f"create: ollama refused to create {body['model']} (HTTP {exc.code}: {error})") from None
+    except (TimeoutError, OSError) as exc:
+        if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+            raise StepError(f"create: ollama said nothing for {idle_timeout:.0f} s while creating {body['model']}; "
+                            "the storage may be stalled, see the private ollama's log") from None
+        raise StepError(f"create: the private ollama stopped answering while creating {body['model']} ({exc})") from None
     raise StepError(f"create: ollama's answer to creating {body['model']} ended without success")
 
 

@@ -168,13 +168,29 @@ def sched_spread(config: Config) -> bool:
     return value not in ("", "0", "f", "F", "false", "False", "FALSE")
 
 
+def default_num_ctx(config: Config, memory: list[int]) -> int:
+    """The context ollama gives the model: model.parameters.num_ctx, else
+    ollama's default: 2048 for 0.5.7; for 0.30+ a tier of the GPUs' total
+    memory (v0.32.15 server/routes.go: 262144 from 47 GiB, 32768 from 23 GiB,
+    else 4096)."""
+    from builder.config.releases import CURRENT, generation
+
+    parameters = dict(config.model.parameters)
+    if "num_ctx" in parameters:
+        return int(parameters["num_ctx"])
+    if generation(config.ollama.version) != CURRENT:
+        return 2048
+    total = sum(memory)
+    return 262144 if total >= 47 << 30 else 32768 if total >= 23 << 30 else 4096
+
+
 def plan_for(config: Config, shape: ModelShape, memory: list[int], num_ctx: int | None = None) -> OffloadPlan:
     """render.offload.plan_offload with what the config says about the
     context, the sequences, the batch and ollama's scheduler."""
     from builder.render.offload import GIB, N_UBATCH, plan_offload
 
     parameters = dict(config.model.parameters)
-    ctx = num_ctx or int(parameters.get("num_ctx", 2048))
+    ctx = num_ctx or default_num_ctx(config, memory)
     parallel, _ = effective_parallel(config, shape.total_bytes)
     # ollama gives the runner num_batch x parallel (runner.go); llama.cpp's ubatch is at most 512 of it
     batch = min(N_UBATCH, int(parameters.get("num_batch", N_UBATCH)) * parallel)
@@ -198,7 +214,7 @@ def check_parallel(config: Config) -> None:
 
     shape = model_shape(read_shard_headers(config))
     parallel, where = effective_parallel(config, shape.total_bytes)
-    num_ctx = int(parameters.get("num_ctx", 2048))
+    num_ctx = default_num_ctx(config, memory)
     planned = plan_for(config, shape, memory)
     if planned.num_gpu < num_gpu:
         sizes = " + ".join(f"{m / GIB:g}" for m in memory)
@@ -240,6 +256,7 @@ class OffloadReport:
     limits: dict[str, str]
     explained: list[str]
     set_by_user: frozenset[str]
+    caveat: str = ""
 
     def as_dict(self) -> dict:
         shape = self.shape
@@ -272,7 +289,7 @@ class OffloadReport:
                 f"+ compute {gpu.compute / MIB:.0f} ({gpu.compute_point}) + CUDA {gpu.overhead / MIB:.0f} "
                 f"= peak {gpu.used / MIB:.0f} of {gpu.memory / MIB:.0f} MiB (CUDA{gpu.position})"
             )
-        out += [result.summary(), f"memory from {self.source}"]
+        out += [result.summary(), f"memory from {self.source}"] + ([self.caveat] if self.caveat else [])
         for line in self.explained:
             name = line.split("=", 1)[0]
             out.append(f"ollama  {name}={self.limits[name]}: serve.env" if name in self.set_by_user else f"ollama  {line}")
@@ -291,5 +308,12 @@ def offload_report(config: Config, shards_dir: Path | None, gpu_memory_gib: tupl
     result = plan_for(config, shape, memory, num_ctx)
     limits = ollama_limits(shape.total_bytes, config.serve.limits())
     limits.update({k: v for k, v in config.serve.env if k in limits})
+    from builder.config.releases import CURRENT, generation
+
+    caveat = ""
+    if generation(config.ollama.version) == CURRENT:
+        caveat = (f"note    ollama {config.ollama.version} runs a newer llama-server, which splits the layers by the GPUs' free "
+                  "memory: planned with ollama 0.5.7's split and llama.cpp b4610's buffers (the same for equal GPUs; not measured)"
+                  + ("" if "num_ctx" in dict(config.model.parameters) else f"; num_ctx is ollama's default for {sum(memory) / (1 << 30):.0f} GiB of GPUs: {result.num_ctx}"))
     return OffloadReport(result, shape, source, limits, explain(shape.total_bytes, config.serve.limits()),
-                         frozenset(k for k, _ in config.serve.env))
+                         frozenset(k for k, _ in config.serve.env), caveat)

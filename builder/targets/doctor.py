@@ -159,10 +159,17 @@ def check_shards(config: Config) -> list[Check]:
     free = stats.f_bavail * stats.f_frsize
     if generation(config.ollama.version) == CURRENT:
         # No merge; create writes the model twice into ollama's store before deleting one copy.
-        need = 2 * total
-        verdict = OK if free >= need else FAIL
-        out.append(Check("space", verdict, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)",
-                         "" if verdict == OK else f"free {human_bytes(need - free)} on the model storage, or use ollama.version 0.5.7 (no copy)"))
+        from builder.supervisor.create import created_summary
+        from builder.supervisor.create_shards import MARGIN
+
+        need = 2 * total + MARGIN
+        if config.storage.kind == "local" and created_summary(str(Path(config.storage.path) / "ollama"), config.model.name):
+            out.append(Check("space", OK, f"{human_bytes(free)} free; {config.model.name} is already created"))
+        elif free >= need:
+            out.append(Check("space", OK, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)"))
+        else:
+            out.append(Check("space", FAIL, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)",
+                             f"free {human_bytes(need - free)} on the model storage, or use ollama.version 0.5.7 (its merge writes one copy, its create none)"))
     elif merged.exists() or not count:
         out.append(Check("space", OK, f"{human_bytes(free)} free; the merged file is already there"))
     elif free >= total:

@@ -622,6 +622,8 @@ def new_layer(chunks, media_type: str) -> dict:
             status = "creating new layer"
             os.replace(temp, path)
             os.chmod(path, 0o644)
+        if CURRENT:  # v0.32.15 manifest/layer.go NewLayer: touchLayer on the blob, new or not
+            os.utime(path)
     finally:
         if os.path.exists(temp):
             os.remove(temp)
@@ -798,6 +800,8 @@ def prune_layers() -> None:
         digest = entry.replace("-", ":")
         if CURRENT and os.path.isdir(os.path.join(directory, entry)):
             continue  # v0.32.15 server/images.go: directories are skipped
+        if CURRENT and time.time() - os.stat(os.path.join(directory, entry)).st_mtime < 3600:
+            continue  # v0.32.15 server/images.go:897, before the name check: files younger than an hour stay
         if not DIGEST_RE.match(digest):
             try:
                 os.remove(os.path.join(directory, entry))
@@ -805,8 +809,6 @@ def prune_layers() -> None:
             except OSError as exc:
                 log("ERROR", "couldn't remove blob", blob=entry, error=str(exc))
             continue
-        if CURRENT and time.time() - os.stat(os.path.join(directory, entry)).st_mtime < 3600:
-            continue  # v0.32.15 server/images.go:897: layerPruneGracePeriod, blobs younger than an hour stay
         candidates[digest] = entry
     log("INFO", f"total blobs: {len(candidates)}")
     for manifest in list_manifests(True).values():
