@@ -187,7 +187,7 @@ class DockerEngine:
             return 125, str(exc)
         return result.exit_code, (result.output or b"").decode("utf-8", "replace")
 
-    def container_logs(self, name: str, tail: int = 15) -> str:
+    def container_logs(self, name: str, tail: int | str = 15) -> str:
         return self._client.containers.get(name).logs(tail=tail).decode("utf-8", "replace")
 
     def remove_container(self, name: str) -> None:

@@ -119,6 +119,7 @@ def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str],
         if result.returncode != 0:
             detail = " ".join(result.stderr.strip().splitlines()[-2:])
             raise BuilderError(f"docker run failed: {detail}")
+    _wait_for_the_serve_role(engine, name, echo)
     timeout = blueprint.config.serve.ready_timeout
     deadline = time.monotonic() + timeout
     while True:
@@ -135,6 +136,24 @@ def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str],
     url = endpoint_url(blueprint)
     wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
     return Endpoint(url, blueprint.config.model.name)
+
+
+def _wait_for_the_serve_role(engine, name: str, echo: Callable[[str], None]) -> None:
+    """merge and create first, however long they take (a 150 GB model: an hour
+    with ollama 0.30+'s rewrite); the supervisor ends or fails them itself.
+    serve.ready_timeout counts from serve's start, as for the compose target."""
+    started, said = time.monotonic(), 0.0
+    while True:
+        state = engine.container(name) or {"status": "gone"}
+        if state["status"] != "running":
+            return  # the caller's loop says why
+        if "supervisor: serve: starting" in engine.container_logs(name, tail="all"):
+            return
+        if time.monotonic() - said >= 60:
+            said = time.monotonic()
+            if said - started >= 60:
+                echo(f"{name}: merge and create still working after {said - started:.0f} s (docker logs -f {name})")
+        time.sleep(1)
 
 
 class SingleTarget(Target):
