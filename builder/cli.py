@@ -437,7 +437,7 @@ def import_command(archive: str) -> None:
     from builder.image.airgap import import_image
     from builder.image.engine import DockerEngine
 
-    for line in import_image(DockerEngine(), Path(archive), _echo_err):
+    for line in import_image(DockerEngine, Path(archive), _echo_err):
         click.echo(line)
 
 

@@ -67,8 +67,9 @@ def export_image(engine, image: str, out: Path, echo) -> str:
     return digest
 
 
-def import_image(engine, archive: Path, echo) -> list[str]:
-    """Check `archive` against its .sha256 (when present) and load it."""
+def import_image(connect, archive: Path, echo) -> list[str]:
+    """Check `archive` against its .sha256 (when present) and load it into
+    the engine `connect()` returns (asked only once the archive is checked)."""
     if not archive.is_file():
         raise ConfigError(f"{archive}: no such file")
     sidecar = archive.with_name(archive.name + ".sha256")
@@ -81,6 +82,7 @@ def import_image(engine, archive: Path, echo) -> list[str]:
     else:
         echo(f"warning: no {sidecar.name} beside {archive.name}; loading it unchecked")
     opener = gzip.open if archive.read_bytes()[:2] == b"\x1f\x8b" else open
+    engine = connect()
     with opener(archive, "rb") as stream:
         return engine.load_stream(stream)
 
