@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import re
 
-LEGACY = "0.5"
-CURRENT = "0.30"
+from builder.supervisor.common import CURRENT, LEGACY
 TESTED_CURRENT = "0.32.15"
 SUPPORTED = f"0.5.x (default 0.5.7) or 0.30 and later (tested with {TESTED_CURRENT})"
 GITHUB_RELEASE = "https://github.com/ollama/ollama/releases/download/v{version}/ollama-linux-amd64"

@@ -161,6 +161,13 @@ class Config:
     def image(self) -> str:
         return f"{self.image_name}:{self.image_tag}"
 
+    @property
+    def ollama_generation(self) -> str:
+        """builder.config.releases' generation of ollama.version (validated: never None)."""
+        from builder.config.releases import LEGACY, generation
+
+        return generation(self.ollama.version) or LEGACY
+
     def digest(self) -> str:
         """sha256 of what in the config shapes the image: not where the model
         lies, which GPUs serve it or on which port, so the same config gives

@@ -14,7 +14,7 @@ from typing import Any
 
 from builder import __version__
 from builder.config import Config
-from builder.config.releases import CURRENT, generation
+from builder.supervisor.common import CURRENT
 from builder.modelfile import render_modelfile
 
 # Where things live inside the image and the containers.
@@ -107,7 +107,7 @@ def make_blueprint(config: Config) -> Blueprint:
     digest = config.digest()
     merged_path = str(PurePosixPath(MODELS_DIR, model.merged))
     header = f"Rendered by builder {__version__} for {model.name}; change the config, not this file."
-    current = generation(config.ollama.version) == CURRENT
+    current = config.ollama_generation == CURRENT
     # ollama 0.30+ creates from the shards: by hand, `FROM` their folder (builder names each shard's blob).
     source = str(PurePosixPath(MODELS_DIR, model.shards.first).parent) if current and model.shards.count else merged_path
     modelfile = render_modelfile(source, model.parameters, model.template, model.system, header)

@@ -111,7 +111,7 @@ def model_size(runtime: dict) -> int:
     if not is_current(runtime) and os.path.exists(merged):
         return os.path.getsize(merged)
     total = 0
-    for path in shard_paths(runtime) if runtime.get("shards") else []:
+    for path in shard_paths(runtime) if "shards" in runtime else []:  # a serve-only runtime has none
         try:
             total += os.path.getsize(path)
         except OSError:

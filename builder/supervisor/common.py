@@ -6,6 +6,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -13,7 +14,10 @@ import time
 from contextlib import contextmanager
 
 
-CURRENT = "0.30"  # runtime.json's ollama_generation for ollama 0.30 and later (absent for 0.5.x)
+# ollama generations (builder.config.releases): runtime.json's ollama_generation
+# is CURRENT for ollama 0.30 and later and absent for 0.5.x (LEGACY).
+LEGACY = "0.5"
+CURRENT = "0.30"
 
 
 def is_current(runtime: dict) -> bool:
@@ -72,7 +76,7 @@ class Progress:
         self.label = label
         self.total = max(total, 1)
         self.tty = sys.stdout.isatty()
-        self.next_step = 10 if total >= QUIET_BELOW else 1000
+        self.next_step = 10 if total >= QUIET_BELOW else math.inf
         self.sizes = sizes
         self.began = time.monotonic()
 

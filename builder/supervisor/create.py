@@ -184,12 +184,11 @@ def _create_locked(runtime: dict, store: str) -> int:
             placed = {digest: (merged, place_blob(merged, store, digest))}
         shown = _register(runtime, store, files, placed, current)
     finally:
-        if current:
-            # Worked or not: ollama set the shards' times through the links (record
-            # them, or the next run hashes 150 GB again), and the links and uploaded
-            # copies no manifest names go.
-            remember_new_times(store, [path for path, _ in placed.values()])
-            remove_unreferenced(store, set(placed) - manifest_digests(manifest_path(store, model)), model, quiet=set(placed))
+        # Worked or not, the links and uploaded copies no manifest names go, and
+        # the shards' times are recorded: ollama 0.30+ set them through the links
+        # (else the next run hashes 150 GB again; a no-op for 0.5.x's merged file).
+        remember_new_times(store, [path for path, _ in placed.values()])
+        remove_unreferenced(store, set(placed) - manifest_digests(manifest_path(store, model)), model, quiet=set(placed))
     now = manifest_digests(manifest_path(store, model))
     written = _new_model_bytes(store, now, set(placed)) if current else 0
     if current:
@@ -198,7 +197,7 @@ def _create_locked(runtime: dict, store: str) -> int:
     records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed),
                       "written": written, "uploaded": uploaded}
     write_json_atomic(record_file, records)
-    remove_unreferenced(store, (previous | set(placed)) - now, model, quiet=set(placed))
+    remove_unreferenced(store, previous - now, model)
     after = io_counters()
     details = json.loads(shown or b"{}").get("details") or {}
     facts = ", ".join(str(details[k]) for k in ("family", "parameter_size", "quantization_level") if details.get(k))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .common import CURRENT, LEGACY
 from .gguf import GGUFHeader
 
 # The architectures the llama.cpp of each ollama generation knows (LLM_ARCH_NAMES):
@@ -23,7 +24,7 @@ from .gguf import GGUFHeader
 #     uses it). ollama 0.32.15's code names deepseek2, llama, gpt-oss, glm4,
 #     laguna, qwen35 and gemma4 among them.
 ARCHITECTURES: dict[str, frozenset[str]] = {
-    "0.30": frozenset(
+    CURRENT: frozenset(
         (
             "llama llama4 deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert modern-bert "
             "nomic-bert nomic-bert-moe neo-bert jina-bert-v2 jina-bert-v3 eurobert bloom stablelm qwen qwen2 "
@@ -39,7 +40,7 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
             "step35 llama-embed maincoder kimi-linear talkie mellum"
         ).split()
     ),
-    "0.5": frozenset(
+    LEGACY: frozenset(
         (
             "llama mllama deci falcon grok gpt2 gptj gptneox mpt baichuan starcoder refact bert nomic-bert "
             "jina-bert-v2 bloom stablelm qwen qwen2 qwen2moe qwen2vl phi2 phi3 plamo codeshell orion internlm2 "
@@ -49,14 +50,14 @@ ARCHITECTURES: dict[str, frozenset[str]] = {
         ).split()
     ),
 }
-OLLAMA_NAMES = {"0.5": "ollama 0.5.7", "0.30": "ollama 0.30+"}
+OLLAMA_NAMES = {LEGACY: "ollama 0.5.7", CURRENT: "ollama 0.30+"}
 
 
 class NotLoadable(ValueError):
     """One line: the file, the key, what is wrong and what to do."""
 
 
-def check_loadable(files: Sequence[tuple[str, GGUFHeader]], generation: str = "0.5") -> str:
+def check_loadable(files: Sequence[tuple[str, GGUFHeader]], generation: str = LEGACY) -> str:
     """Refuse a model (its shards, in order, or one file) that ollama of
     `generation` cannot load; return its architecture."""
     ollama = OLLAMA_NAMES[generation]

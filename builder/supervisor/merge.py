@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 
 from .common import (
+    LEGACY,
     Progress,
     is_current,
     StepError,
@@ -161,7 +162,7 @@ def check_shards(folder: str, states: list[ShardState], count: int) -> tuple[lis
 def preflight(files: list[tuple[str, GGUFHeader]], runtime: dict) -> None:
     """Refuse, before anything is written, a model ollama cannot load."""
     try:
-        check_loadable(files, runtime.get("ollama_generation", "0.5"))
+        check_loadable(files, runtime.get("ollama_generation", LEGACY))
     except NotLoadable as exc:
         raise StepError(f"merge: {exc}") from None
 

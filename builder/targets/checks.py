@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from builder.config import Config
 from builder.errors import ConfigError, Problem
+from builder.supervisor.common import CURRENT, LEGACY
 from builder.supervisor.gguf import GGUFError, GGUFHeader, read_header_file
 from builder.supervisor.shards import shard_file_names
 
@@ -55,7 +56,6 @@ def check_local_shards(config: Config) -> Path | None:
         )
     from builder.supervisor.common import StepError
     from builder.supervisor.gguf import check_file
-    from builder.config.releases import LEGACY, generation
     from builder.supervisor.loadable import NotLoadable, check_loadable
     from builder.supervisor.merge import check_shards, shard_states
 
@@ -65,7 +65,7 @@ def check_local_shards(config: Config) -> Path | None:
             headers, _ = check_shards(str(folder), shard_states(str(folder), names), count)
         else:
             headers = [check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)]
-        check_loadable([(str(folder / name), header) for name, header in zip(names, headers)], generation(config.ollama.version) or LEGACY)
+        check_loadable([(str(folder / name), header) for name, header in zip(names, headers)], config.ollama_generation)
     except StepError as exc:
         raise ConfigError(Problem("model.shards", str(exc).removeprefix("merge: "), None, config.source)) from None
     except GGUFError as exc:
@@ -73,7 +73,7 @@ def check_local_shards(config: Config) -> Path | None:
     except NotLoadable as exc:
         raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     merged = folder / PurePosixPath(config.model.merged).name
-    if count and merged.is_file() and generation(config.ollama.version) == LEGACY:  # 0.30+ never reads it
+    if count and merged.is_file() and config.ollama_generation == LEGACY:  # 0.30+ never reads it
         try:
             check_file(str(merged), merged.stat().st_size)
         except GGUFError as exc:
@@ -99,11 +99,10 @@ def read_shard_headers(config: Config, folder: Path | None = None) -> list[GGUFH
             raise ConfigError(Problem("model.shards", f"{path} is missing; the plan needs every shard's header", None, config.source)) from None
         except (GGUFError, OSError) as exc:
             raise ConfigError(Problem("model.shards", f"{path} {exc}", None, config.source)) from None
-    from builder.config.releases import LEGACY, generation
     from builder.supervisor.loadable import NotLoadable, check_loadable
 
     try:
-        check_loadable([(str(folder / name), header) for name, header in zip(shard_names(config), headers)], generation(config.ollama.version) or LEGACY)
+        check_loadable([(str(folder / name), header) for name, header in zip(shard_names(config), headers)], config.ollama_generation)
     except NotLoadable as exc:
         raise ConfigError(Problem("model.shards", str(exc), None, config.source)) from None
     return headers
@@ -173,12 +172,10 @@ def default_num_ctx(config: Config, memory: list[int]) -> int:
     ollama's default: 2048 for 0.5.7; for 0.30+ a tier of the GPUs' total
     memory (v0.32.15 server/routes.go: 262144 from 47 GiB, 32768 from 23 GiB,
     else 4096)."""
-    from builder.config.releases import CURRENT, generation
-
     parameters = dict(config.model.parameters)
     if "num_ctx" in parameters:
         return int(parameters["num_ctx"])
-    if generation(config.ollama.version) != CURRENT:
+    if config.ollama_generation != CURRENT:
         return 2048
     total = sum(memory)
     return 262144 if total >= 47 << 30 else 32768 if total >= 23 << 30 else 4096
@@ -308,10 +305,8 @@ def offload_report(config: Config, shards_dir: Path | None, gpu_memory_gib: tupl
     result = plan_for(config, shape, memory, num_ctx)
     limits = ollama_limits(shape.total_bytes, config.serve.limits())
     limits.update({k: v for k, v in config.serve.env if k in limits})
-    from builder.config.releases import CURRENT, generation
-
     caveat = ""
-    if generation(config.ollama.version) == CURRENT:
+    if config.ollama_generation == CURRENT:
         caveat = (f"note    ollama {config.ollama.version} runs a newer llama-server, which splits the layers by the GPUs' free "
                   "memory: planned with ollama 0.5.7's split and llama.cpp b4610's buffers (the same for equal GPUs; not measured)"
                   + ("" if "num_ctx" in dict(config.model.parameters) else f"; num_ctx is ollama's default for {sum(memory) / (1 << 30):.0f} GiB of GPUs: {result.num_ctx}"))

@@ -234,7 +234,7 @@ def created_via(probe) -> dict | None:
     if probe is None:
         return None
     try:
-        code, output = probe[0]()
+        _code, output = probe[0]()
         return json.loads(output.strip().splitlines()[-1]).get("create") if output.strip() else None
     except (ValueError, AttributeError, IndexError, OSError, BuilderError):
         return None

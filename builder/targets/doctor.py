@@ -137,7 +137,7 @@ def _kernel_has_nfs() -> bool:
 def check_shards(config: Config) -> list[Check]:
     from builder.targets.checks import shard_folder, shard_names
     from builder.supervisor.common import StepError, human_bytes
-    from builder.config.releases import CURRENT, generation
+    from builder.supervisor.common import CURRENT
     from builder.supervisor.merge import check_shards as check_set
     from builder.supervisor.merge import shard_states
 
@@ -157,7 +157,7 @@ def check_shards(config: Config) -> list[Check]:
     merged = folder / Path(config.model.merged).name
     stats = os.statvfs(folder)
     free = stats.f_bavail * stats.f_frsize
-    if generation(config.ollama.version) == CURRENT:
+    if config.ollama_generation == CURRENT:
         # No merge; create writes the model twice into ollama's store before deleting one copy.
         from builder.supervisor.create import created_summary
         from builder.supervisor.create_shards import MARGIN
