@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from builder import __version__
-from builder.errors import BuilderError, ConfigError
+from builder.errors import BuilderError, ConfigError, Problem
 
 TARGET_NAMES = ("compose", "single", "kubernetes", "host")  # builder.targets.TARGETS, without importing it
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -71,18 +71,21 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _load(config_path: str, resolve_auto: bool = False, quiet: bool = False):
-    """Load the config; with `resolve_auto`, turn num_gpu: auto into a number and say why (unless `quiet`)."""
+def _load(config_path: str):
     from builder.config import load_config
 
-    config = load_config(config_path)
-    if resolve_auto:
-        from builder.targets.checks import resolve_num_gpu
+    return load_config(config_path)
 
-        config, reason = resolve_num_gpu(config)
-        if reason and not quiet:
-            click.echo(reason, err=True)
-    return config
+
+def _preflight(config_path: str, quiet: bool = False, lenient: bool = True):
+    """The config through the preflight (num_gpu: auto resolved, memory limits
+    derived where the shards can be read), and its render plan."""
+    from builder.preflight import assess, blueprint_for
+
+    preflight = assess(_load(config_path), lenient=lenient)
+    for note in preflight.notes if not quiet else ():
+        click.echo(note, err=True)
+    return preflight, blueprint_for(preflight)
 
 
 def _warnings(config) -> list[str]:
@@ -130,22 +133,20 @@ def schema() -> None:
 @config_option
 def validate(config_path: str) -> None:
     """Check a config, including the shard set when the storage is local."""
-    from builder.targets.checks import check_local_shards
+    from builder.preflight import assess
 
     config = _load(config_path)
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    checked = check_local_shards(config)
-    if checked is not None:
-        from builder.targets.checks import check_parallel
-
-        check_parallel(config)
-    if checked is None:
+    preflight = assess(config)
+    if preflight.facts is None:
         click.echo(
             "warning: model.shards: the shards are on NFS and not readable here, so they were not checked "
             "(mount the export and set plan.shards_dir to check them now; the merge step checks them before it writes)",
             err=True,
         )
+    elif preflight.fits_in_ram is False:
+        click.echo(f"warning: ram: {preflight.ram_line()} (`builder up` refuses this here)", err=True)
     click.echo(f"{config_path}: ok ({config.model.name}, {config.storage.kind} storage, image {config.image})")
 
 
@@ -155,14 +156,13 @@ def validate(config_path: str) -> None:
 @click.option("--target", type=click.Choice(TARGET_NAMES), help="compose, single (adds single/) or kubernetes (adds kubernetes/) [default: the config's target].")
 def render(config_path: str, out_dir: str | None, target: str | None) -> None:
     """Write the build context (Dockerfile, compose.yaml, Modelfile, ...) and print its path."""
-    from builder.render.blueprint import make_blueprint
     from builder.render.files import write_context
     from builder.targets import context_files
 
-    config = _load(config_path, resolve_auto=True)
+    _preflight_config, blueprint = _preflight(config_path)
+    config = blueprint.config
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
-    blueprint = make_blueprint(config)
     if (target or config.target) == "kubernetes":
         from builder.targets.kubernetes import kubernetes_manifests
 
@@ -254,21 +254,22 @@ def lock(config_path: str, offline: bool, carried_dir: str | None) -> None:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Context folder [default: context/ beside the config].")
 @click.option("--no-cache", is_flag=True, help="Build every layer again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--keep-staged", is_flag=True, help="Keep the unpacked releases in the context after the build (removed by default: the image holds them).")
 @_with_offline_options
-def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, offline: bool, carried_dir: str | None) -> None:
+def build(config_path: str, out_dir: str | None, no_cache: bool, as_json: bool, keep_staged: bool, offline: bool, carried_dir: str | None) -> None:
     """Render, fetch, stage and build the image; print its reference and ID."""
     import json
 
     from builder.image.build import build_all
     from builder.image.engine import DockerEngine
-    from builder.render.blueprint import make_blueprint
 
-    config = _load(config_path, resolve_auto=True)
+    _config_preflight, blueprint = _preflight(config_path)
+    config = blueprint.config
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
-    blueprint = make_blueprint(config)
     context = _context_dir(config_path, out_dir)
-    result = build_all(config_path, blueprint, context, DockerEngine(), _fetch_settings(config, offline, carried_dir), no_cache, _echo_err)
+    result = build_all(config_path, blueprint, context, DockerEngine(), _fetch_settings(config, offline, carried_dir), no_cache, _echo_err,
+                       keep_staged)
     if as_json:
         click.echo(json.dumps({"image": result.image, "id": result.image_id, "reproducible": result.reproducible, "context": result.context}, sort_keys=True))
     else:
@@ -291,7 +292,7 @@ def up(config_path: str, out_dir: str | None, force_build: bool, target: str | N
     """Merge, create, serve: bring the stack up and wait until the model is loaded."""
     from builder.targets import deploy
 
-    config = _load(config_path, resolve_auto=True)
+    config = _load(config_path)
     for warning in _warnings(config):
         _echo_err(f"warning: {warning}")
     deployed = deploy(config, config_path, _context_dir(config_path, out_dir), target or config.target, force_build, no_load,
@@ -324,13 +325,12 @@ def status(config_path: str, out_dir: str | None, target: str | None, as_json: b
     """Each service's state, the model, the endpoint, the image (reads only)."""
     import json
 
-    from builder.render.blueprint import make_blueprint
     from builder.targets import engine_for, get_target, lock_sha256
 
     del out_dir  # nothing is rendered: kept so scripts that pass --out keep working
-    config = _load(config_path, resolve_auto=True, quiet=True)
-    chosen = get_target(target or config.target)
-    report = chosen.status(make_blueprint(config), engine_for(chosen), lock_sha256(config_path))
+    _status_preflight, blueprint = _preflight(config_path, quiet=True)
+    chosen = get_target(target or blueprint.config.target)
+    report = chosen.status(blueprint, engine_for(chosen), lock_sha256(config_path))
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -375,7 +375,8 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
     """How many layers fit on the GPUs, layer by layer, from the shards' GGUF headers."""
     import json
 
-    from builder.targets.checks import offload_report
+    from builder.preflight import assess, with_gpu_memory
+    from builder.preflight.report import offload_report
 
     config = _load(config_path)
     sizes = None
@@ -386,7 +387,11 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
                 raise ValueError
         except ValueError:
             raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
-    report = offload_report(config, Path(shards_dir) if shards_dir else None, sizes, num_ctx)
+    preflight = assess(with_gpu_memory(config, sizes), Path(shards_dir) if shards_dir else None, whole=False, gpus_required=True,
+                       cgroup=config.target == "host")
+    if preflight.facts is None:
+        raise ConfigError(Problem("plan.shards_dir", "the shards are on NFS: mount the export here and set plan.shards_dir (or pass --shards DIR)", None, config.source))
+    report = offload_report(preflight, num_ctx)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))
     else:

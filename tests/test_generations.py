@@ -69,7 +69,7 @@ def test_the_default_generation_renders_as_before() -> None:
     ("0.32.15", 8192, [24, 24], 8192),  # the config's own wins
 ])
 def test_the_planned_context_is_the_one_ollama_will_use(version, num_ctx, gib, expected) -> None:
-    from builder.targets.checks import default_num_ctx
+    from builder.preflight.sizing import default_num_ctx
 
     text = (PRESETS_DIR / "tiny.yaml").read_text(encoding="utf-8").replace("    num_ctx: 512\n", f"    num_ctx: {num_ctx}\n" if num_ctx else "")
     config = parse_config(text + f"ollama:\n  version: {version}\n", "builder.yaml", base_dir=CONFIG_DIR, env={})

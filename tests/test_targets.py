@@ -24,9 +24,21 @@ def test_every_target_implements_the_interface(name: str) -> None:
     for operation in OPERATIONS:
         assert callable(getattr(target, operation))
     if target.deploys:
-        operations = ("up", "down", "status", "logs") if target.needs_engine else ("check", "prepare", "up_host", "probe", "down", "status", "logs")
-        for operation in operations:
+        # one interface for all: every target that deploys does every step itself or through ContainerTarget
+        for operation in ("check", "prepare", "up", "probe", "down", "status", "logs"):
             assert getattr(type(target), operation) is not getattr(Target, operation, None), f"{name} must do {operation}"
+
+
+def test_deploy_never_asks_which_target_it_drives() -> None:
+    """`deploy` reads as one straight line: no needs_engine branch, no target-specific method."""
+    import inspect
+
+    from builder.targets import deploy
+
+    source = inspect.getsource(deploy)
+    assert "needs_engine" not in source and "up_host" not in source and "isinstance" not in source
+    for step in ("assess(", "target.check(", "target.prepare(", "target.up(", "target.probe("):
+        assert step in source
 
 
 def test_kubernetes_declines_what_kubectl_does_with_the_command_to_use() -> None:

@@ -116,6 +116,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             tuple(float(v) for v in data["plan"].get("gpu_memory_gib", ())),
             float(data["plan"]["margin_gib"]),
             os.path.normpath(str(base_dir / Path(data["plan"]["shards_dir"]).expanduser())) if data["plan"].get("shards_dir") else None,
+            float(data["plan"]["ram_gib"]) if data["plan"].get("ram_gib") else None,
         ),
         kubernetes=KubernetesSettings(
             data["kubernetes"].get("namespace"),
@@ -321,5 +322,5 @@ def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
     parallel = None if serve["parallel"] == "auto" else serve["parallel"]
     return Serve(
         serve["port"], bind, tuple(env), serve["ready_timeout"], str(keep_alive).strip(), load_timeout,
-        serve["read_mb_s"], parallel, serve["single_sequence_above_gib"],
+        serve["read_mb_s"], parallel, serve["single_sequence_above_gib"], serve["memory_limit"],
     )

@@ -271,6 +271,11 @@ def config_schema() -> dict[str, Any]:
                         "minItems": 1,
                     },
                     "margin_gib": {"description": "Memory left free on each GPU, in GiB.", "type": "number", "minimum": 0},
+                    "ram_gib": {
+                        "description": "RAM plus swap a load may use on the machine that serves, in GiB (else /proc/meminfo and this process's memory cgroup, the smaller, are read).",
+                        "type": "number",
+                        "exclusiveMinimum": 0,
+                    },
                     "shards_dir": _str(
                         "Where this machine can read the shards' folder (e.g. the NFS export mounted here), for num_gpu: auto.",
                         minLength=1,
@@ -284,7 +289,11 @@ def config_schema() -> dict[str, Any]:
                     "storage_size": _str("The model volume's size, e.g. 1Ti.", pattern="^[0-9]+(Ki|Mi|Gi|Ti|Pi)$"),
                     "replicas": {"description": "Serving pods (each with its GPUs).", "type": "integer", "minimum": 1},
                     "cpu_limit": {"description": "serve's CPU limit (cores, or a quantity like 500m).", "type": ["string", "integer"], "pattern": "^[0-9]+(\\.[0-9]+)?m?$", "minimum": 1},
-                    "memory_limit": _str("serve's memory limit; above the part of the model that stays off the GPUs (`builder plan`).", pattern="^[0-9]+(Ki|Mi|Gi|Ti)$"),
+                    "memory_limit": _str(
+                        "serve's memory limit: auto (the RAM `builder plan` says the part of the model off the GPUs needs, plus 2 GiB, "
+                        "when the shards can be read; else 256Gi) or a quantity like 200Gi.",
+                        pattern="^(auto|[0-9]+(Ki|Mi|Gi|Ti))$",
+                    ),
                     "gpu_product": _str("The GPU model the pods need, as the NVIDIA GPU feature discovery labels nodes (nvidia.com/gpu.product), e.g. NVIDIA-GeForce-RTX-4090.", minLength=1),
                 }
             ),
@@ -317,6 +326,11 @@ def config_schema() -> dict[str, Any]:
                         "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
                         "x-expect": "a number of sequences or auto",
                     },
+                    "memory_limit": _str(
+                        "serve's memory limit in compose and single: auto (the RAM `builder plan` says the part of the model off the GPUs "
+                        "needs, plus 2 GiB, when the shards can be read; else none), none, or a quantity like 200Gi.",
+                        pattern="^(auto|none|[0-9]+(Ki|Mi|Gi|Ti))$",
+                    ),
                     "single_sequence_above_gib": {
                         "description": "With parallel: auto, models larger than this (GiB) get one sequence.",
                         "type": "number",

@@ -96,6 +96,7 @@ class PlanSettings:
     gpu_memory_gib: tuple[float, ...]
     margin_gib: float
     shards_dir: str | None
+    ram_gib: float | None = None  # RAM + swap of the serving machine; None: read it here
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class KubernetesSettings:
     replicas: int
     gpu_product: str | None = None
     cpu_limit: str = "32"
-    memory_limit: str = "256Gi"
+    memory_limit: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ class Serve:
     read_mb_s: float = 200
     parallel: int | None = None  # None: auto
     single_sequence_above_gib: float = 16
+    memory_limit: str = "auto"  # compose and single: auto, none or a quantity
 
     def limits(self) -> dict:
         """The rule the supervisor sizes ollama by (BUILDER_SERVE; builder.supervisor.limits)."""

@@ -43,6 +43,11 @@ def export_image(engine, image: str, out: Path, echo) -> str:
     """Write `image` to `out` (gzip) and `out`.sha256; return the sha256."""
     if engine.image_id(image) is None:
         raise BuilderError(f"{image} is not in the engine; build it first (builder build)")
+    from builder.preflight.disk import Need, check_space
+
+    # gzip shrinks ollama's libraries little: the image's size bounds the archive
+    for line in check_space([Need("export archive", out.parent, engine.image_size(image))]):
+        echo(line)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:

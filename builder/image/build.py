@@ -102,24 +102,53 @@ def build_image(blueprint: Blueprint, context: Path, labels: dict[str, str], no_
     return BuildResult(blueprint.image, image_id, False, str(context))
 
 
-def build_all(config_path: str, blueprint: Blueprint, context: Path, engine, settings, no_cache: bool, echo) -> BuildResult:
-    """Render, fetch, stage, make sure of the base, then build."""
-    from builder.image.base import ensure_base
+def fetch_and_stage(config_path: str, config, root: Path, settings, data_root: str | None, base_missing: bool, echo) -> dict:
+    """Fetch the release archives into the cache and stage them under `root`
+    (a build context, the host target's prefix), each disk checked first:
+    the cache before the fetch, `root` and the engine's data root before the
+    stage. Returns the lock entries."""
     from builder.image.fetch import ArtifactCache, fetch_and_lock
-    from builder.image.lock import lock_digest
-    from builder.render.files import render_context, write_context
-    from builder.image.stage import stage
+    from builder.image.stage import is_staged, stage
+    from builder.preflight.disk import check_space, engine_needs, fetch_needs, stage_needs, unpacked_size
+    from builder.render.blueprint import STAGED_LLAMA_CPP, STAGED_OLLAMA
 
-    config = blueprint.config
-    write_context(render_context(blueprint), context, config.source_date_epoch)
+    for line in check_space(fetch_needs(config_path, config, settings.cache_dir)):
+        echo(line)
     _artifacts, entries = fetch_and_lock(config_path, config, settings)
     cache = ArtifactCache(settings.cache_dir)
     ollama, llama = entries["ollama"], entries["llama_cpp"]
-    staged = stage(
-        context, cache.path(ollama.sha256), ollama.sha256, cache.path(llama.sha256), llama.sha256,
-        config.llama_cpp.binaries, config.source_date_epoch,
-    )
+    epoch, binaries = config.source_date_epoch, config.llama_cpp.binaries
+    pending = [cache.path(ollama.sha256)] if not is_staged(root, STAGED_OLLAMA, ollama.sha256, (), epoch) else []
+    if not is_staged(root, STAGED_LLAMA_CPP, llama.sha256, binaries, epoch):
+        pending.append(cache.path(llama.sha256))
+    needs = stage_needs(root, pending, not pending)
+    staged_bytes = sum(unpacked_size(cache.path(e.sha256)) for e in (ollama, llama))
+    for line in check_space(needs + engine_needs(data_root, staged_bytes, base_missing)):
+        echo(line)
+    staged = stage(root, cache.path(ollama.sha256), ollama.sha256, cache.path(llama.sha256), llama.sha256, binaries, epoch)
     if staged:
-        echo(f"staged {', '.join(staged)} into {context / 'staged'}")
+        echo(f"staged {', '.join(staged)} into {root / 'staged'}")
+    return entries
+
+
+def build_all(config_path: str, blueprint: Blueprint, context: Path, engine, settings, no_cache: bool, echo,
+              keep_staged: bool = False) -> BuildResult:
+    """Render, fetch, stage, make sure of the base, then build. The staged
+    release trees are removed once the image holds them (`keep_staged` keeps
+    them): after a build only the download cache and the image stay on disk."""
+    import shutil
+
+    from builder.image.base import ensure_base
+    from builder.image.lock import lock_digest
+    from builder.render.files import write_context, render_context
+
+    config = blueprint.config
+    write_context(render_context(blueprint), context, config.source_date_epoch)
+    data_root = engine.info().get("DockerRootDir")
+    base_missing = engine.image_id(blueprint.base.image) is None
+    entries = fetch_and_stage(config_path, config, context, settings, data_root, base_missing, echo)
     ensure_base(blueprint.base, config.source_date_epoch, engine, echo, settings.cache_dir)
-    return build_image(blueprint, context, build_labels(lock_digest(entries), image_context_digest(blueprint)), no_cache, engine, echo)
+    result = build_image(blueprint, context, build_labels(lock_digest(entries), image_context_digest(blueprint)), no_cache, engine, echo)
+    if not keep_staged:
+        shutil.rmtree(context / "staged", ignore_errors=True)
+    return result

@@ -85,6 +85,15 @@ class DockerEngine:
         except ImageNotFound:
             return None
 
+    def image_size(self, ref: str) -> int:
+        """The image's size in bytes, as `docker image inspect` reports it (0 when unknown)."""
+        from docker.errors import ImageNotFound
+
+        try:
+            return int(self._client.images.get(ref).attrs.get("Size") or 0)
+        except ImageNotFound:
+            return 0
+
     def load(self, archive: Path) -> None:
         """Load a `docker load` archive."""
         with archive.open("rb") as handle:

@@ -270,6 +270,10 @@ def _attempt(client, url: str, filename: str, partial: Path) -> None:
             have = 0  # no Range support (200): start over
         length = response.headers.get("content-length")
         total = have + int(length) if length and length.isdigit() else None
+        if length and length.isdigit():  # before the first byte: the download cache's disk holds the rest
+            from builder.preflight.disk import Need, check_space
+
+            check_space([Need(f"download of {filename}", partial.parent, int(length))])
         progress = Progress(filename, total, start=have)
         with partial.open("ab" if append else "wb") as handle:
             for chunk in response.iter_raw():  # as received, undecoded: Range counts these bytes

@@ -75,3 +75,9 @@ def write_lock(path: Path, entries: dict[str, LockEntry]) -> None:
 def lock_digest(entries: dict[str, LockEntry]) -> str:
     """sha256 of the lock's content, for the image label."""
     return hashlib.sha256(render_lock(entries)).hexdigest()
+
+
+def current_lock_digest(config_path: str | Path) -> str | None:
+    """The digest of builder.lock beside the config, if there is one."""
+    entries = read_lock(lock_path(config_path))
+    return lock_digest(entries) if entries else None

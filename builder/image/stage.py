@@ -256,6 +256,16 @@ def _replace_tree(context: Path, relative: str, fill: Callable[[TreeWriter], Non
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _stamp(digest: str, selection: tuple[str, ...], epoch: int) -> str:
+    return hashlib.sha256(f"{digest}\n{','.join(selection)}\n{epoch}\n".encode()).hexdigest() + "\n"
+
+
+def is_staged(context: Path, relative: str, digest: str, selection: tuple[str, ...], epoch: int) -> bool:
+    """Whether the tree at `relative` is what the archive `digest` stages (its stamp says so)."""
+    stamp_file = context / f"{relative}.stamp"
+    return (context / relative).is_dir() and stamp_file.is_file() and stamp_file.read_text() == _stamp(digest, selection, epoch)
+
+
 def stage(context: Path, ollama_archive: Path, ollama_sha: str, llama_archive: Path, llama_sha: str,
           binaries: tuple[str, ...], epoch: int) -> list[str]:
     """Stage both trees unless their stamps say they are already there; return what was (re)staged."""
@@ -267,8 +277,8 @@ def stage(context: Path, ollama_archive: Path, ollama_sha: str, llama_archive: P
     )
     for label, relative, digest, selection, archive_name, fill in jobs:
         stamp_file = context / f"{relative}.stamp"
-        stamp = hashlib.sha256(f"{digest}\n{','.join(selection)}\n{epoch}\n".encode()).hexdigest() + "\n"
-        if (context / relative).is_dir() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        stamp = _stamp(digest, selection, epoch)
+        if is_staged(context, relative, digest, selection, epoch):
             continue
         stamp_file.unlink(missing_ok=True)
         _replace_tree(context, relative, fill, archive_name, epoch)

@@ -68,6 +68,10 @@ class Blueprint:
     modelfile: str
     runtime: dict[str, Any]
     compose: dict[str, Any]
+    # serve's memory limits, derived by the preflight from the plan (None: no
+    # limit in compose and single; Kubernetes falls back to 256Gi)
+    memory_limit: str | None = None
+    k8s_memory_limit: str | None = None
 
 
 def mirrored(url: str, github_mirror: str) -> str:
@@ -101,8 +105,9 @@ def plan_base(config: Config) -> BasePlan:
     return BasePlan(image, True, base.distro, base.suite, base.mirror, packages)
 
 
-def make_blueprint(config: Config) -> Blueprint:
-    """Compute everything the build context holds."""
+def make_blueprint(config: Config, memory_limit: str | None = None, k8s_memory_limit: str | None = None) -> Blueprint:
+    """Compute everything the build context holds; the memory limits come
+    from the preflight (builder.preflight.Preflight.memory_limit)."""
     model = config.model
     digest = config.digest()
     merged_path = str(PurePosixPath(MODELS_DIR, model.merged))
@@ -171,11 +176,13 @@ def make_blueprint(config: Config) -> Blueprint:
         user=f"{config.uid}:{config.gid}",
         modelfile=modelfile,
         runtime=runtime,
-        compose=_compose_values(config, image, digest),
+        compose=_compose_values(config, image, digest, memory_limit),
+        memory_limit=memory_limit,
+        k8s_memory_limit=k8s_memory_limit,
     )
 
 
-def _compose_values(config: Config, image: str, digest: str) -> dict[str, Any]:
+def _compose_values(config: Config, image: str, digest: str, memory_limit: str | None = None) -> dict[str, Any]:
     storage = config.storage
     if storage.kind == "nfs":
         driver_opts = {
@@ -210,4 +217,6 @@ def _compose_values(config: Config, image: str, digest: str) -> dict[str, Any]:
         # sizes ollama's limits by, at start, from the model's size), then serve.env.
         "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **dict(config.serve.env)},
         "models_dir": MODELS_DIR,
+        # Compose's mem_limit takes Docker's units: 64g, not Kubernetes' 64Gi
+        "mem_limit": memory_limit.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k").replace("Ti", "t") if memory_limit else None,
     }

@@ -48,81 +48,59 @@ class Deployed:
 
 def lock_sha256(config_path: str) -> str | None:
     """The digest of builder.lock beside the config, if there is one."""
-    from builder.image.lock import lock_digest, lock_path, read_lock
+    from builder.image.lock import current_lock_digest
 
-    entries = read_lock(lock_path(config_path))
-    return lock_digest(entries) if entries else None
+    return current_lock_digest(config_path)
 
 
 def deploy(config, config_path: str, context: Path, target_name: str, force_build: bool, no_load: bool,
            fetch_settings, echo: Callable[[str], None]) -> Deployed:
-    """`builder up`: preflight, render, (re)build, up, wait for the load."""
-    from builder.image.build import build_all, image_staleness
-    from builder.image.engine import DockerEngine
-    from builder.render.blueprint import make_blueprint
-    from builder.render.files import write_context
-    from builder.targets.checks import check_local_shards, check_parallel
-    from builder.targets.common import check_storage, container_probe
+    """`builder up`, the same straight line for every target: the preflight
+    (the shards read once, num_gpu resolved, RAM checked) before anything is
+    written, built or merged; then check, prepare, up, and wait for the load."""
+    from builder.preflight import assess, blueprint_for, check_ram
 
     target = get_target(target_name, config.source)
-    blueprint = make_blueprint(config)
-    if not target.needs_engine:
-        target.check(blueprint)
-    # Before anything is written, built or merged: the shards are whole, one
-    # split and a model ollama can load; the storage is writable.
-    if check_local_shards(config) is not None:
-        check_parallel(config)
-    if target.needs_engine:
-        check_storage(blueprint)  # by the containers' user
-    if not target.needs_engine:
-        prefix = target.prepare(blueprint, config_path, fetch_settings, echo)
-        endpoint = target.up_host(blueprint, prefix, echo)
-        probe = target.probe(blueprint, prefix)
-        return _loaded(config, blueprint, target, endpoint, probe, no_load, echo)
-    if not target.deploys:
-        target.up(blueprint, context, None, echo)  # declines, saying what to do instead
-    write_context(context_files(blueprint, target_name), context, config.source_date_epoch)
-    engine = DockerEngine()
-    reason = image_staleness(blueprint, engine.image_labels(blueprint.image), lock_sha256(config_path))
-    if not reason and force_build:
-        reason = "--build"
-    if reason:
-        echo(f"building: {reason}")
-        result = build_all(config_path, blueprint, context, engine, fetch_settings, False, echo)
-        echo(f"built {result.image} {result.image_id}")
+    preflight = assess(config, cgroup=target.ram_scope == "cgroup")
+    for note in preflight.notes:
+        echo(note)
+    if target.deploys:
+        check_ram(preflight)
+    blueprint = blueprint_for(preflight)
+    target.check(blueprint)
+    engine = engine_for(target) if target.deploys else None
+    target.prepare(blueprint, context, config_path, fetch_settings, engine, force_build, echo)
     endpoint = target.up(blueprint, context, engine, echo)
-    return _loaded(config, blueprint, target, endpoint, container_probe(engine, target.serve_container(blueprint, engine)), no_load, echo)
+    return _loaded(preflight, blueprint, target, endpoint, target.probe(blueprint, context, engine), no_load, echo)
 
 
-def _loaded(config, blueprint, target, endpoint, probe, no_load: bool, echo) -> Deployed:
+def _loaded(preflight, blueprint, target, endpoint, probe, no_load: bool, echo) -> Deployed:
     """Wait for the supervisor's warm-up, unless --no-load."""
     from builder.targets.common import LoadFailed, describe_load, wait_for_load
 
+    config = preflight.config
     if no_load:
         return Deployed(endpoint.url, endpoint.model, None)
     try:
         load = wait_for_load(blueprint, probe, echo, sys.stderr.isatty())
     except LoadFailed as exc:
         raise BuilderError(
-            f"{config.model.name} did not load: {exc}{oom_advice(config, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
+            f"{config.model.name} did not load: {exc}{oom_advice(preflight, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
         ) from None
     return Deployed(endpoint.url, endpoint.model, describe_load(blueprint, load))
 
 
-def oom_advice(config, cause: str) -> str:
+def oom_advice(preflight, cause: str) -> str:
     """For a load that ran out of GPU memory: the num_gpu the planner picks for the GPUs here."""
     if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
         return ""
-    try:
-        from builder.render.offload import model_shape
-        from builder.targets.checks import gpu_memory, plan_for, read_shard_headers
+    from builder.preflight.sizing import plan_for
 
-        memory, source = gpu_memory(config)
-        shape = model_shape(read_shard_headers(config))
-        planned = plan_for(config, shape, memory)
-        return f"; out of GPU memory: for the GPUs here ({source}) builder plan puts {planned.num_gpu} layers on them (model.parameters.num_gpu: {planned.num_gpu})"
-    except Exception:  # noqa: BLE001 - advice only: the cause above stands on its own
+    if preflight.facts is None or not preflight.gpu_memory:
         return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
+    planned = plan_for(preflight.config, preflight.facts.shape, list(preflight.gpu_memory))
+    return (f"; out of GPU memory: for the GPUs here ({preflight.gpu_source}) builder plan puts {planned.num_gpu} layers on them "
+            f"(model.parameters.num_gpu: {planned.num_gpu})")
 
 
 def project_and_target(config_path: str, flag: str | None) -> tuple[str, str, object]:

@@ -17,7 +17,7 @@ from typing import Callable
 from builder.errors import BuilderError
 from builder.image.engine import compose_argv
 from builder.render.blueprint import Blueprint
-from builder.targets.base import Target
+from builder.targets.base import ContainerTarget
 from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, status_report, wait_for_model
 
 
@@ -132,7 +132,7 @@ def status(blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
     return status_report(blueprint, engine, lock_sha256, "compose", services, container_probe(engine, serve) if serve else None)
 
 
-class ComposeTarget(Target):
+class ComposeTarget(ContainerTarget):
     """merge, create and serve as three Compose services on this host."""
 
     name = "compose"

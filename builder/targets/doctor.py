@@ -80,7 +80,7 @@ def check_gpus(config: Config, info: dict | None, toolkit: bool = True) -> list[
 
 
 def _gpu_list() -> list[Check]:
-    from builder.targets.checks import query_gpus
+    from builder.preflight.machine import query_gpus
 
     out = []
     gpus = query_gpus()
@@ -135,48 +135,61 @@ def _kernel_has_nfs() -> bool:
 
 
 def check_shards(config: Config) -> list[Check]:
-    from builder.targets.checks import shard_folder, shard_names
-    from builder.supervisor.common import StepError, human_bytes
-    from builder.supervisor.common import CURRENT
-    from builder.supervisor.merge import check_shards as check_set
-    from builder.supervisor.merge import shard_states
+    """The shards, the space the merge or create needs, the RAM the load
+    needs: from one read of the headers (the preflight)."""
+    from builder.errors import ConfigError
+    from builder.preflight import assess
 
-    folder = shard_folder(config)
-    if folder is None:
-        return [Check("shards", WARN, "on NFS, not readable from here", "mount the export and set plan.shards_dir to check the shards")]
-    count = config.model.shards.count
-    names = shard_names(config)
     try:
-        states = shard_states(str(folder), names)
-        if count:
-            check_set(str(folder), states, count)
-        total = sum(s.size for s in states)
-    except StepError as exc:
-        return [Check("shards", FAIL, str(exc).removeprefix("merge: "), "copy the shard(s) again from the source")]
-    out = [Check("shards", OK, f"{len(names)} shard(s) in {folder}, {human_bytes(total)}, intact (sizes match their headers)")]
-    merged = folder / Path(config.model.merged).name
-    stats = os.statvfs(folder)
-    free = stats.f_bavail * stats.f_frsize
+        preflight = assess(config, cgroup=config.target == "host")
+    except ConfigError as exc:
+        return [Check("shards", FAIL, str(exc).split(": ", 1)[-1], "copy the shard(s) again from the source")]
+    facts = preflight.facts
+    if facts is None:
+        return [Check("shards", WARN, "on NFS, not readable from here", "mount the export and set plan.shards_dir to check the shards")]
+    return [
+        Check("shards", OK, f"{len(facts.names)} shard(s) in {facts.folder}, {_size(facts.file_bytes)}, intact (sizes match their headers)"),
+        check_model_space(config, facts),
+        check_ram(preflight),
+    ]
+
+
+def _size(size: int) -> str:
+    from builder.supervisor.common import human_bytes
+
+    return human_bytes(size)
+
+
+def check_model_space(config: Config, facts) -> Check:
+    """Free space on the model storage for the merge (0.5.7) or create's rewrite (0.30+)."""
+    from builder.supervisor.common import CURRENT
+
+    total, free = facts.file_bytes, os.statvfs(facts.folder).f_bavail * os.statvfs(facts.folder).f_frsize
     if config.ollama_generation == CURRENT:
         # No merge; create writes the model twice into ollama's store before deleting one copy.
         from builder.supervisor.create import created_summary
         from builder.supervisor.create_shards import MARGIN
 
         need = 2 * total + MARGIN
+        what = f"{_size(free)} free, ollama {config.ollama.version}'s create needs {_size(need)} at its peak (no merge)"
         if config.storage.kind == "local" and created_summary(str(Path(config.storage.path) / "ollama"), config.model.name):
-            out.append(Check("space", OK, f"{human_bytes(free)} free; {config.model.name} is already created"))
-        elif free >= need:
-            out.append(Check("space", OK, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)"))
-        else:
-            out.append(Check("space", FAIL, f"{human_bytes(free)} free, ollama {config.ollama.version}'s create needs {human_bytes(need)} at its peak (no merge)",
-                             f"free {human_bytes(need - free)} on the model storage, or use ollama.version 0.5.7 (its merge writes one copy, its create none)"))
-    elif merged.exists() or not count:
-        out.append(Check("space", OK, f"{human_bytes(free)} free; the merged file is already there"))
-    elif free >= total:
-        out.append(Check("space", OK, f"{human_bytes(free)} free, the merge needs {human_bytes(total)}"))
-    else:
-        out.append(Check("space", FAIL, f"{human_bytes(free)} free, the merge needs {human_bytes(total)}", f"free {human_bytes(total - free)} in {folder}"))
-    return out
+            return Check("space", OK, f"{_size(free)} free; {config.model.name} is already created")
+        if free >= need:
+            return Check("space", OK, what)
+        return Check("space", FAIL, what, f"free {_size(need - free)} on the model storage, or use ollama.version 0.5.7 (its merge writes one copy, its create none)")
+    if facts.merged_present or not config.model.shards.count:
+        return Check("space", OK, f"{_size(free)} free; the merged file is already there")
+    if free >= total:
+        return Check("space", OK, f"{_size(free)} free, the merge needs {_size(total)}")
+    return Check("space", FAIL, f"{_size(free)} free, the merge needs {_size(total)}", f"free {_size(total - free)} in {facts.folder}")
+
+
+def check_ram(preflight) -> Check:
+    """The RAM and swap the part of the model off the GPUs needs, beside what a load here gets."""
+    line = preflight.ram_line()
+    if preflight.fits_in_ram:
+        return Check("ram", OK, line)
+    return Check("ram", FAIL, line, "put more layers on the GPUs (model.parameters.num_gpu), add RAM or swap, or raise the memory limit")
 
 
 def check_image(blueprint: Blueprint, lock_sha256: str | None, engine) -> Check:

@@ -127,31 +127,26 @@ class HostTarget(Target):
                 None, config.source,
             ))
 
-    def prepare(self, blueprint: Blueprint, config_path: str, fetch_settings, echo) -> Path:
+    ram_scope = "cgroup"  # serve runs in this process's cgroup
+
+    def prepare(self, blueprint: Blueprint, context: Path, config_path: str, fetch_settings, engine, force_build: bool, echo) -> None:
         """Fetch and stage the release archives into the prefix; lay out the supervisor."""
-        from builder.image.fetch import ArtifactCache, fetch_and_lock
-        from builder.image.stage import stage
+        from builder.image.build import fetch_and_stage
         from builder.render.files import supervisor_files
         from builder.fsutil import write_atomic
 
         config = blueprint.config
         prefix = prefix_for(blueprint)
         (prefix / "run" / "home").mkdir(parents=True, exist_ok=True)
-        _artifacts, entries = fetch_and_lock(config_path, config, fetch_settings)
-        cache = ArtifactCache(fetch_settings.cache_dir)
-        ollama, llama = entries["ollama"], entries["llama_cpp"]
-        staged = stage(prefix, cache.path(ollama.sha256), ollama.sha256, cache.path(llama.sha256), llama.sha256,
-                       config.llama_cpp.binaries, config.source_date_epoch)
-        if staged:
-            echo(f"staged {', '.join(staged)} into {prefix / 'staged'}")
+        fetch_and_stage(config_path, config, prefix, fetch_settings, None, False, echo)
         for name, data in supervisor_files().items():
             write_atomic(prefix / "supervisor" / Path(name).name, data)
         runtime = host_runtime(blueprint, prefix)
         write_atomic(prefix / "runtime.json", (json.dumps(runtime, indent=2, sort_keys=True) + "\n").encode())
         write_atomic(prefix / "Modelfile", blueprint.modelfile.encode())
-        return prefix
 
-    def up_host(self, blueprint: Blueprint, prefix: Path, echo) -> Endpoint:
+    def up(self, blueprint: Blueprint, context: Path, engine, echo) -> Endpoint:
+        prefix = prefix_for(blueprint)
         runtime = json.loads((prefix / "runtime.json").read_text())
         env = host_env(blueprint, prefix, runtime)
         for role in ("merge", "create"):
@@ -211,8 +206,9 @@ class HostTarget(Target):
         _reap(pid)
         (prefix / "run" / "serve.pid").unlink(missing_ok=True)
 
-    def probe(self, blueprint: Blueprint, prefix: Path):
+    def probe(self, blueprint: Blueprint, context: Path, engine):
         """(ask, gone) for the detached supervisor: its `health --loaded --json`, its pid."""
+        prefix = prefix_for(blueprint)
         runtime = json.loads((prefix / "runtime.json").read_text())
         env = host_env(blueprint, prefix, runtime)
         env.pop("BUILDER_LOG", None)

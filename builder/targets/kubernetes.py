@@ -49,6 +49,18 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
     namespace = k8s.namespace or name
     meta = {"name": name, "labels": dict(labels), "namespace": namespace}
     notes: list[str] = []
+    # The memory limit must hold the part of the model that stays off the GPUs:
+    # derived from the plan when the shards could be read (the preflight), else 256Gi.
+    memory_limit = blueprint.k8s_memory_limit or (k8s.memory_limit if k8s.memory_limit != "auto" else "256Gi")
+    if blueprint.k8s_memory_limit and k8s.memory_limit == "auto":
+        memory_note = (f"serve's memory limit is {memory_limit}: the RAM `builder plan` says the part of the model off the GPUs needs, "
+                       "plus 2 GiB (kubernetes.memory_limit: auto)")
+    elif k8s.memory_limit == "auto":
+        memory_note = ("serve's memory limit is 256Gi: the shards could not be read here to derive it; mount them and set "
+                       "plan.shards_dir, or set kubernetes.memory_limit above what `builder plan` says stays off the GPUs")
+    else:
+        memory_note = (f"serve's memory limit is {memory_limit} (kubernetes.memory_limit): keep it above the part of the model "
+                       "that stays off the GPUs, which `builder plan` shows")
     mount = [{"name": "models", "mountPath": MODELS_DIR}]
     scratch = {"name": "tmp", "mountPath": "/tmp"}  # the only writable path besides the model volume
     storage_docs: list[dict] = []
@@ -123,15 +135,14 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         # The memory limit must hold the part of the model that stays off the
         # GPUs (`builder plan`): ollama reads /proc/meminfo, which shows the
         # node, so a smaller cgroup limit is an OOM kill after ollama's own check passed.
-        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": k8s.cpu_limit, "memory": k8s.memory_limit}},
+        "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": k8s.cpu_limit, "memory": memory_limit}},
         "volumeMounts": [dict(mount[0], readOnly=True), scratch],
     }
     if not serve["env"]:
         del serve["env"]
     if gpu_count:
         serve["resources"]["limits"][K8S_GPU] = gpu_count
-    notes.append(f"serve's memory limit is {k8s.memory_limit} (kubernetes.memory_limit): keep it above the part of the model "
-                 "that stays off the GPUs, which `builder plan` shows")
+    notes.append(memory_note)
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

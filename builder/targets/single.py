@@ -11,7 +11,7 @@ from typing import Callable
 
 from builder.errors import BuilderError
 from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Blueprint
-from builder.targets.base import Target
+from builder.targets.base import ContainerTarget
 from builder.targets.common import Endpoint, check_storage, endpoint_url, wait_for_model
 
 
@@ -58,6 +58,8 @@ def single_argv(blueprint: Blueprint) -> list[str]:
     # Least privilege, as the Compose services have it.
     argv += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--read-only",
              "--tmpfs", "/tmp:size=256m,mode=1777", "--pids-limit", "512"]
+    if blueprint.compose["mem_limit"]:  # the plan's RAM need + 2 GiB (serve.memory_limit)
+        argv += ["--memory", blueprint.compose["mem_limit"]]
     argv += ["--publish", f"{config.serve.bind}:{config.serve.port}:{OLLAMA_PORT}" if ":" not in config.serve.bind
              else f"[{config.serve.bind}]:{config.serve.port}:{OLLAMA_PORT}"]
     argv += ["--mount", single_mount(blueprint)]
@@ -156,7 +158,7 @@ def _wait_for_the_serve_role(engine, name: str, echo: Callable[[str], None]) -> 
         time.sleep(1)
 
 
-class SingleTarget(Target):
+class SingleTarget(ContainerTarget):
     """Everything in one container: `docker run` (single/run.sh), or AutoDL."""
 
     name = "single"

@@ -1,0 +1,190 @@
+"""What this machine has, read through small functions the tests can point
+elsewhere (`root`): the GPUs (nvidia-smi), RAM and swap (/proc/meminfo and
+the process's memory cgroup, v1 or v2), free disk space (statvfs).
+
+RAM is the smaller of /proc/meminfo and the cgroup's limit: inside a
+container started with a memory limit /proc/meminfo still shows the whole
+host (ollama reads only /proc/meminfo), while on AutoDL, whose instances
+mount LXCFS, /proc/meminfo already shows the instance.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.config import Config
+from builder.errors import ConfigError, Problem
+
+UNLIMITED = 1 << 62  # what a cgroup limit above this means: none (v1 writes 2^63 rounded down to pages)
+
+
+def query_gpus() -> list[tuple[int, str, int]] | None:
+    """(index, name, memory bytes) of each GPU nvidia-smi sees; None without nvidia-smi."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    result = subprocess.run(
+        ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, timeout=30,
+    )
+    if result.returncode != 0:
+        return None
+    gpus = []
+    for line in result.stdout.strip().splitlines():
+        index, name, memory = (part.strip() for part in line.split(","))
+        gpus.append((int(index), name, int(float(memory)) << 20))
+    return gpus
+
+
+def gpu_memory(config: Config, required: bool = True) -> tuple[list[int], str]:
+    """Each GPU's memory in bytes, and where that came from (([], "") when
+    none is known and not `required`)."""
+    if config.plan.gpu_memory_gib:
+        return [int(g * (1 << 30)) for g in config.plan.gpu_memory_gib], "plan.gpu_memory_gib"
+    found = query_gpus()
+    if not found and not required:
+        return [], ""
+    if not found:
+        raise ConfigError(
+            Problem("plan.gpu_memory_gib", "no GPU found (nvidia-smi is missing or sees none); give each GPU's memory, e.g. [24, 24]", None, config.source)
+        )
+    gpus = config.gpus
+    if gpus.kind == "ids":
+        wanted = set(gpus.ids)
+        found = [g for g in found if str(g[0]) in wanted]
+    elif gpus.kind == "count":
+        found = found[: gpus.count]
+    return [g[2] for g in found], "nvidia-smi"
+
+
+@dataclass(frozen=True)
+class SystemMemory:
+    """RAM and swap a load can use, in bytes, and where each figure came from."""
+
+    total: int
+    available: int  # RAM a new process can have without swapping
+    swap_free: int
+    source: str  # e.g. "/proc/meminfo", "cgroup v2 limit 8.0 GiB"
+    meminfo_available: int = 0  # what ollama itself reads (it knows no cgroup)
+    cgroup_limit: int | None = None
+
+    @property
+    def usable(self) -> int:
+        return self.available + self.swap_free
+
+
+def _meminfo(root: Path) -> dict[str, int]:
+    values = {}
+    for line in (root / "proc/meminfo").read_text().splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[name] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return values
+
+
+def _number(path: Path) -> int | None:
+    """A cgroup file's number; None for `max`, a missing file or no limit."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit():
+        return None
+    value = int(text)
+    return None if value >= UNLIMITED else value
+
+
+def _stat(path: Path) -> dict[str, int]:
+    try:
+        return {k: int(v) for k, v in (line.split() for line in path.read_text().splitlines() if len(line.split()) == 2)}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cgroup_dirs(root: Path) -> tuple[str, list[Path]]:
+    """The cgroup version and this process's memory cgroup folders, innermost
+    first, up to the mount: each level's limit applies."""
+    try:
+        lines = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return "", []
+    v1 = next((line.split(":", 2)[2] for line in lines if line.count(":") >= 2 and "memory" in line.split(":", 2)[1].split(",")), None)
+    if v1 is not None:
+        mount, path = root / "sys/fs/cgroup/memory", v1
+        version = "v1"
+    else:
+        path = next((line.split(":", 2)[2] for line in lines if line.startswith("0::")), None)
+        if path is None:
+            return "", []
+        mount, version = root / "sys/fs/cgroup", "v2"
+    # Inside a container with its own cgroup namespace the path is "/", and
+    # the mount is the container's own cgroup; without one the path may not
+    # exist under the mount: fall back to the mount's root.
+    dirs = []
+    relative = Path(path.lstrip("/"))
+    for candidate in [relative, *relative.parents]:
+        folder = mount / candidate
+        if folder.is_dir():
+            dirs.append(folder)
+    return version, dirs
+
+
+def read_system_memory(root: Path = Path("/"), cgroup: bool = True) -> SystemMemory:
+    """RAM and swap for a process started here: /proc/meminfo, capped by this
+    process's memory cgroup (unless `cgroup` is False: a container engine
+    gives its containers their own limits)."""
+    info = _meminfo(root)
+    total = info.get("MemTotal", 0)
+    # ollama's rule (discover/gpu_linux.go): MemAvailable, else free + buffers + cached
+    available = info.get("MemAvailable") or info.get("MemFree", 0) + info.get("Buffers", 0) + info.get("Cached", 0)
+    swap = info.get("SwapFree", 0)
+    meminfo_available = available
+    source = "/proc/meminfo"
+    limit_found = None
+    if cgroup:
+        version, dirs = _cgroup_dirs(root)
+        for folder in dirs:
+            if version == "v2":
+                limit = _number(folder / "memory.max")
+                usage = _number(folder / "memory.current")
+                reclaimable = _stat(folder / "memory.stat").get("inactive_file", 0)
+                swap_limit = _number(folder / "memory.swap.max")
+                swap_used = _number(folder / "memory.swap.current") or 0
+            else:
+                limit = _number(folder / "memory.limit_in_bytes")
+                usage = _number(folder / "memory.usage_in_bytes")
+                reclaimable = _stat(folder / "memory.stat").get("total_inactive_file", 0)
+                memsw = _number(folder / "memory.memsw.limit_in_bytes")
+                swap_limit = memsw - limit if memsw is not None and limit is not None else None
+                swap_used = 0
+            if limit is None:
+                continue
+            room = max(0, limit - max(0, (usage or 0) - reclaimable))
+            if limit_found is None or limit < limit_found:
+                limit_found = limit
+            if limit < total:
+                total = limit
+            if room < available:
+                available = room
+                source = f"cgroup {version} limit {limit / (1 << 30):.1f} GiB ({folder})"
+            if swap_limit is not None:
+                swap = min(swap, max(0, swap_limit - swap_used))
+    return SystemMemory(total, available, swap, source, meminfo_available, limit_found)
+
+
+@dataclass(frozen=True)
+class FreeSpace:
+    path: Path  # the folder asked about
+    device: int  # st_dev of the nearest existing folder: places on one file system add up
+    free: int
+
+
+def free_space(path: Path) -> FreeSpace:
+    """Free bytes where `path` is, or would be created."""
+    existing = next(p for p in [path, *path.absolute().parents] if p.exists())
+    stats = os.statvfs(existing)
+    return FreeSpace(path, os.stat(existing).st_dev, stats.f_bavail * stats.f_frsize)

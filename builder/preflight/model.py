@@ -1,0 +1,111 @@
+"""The model's facts, read once from the shards' GGUF headers (never their
+tensor data): which files, how long, which architecture and tokenizer, the
+blocks and tensor sizes the planner needs. Every later check takes this
+value; nothing after it opens a shard again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from builder.config import Config
+from builder.errors import ConfigError, Problem
+from builder.render.offload import ModelShape, model_shape
+from builder.supervisor.common import LEGACY
+from builder.supervisor.gguf import GGUFError, GGUFHeader
+from builder.supervisor.shards import shard_file_names
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the shards' headers say, with where they were read."""
+
+    folder: Path
+    names: tuple[str, ...]
+    headers: tuple[GGUFHeader, ...]
+    file_bytes: int  # the shards' sizes on disk
+    architecture: str
+    shape: ModelShape
+    merged_present: bool = False  # ollama 0.5.7: the merged file is already there, whole
+
+    @property
+    def tokenizer(self) -> str:
+        return str(self.headers[0].metadata.get("tokenizer.ggml.model", ""))
+
+    @property
+    def blocks(self) -> int:
+        return self.shape.block_count
+
+    @property
+    def tensor_bytes(self) -> int:
+        return self.shape.total_bytes
+
+
+def shard_names(config: Config) -> list[str]:
+    shards = config.model.shards
+    return shard_file_names(shards.prefix, shards.count) if shards.count else [PurePosixPath(shards.first).name]
+
+
+def shard_folder(config: Config, override: Path | None = None) -> Path | None:
+    """Where this machine can read the shards: `override` (--shards), plan.shards_dir, else local storage."""
+    if override is not None:
+        return override
+    if config.plan.shards_dir:
+        return Path(config.plan.shards_dir)
+    if config.storage.kind == "local":
+        return Path(config.storage.path) / config.model.shards.folder
+    return None
+
+
+def _problem(config: Config, key: str, message: str) -> ConfigError:
+    return ConfigError(Problem(key, message, None, config.source))
+
+
+def read_model(config: Config, folder: Path | None = None, whole: bool = True) -> ModelFacts | None:
+    """Read every shard's header once. With `whole` (validate, up, doctor),
+    every shard must be present, as long as its header says and part of this
+    split, exactly as the merge step checks them; without it (`plan` over
+    header-only copies), only the headers are needed. Either way the model
+    must be one the chosen ollama can load. None when the shards cannot be
+    read from here (NFS, no plan.shards_dir)."""
+    from builder.supervisor.common import StepError
+    from builder.supervisor.gguf import check_file, read_header_file
+    from builder.supervisor.loadable import NotLoadable, check_loadable
+    from builder.supervisor.merge import check_shards, shard_states
+
+    folder = shard_folder(config, folder)
+    if folder is None:
+        return None
+    names = shard_names(config)
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise _problem(config, "model.shards", f"{len(missing)} of {len(names)} shard(s) missing in {folder}: {listed}; copy them there and run again")
+    count = config.model.shards.count
+    try:
+        if whole and count:
+            states = shard_states(str(folder), names)
+            headers, _ = check_shards(str(folder), states, count)
+        elif whole:
+            headers = [check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)]
+        else:
+            headers = [read_header_file(str(folder / name)) for name in names]
+        architecture = check_loadable([(str(folder / name), header) for name, header in zip(names, headers)], config.ollama_generation)
+        shape = model_shape(headers)
+    except StepError as exc:
+        raise _problem(config, "model.shards", str(exc).removeprefix("merge: ")) from None
+    except (GGUFError, OSError) as exc:
+        raise _problem(config, "model.shards", f"{folder / names[0]} {exc}") from None
+    except (NotLoadable, ValueError) as exc:
+        raise _problem(config, "model.shards", str(exc)) from None
+    merged = folder / PurePosixPath(config.model.merged).name
+    present = False
+    if whole and count and merged.is_file() and config.ollama_generation == LEGACY:  # 0.30+ never reads it
+        try:
+            check_file(str(merged), merged.stat().st_size)
+        except GGUFError as exc:
+            raise _problem(config, "model.merged", f"{merged} {exc}; delete it and `builder up` merges again") from None
+        present = True
+    file_bytes = sum((folder / name).stat().st_size for name in names)
+    return ModelFacts(folder, tuple(names), tuple(headers), file_bytes, architecture, shape, present)
