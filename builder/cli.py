@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from builder import __version__
-from builder.errors import BuilderError, ConfigError, Problem
+from builder.errors import BuilderError, ConfigError
 
 TARGET_NAMES = ("compose", "single", "kubernetes", "host")  # builder.targets.TARGETS, without importing it
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -82,7 +82,7 @@ def _preflight(config_path: str, quiet: bool = False, lenient: bool = True):
     derived where the shards can be read), and its render plan."""
     from builder.preflight import assess, blueprint_for
 
-    preflight = assess(_load(config_path), lenient=lenient)
+    preflight = assess(_load(config_path), whole=False, lenient=lenient)
     for note in preflight.notes if not quiet else ():
         click.echo(note, err=True)
     return preflight, blueprint_for(preflight)
@@ -376,21 +376,11 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
     import json
 
     from builder.preflight import assess, with_gpu_memory
-    from builder.preflight.report import offload_report
+    from builder.preflight.report import offload_report, parse_gpu_memory
 
-    config = _load(config_path)
-    sizes = None
-    if gpu_memory:
-        try:
-            sizes = tuple(float(part) for part in gpu_memory.split(","))
-            if any(size <= 0 for size in sizes):
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {gpu_memory!r}") from None
-    preflight = assess(with_gpu_memory(config, sizes), Path(shards_dir) if shards_dir else None, whole=False, gpus_required=True,
-                       cgroup=config.target == "host")
-    if preflight.facts is None:
-        raise ConfigError(Problem("plan.shards_dir", "the shards are on NFS: mount the export here and set plan.shards_dir (or pass --shards DIR)", None, config.source))
+    config = with_gpu_memory(_load(config_path), parse_gpu_memory(gpu_memory))
+    preflight = assess(config, Path(shards_dir) if shards_dir else None, whole=False, gpus_required=True,
+                       cgroup=config.target == "host", refuse=False)
     report = offload_report(preflight, num_ctx)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))

@@ -81,8 +81,10 @@ def test_the_config_remembers_the_target(tmp_path: Path) -> None:
 LAYERS = {  # package -> the builder packages and modules it may import
     "config": {"config", "errors", "modelfile", "supervisor"},
     "render": {"render", "config", "errors", "modelfile", "supervisor", "fsutil"},
-    "image": {"image", "render", "config", "errors", "fsutil", "progress", "supervisor"},
-    "targets": {"targets", "image", "render", "config", "errors", "fsutil", "progress", "supervisor"},
+    # the preflight reads the model and the machine; it never fetches, builds or deploys
+    "preflight": {"preflight", "render", "config", "errors", "supervisor"},
+    "image": {"image", "preflight", "render", "config", "errors", "fsutil", "progress", "supervisor"},
+    "targets": {"targets", "image", "preflight", "render", "config", "errors", "fsutil", "progress", "supervisor"},
     "supervisor": {"supervisor"},
 }
 

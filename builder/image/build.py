@@ -102,14 +102,42 @@ def build_image(blueprint: Blueprint, context: Path, labels: dict[str, str], no_
     return BuildResult(blueprint.image, image_id, False, str(context))
 
 
+def fetch_needs(config_path: str, config, cache_dir: Path) -> list:
+    """The download cache: the archives builder.lock records that the cache lacks."""
+    from builder.image.fetch import ArtifactCache, plan_artifacts
+    from builder.image.lock import lock_path, read_lock
+    from builder.preflight.disk import Need
+
+    cache = ArtifactCache(cache_dir)
+    locked = read_lock(lock_path(config_path))
+    needs = []
+    for artifact in plan_artifacts(config):
+        entry = locked.get(artifact.key)
+        if entry is not None and entry.url == artifact.url and not cache.path(entry.sha256).is_file():
+            needs.append(Need(f"download of {artifact.filename}", cache.root, entry.size))
+    return needs
+
+
+def stage_needs(staged_root: Path, archives: list[Path], already: bool) -> list:
+    """The staged trees under `staged_root` (a build context, the host prefix):
+    the archives unpacked, unless they are staged already."""
+    from builder.preflight.disk import Need
+
+    if already:
+        return []
+    from builder.image.stage import unpacked_size
+
+    return [Need("staged releases", staged_root, sum(unpacked_size(a) for a in archives))]
+
+
 def fetch_and_stage(config_path: str, config, root: Path, settings, data_root: str | None, base_missing: bool, echo) -> dict:
     """Fetch the release archives into the cache and stage them under `root`
     (a build context, the host target's prefix), each disk checked first:
     the cache before the fetch, `root` and the engine's data root before the
     stage. Returns the lock entries."""
     from builder.image.fetch import ArtifactCache, fetch_and_lock
-    from builder.image.stage import is_staged, stage
-    from builder.preflight.disk import check_space, engine_needs, fetch_needs, stage_needs, unpacked_size
+    from builder.image.stage import is_staged, stage, unpacked_size
+    from builder.preflight.disk import check_space, engine_needs
     from builder.render.blueprint import STAGED_LLAMA_CPP, STAGED_OLLAMA
 
     for line in check_space(fetch_needs(config_path, config, settings.cache_dir)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -289,3 +290,26 @@ def stage(context: Path, ollama_archive: Path, ollama_sha: str, llama_archive: P
         os.chmod(staged, 0o755)
         os.utime(staged, (epoch, epoch))
     return done
+
+
+def unpacked_size(archive: Path) -> int:
+    """The bytes an archive's files take unpacked, from its member table; a
+    tar's is read by one streaming pass, remembered beside the archive."""
+    memo = archive.with_name(archive.name + ".unpacked.json")
+    try:
+        record = json.loads(memo.read_text())
+        if record.get("size") == archive.stat().st_size:
+            return int(record["unpacked"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as handle:
+            total = sum(info.file_size for info in handle.infolist())
+    else:
+        with open_tar_stream(archive) as tar:
+            total = sum(info.size for info in tar if info.isfile())
+    try:
+        memo.write_text(json.dumps({"size": archive.stat().st_size, "unpacked": total}) + "\n")
+    except OSError:
+        pass  # a read-only cache: measured again next time
+    return total

@@ -66,13 +66,14 @@ class Preflight:
 
 
 def assess(config: Config, folder: Path | None = None, whole: bool = True, system: SystemMemory | None = None,
-           cgroup: bool = True, gpus_required: bool = False, lenient: bool = False) -> Preflight:
+           cgroup: bool = True, gpus_required: bool = False, lenient: bool = False, refuse: bool = True) -> Preflight:
     """Read the model once and size it for this machine: `whole` shards
     (validate, up, doctor) or headers only (`plan`); the RAM this process's
     cgroup allows (`cgroup`, for the host target) or the machine's. Raises
     ConfigError for a model that cannot be read, loaded or planned; with
     `lenient` (render, status) shards that cannot be read are no facts,
-    unless num_gpu: auto needs them."""
+    unless num_gpu: auto needs them. `plan` (not `refuse`) shows what
+    does not fit instead of refusing it."""
     parameters = dict(config.model.parameters)
     try:
         facts = read_model(config, folder, whole)
@@ -85,7 +86,8 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
     config, reason = resolve_num_gpu(config, facts, memory, source)
     if facts is None:
         return Preflight(config, None, tuple(memory), source, notes=tuple(filter(None, [reason])))
-    check_parallel(config, facts, memory, source)
+    if refuse:
+        check_parallel(config, facts, memory, source)
     num_gpu = dict(config.model.parameters).get("num_gpu")
     if not isinstance(num_gpu, int) or isinstance(num_gpu, bool):
         num_gpu = plan_for(config, facts.shape, memory).num_gpu if memory else 0  # ollama's own estimate, as planned

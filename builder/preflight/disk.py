@@ -9,7 +9,7 @@ What each place needs:
   announces before it writes: builder.image.fetch);
 - the staged trees (the build context's staged/, the host target's prefix):
   the archives' unpacked sizes, read from their member tables once and kept
-  beside them in the cache;
+  beside them in the cache (image.stage.unpacked_size);
 - the engine's data root (`docker info`'s DockerRootDir): BuildKit's copy of
   the context plus the image's layers, about twice the staged trees
   (DATA_ROOT_FACTOR, measured: README), and the base image when missing;
@@ -18,8 +18,6 @@ What each place needs:
 
 from __future__ import annotations
 
-import json
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,54 +65,6 @@ def check_space(needs: list[Need], free=free_space) -> list[str]:
 
 def _gib(size: float) -> str:
     return f"{size / (1 << 30):.2f} GiB"
-
-
-def unpacked_size(archive: Path) -> int:
-    """The bytes an archive's files take unpacked, from its member table; a
-    tar's is read by one streaming pass, remembered beside the archive."""
-    memo = archive.with_name(archive.name + ".unpacked.json")
-    try:
-        record = json.loads(memo.read_text())
-        if record.get("size") == archive.stat().st_size:
-            return int(record["unpacked"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as handle:
-            total = sum(info.file_size for info in handle.infolist())
-    else:
-        from builder.image.stage import open_tar_stream
-
-        with open_tar_stream(archive) as tar:
-            total = sum(info.size for info in tar if info.isfile())
-    try:
-        memo.write_text(json.dumps({"size": archive.stat().st_size, "unpacked": total}) + "\n")
-    except OSError:
-        pass  # a read-only cache: measured again next time
-    return total
-
-
-def fetch_needs(config_path: str, config, cache_dir: Path) -> list[Need]:
-    """The download cache: the archives builder.lock records that the cache lacks."""
-    from builder.image.fetch import ArtifactCache, plan_artifacts
-    from builder.image.lock import lock_path, read_lock
-
-    cache = ArtifactCache(cache_dir)
-    locked = read_lock(lock_path(config_path))
-    needs = []
-    for artifact in plan_artifacts(config):
-        entry = locked.get(artifact.key)
-        if entry is not None and entry.url == artifact.url and not cache.path(entry.sha256).is_file():
-            needs.append(Need(f"download of {artifact.filename}", cache.root, entry.size))
-    return needs
-
-
-def stage_needs(staged_root: Path, archives: list[Path], already: bool) -> list[Need]:
-    """The staged trees under `staged_root` (a build context, the host prefix):
-    the archives unpacked, unless they are staged already."""
-    if already:
-        return []
-    return [Need("staged releases", staged_root, sum(unpacked_size(a) for a in archives))]
 
 
 def engine_needs(data_root: str | None, staged_bytes: int, base_missing: bool) -> list[Need]:

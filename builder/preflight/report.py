@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from builder.errors import ConfigError, Problem
 from builder.preflight import Preflight
 from builder.preflight.sizing import plan_for
 from builder.supervisor.common import CURRENT
@@ -73,7 +74,9 @@ def offload_report(preflight: Preflight, num_ctx: int | None) -> OffloadReport:
     from builder.supervisor.limits import explain, ollama_limits
 
     config, facts = preflight.config, preflight.facts
-    assert facts is not None
+    if facts is None:
+        raise ConfigError(Problem("plan.shards_dir", "the shards are on NFS: mount the export here and set plan.shards_dir (or pass --shards DIR)",
+                                  None, config.source))
     memory, shape = list(preflight.gpu_memory), facts.shape
     result = plan_for(config, shape, memory, num_ctx)
     limits = ollama_limits(shape.total_bytes, config.serve.limits())
@@ -96,3 +99,16 @@ def offload_report(preflight: Preflight, num_ctx: int | None) -> OffloadReport:
             f"ollama {config.ollama.version} has no RAM check of its own: llama-server allocates, and a smaller cgroup limit is an OOM kill") if ram else ""
     return OffloadReport(result, shape, preflight.gpu_source, limits, explain(shape.total_bytes, config.serve.limits()),
                          frozenset(k for k, _ in config.serve.env), caveat, preflight.ram_line(), rule, needed)
+
+
+def parse_gpu_memory(text: str | None) -> tuple[float, ...] | None:
+    """--gpu-memory: GiB per GPU, comma-separated."""
+    if not text:
+        return None
+    try:
+        sizes = tuple(float(part) for part in text.split(","))
+        if any(size <= 0 for size in sizes):
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"--gpu-memory: expected GiB per GPU like 24,24, got {text!r}") from None
+    return sizes

@@ -131,3 +131,60 @@ def test_the_first_readme_command_from_apt_s_python_stops_at_the_missing_engine(
     errors = [line for line in out.splitlines() if line.startswith("error:")]
     assert errors == ["error: cannot reach the Docker engine at unix:///var/run/docker.sock: the socket does not exist (no engine runs); start dockerd, or set DOCKER_HOST"], out[-2000:]
     assert (work / "models" / "tiny" / "tiny-00001-of-00003.gguf").is_file()
+
+
+MEMORY_LIMITED = r"""
+set -u
+export PYTHONPATH=/opt/builder-pkgs HOME=/work/home
+cd /work
+python3 -m builder plan 2>&1 | grep '^ram'
+python3 -m builder up --offline --from /carried; echo "EXIT $?"
+"""
+
+
+def test_a_container_memory_limit_refuses_the_plan_before_anything_is_written(tiny_stack, wheelhouse: Path, tmp_path: Path) -> None:
+    """A real cgroup limit (`docker run --memory 2g`): /proc/meminfo inside
+    still shows the host, which fits the model's off-GPU part; the cgroup does
+    not, so `plan` says so and `up` refuses, writing nothing."""
+    import os
+
+    from builder.supervisor.gguf import read_header_file
+    from tests.fixtures.deepseek_headers import write_variant
+
+    assert tiny_stack.builder("base").returncode == 0
+    base = tiny_stack.builder("base").stdout.split()[0]
+    work = tmp_path / "work"
+    first = write_variant(work / "models", "DeepSeek-R1-UD-IQ1_S")
+    for shard in first.parent.glob("*.gguf"):  # whole length, sparse: the headers hold the only bytes
+        os.truncate(shard, read_header_file(str(shard)).expected_size)
+    (work / "builder.yaml").write_text(
+        f"version: 1\nmodel:\n  name: r1\n  shards: {first.parent.name}/{first.name}\n  parameters:\n    num_gpu: 56\n    num_ctx: 2048\n"
+        "storage:\n  local: models\ngpus: 2\nplan:\n  gpu_memory_gib: [140, 140]\ntarget: host\nhost:\n  prefix: ./prefix\n")
+    # On this machine, without the container's limit, the same plan fits: the cgroup is what refuses.
+    here = json.loads(subprocess.run([sys.executable, "-m", "builder", "plan", "--json"], cwd=work, capture_output=True, text=True, check=True).stdout)["ram"]
+    assert here["fits"] is True and 2 << 30 < here["needed_bytes"] < here["available_bytes"]
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "ollama-linux-amd64.tgz").write_bytes(ollama_release_tgz())
+    (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+    pkgs = tmp_path / "pkgs"
+    install = docker(
+        "run", "--rm", "--network", "none", "-v", f"{wheelhouse}:/wheels:ro", "-v", f"{pkgs}:/opt/builder-pkgs", base,
+        "sh", "-c", "python3 \"$(ls /wheels/pip-*.whl)/pip\" install -q --no-index --find-links /wheels --target /opt/builder-pkgs gguf-builder",
+        check=False, timeout=600,
+    )
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    before = sorted(str(p.relative_to(work)) for p in work.rglob("*"))
+    result = docker(
+        "run", "--rm", "--network", "none", "--memory", "2g", "-v", f"{pkgs}:/opt/builder-pkgs:ro",
+        "-v", f"{carried}:/carried:ro", "-v", f"{work}:/work", base, "sh", "-c", MEMORY_LIMITED,
+        check=False, timeout=600,
+    )
+    out = result.stdout + result.stderr
+    ram = next(line for line in out.splitlines() if line.startswith("ram "))
+    assert "does NOT fit" in ram and "(cgroup v" in ram and "limit 2.0 GiB" in ram, out
+    assert "EXIT 2" in out, out
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "model.parameters.num_gpu: the part of r1 that stays off the GPUs needs" in errors[0], out
+    assert "(cgroup v" in errors[0]
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*")) == before  # no lock, prefix, home, merged file
