@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import shutil
 import subprocess
@@ -223,6 +224,37 @@ def measure_merge(work: Path, size_gb: float) -> dict:
     return figures
 
 
+def disk_usage(root: Path, keep=lambda path: True) -> int:
+    """Bytes the files under `root` take on disk (blocks, as du counts them; hard links once)."""
+    seen, total = set(), 0
+    for path in root.rglob("*") if root.exists() else ():
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if path.is_file() and not path.is_symlink() and keep(path) and (info.st_dev, info.st_ino) not in seen:
+            seen.add((info.st_dev, info.st_ino))
+            total += info.st_blocks * 512
+    return total
+
+
+def build_cache_bytes() -> int:
+    """BuildKit's cache not shared with an image (`docker system df`'s Build Cache size)."""
+    out = subprocess.run(["docker", "system", "df", "--format", "{{json .}}"], capture_output=True, text=True).stdout
+    row = next(json.loads(line) for line in out.splitlines() if '"Build Cache"' in line)
+    number, unit = re.match(r"([0-9.]+)\s*([kMGT]?B)", row["Size"]).groups()
+    return int(float(number) * {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}[unit])
+
+
+def image_layers_bytes(ref: str, dockerfile: Path) -> int:
+    """The image's size less its base's: what the build added (the releases and builder's files)."""
+    def size(image: str) -> int:
+        return int(json.loads(subprocess.run(["docker", "image", "inspect", image], capture_output=True, text=True).stdout)[0]["Size"])
+
+    base = next(line.split()[1] for line in dockerfile.read_text().splitlines() if line.startswith("FROM "))
+    return size(ref) - size(base)
+
+
 def measure_cli(work: Path) -> dict:
     """--help, warm build, no-op up, and the image's own overhead."""
     figures: dict = {}
@@ -246,9 +278,16 @@ def measure_cli(work: Path) -> dict:
         env = dict(os.environ, BUILDER_PROJECT="bench", BUILDER_IMAGE_TAG="bench", BUILDER_SERVE_PORT="18999",
                    BUILDER_CACHE_DIR=str(work / "cache"), NO_PROXY="127.0.0.1")
         timed([*builder, "sample-model"], cwd=project, env=env)
+        subprocess.run(["docker", "buildx", "prune", "--force"], capture_output=True)
         timed([*builder, "up"], cwd=project, env=env)
+        figures["disk"] = {
+            "archives": disk_usage(work / "cache" / "artifacts", lambda p: p.name.startswith("sha256-") and "." not in p.name),
+            "cache": disk_usage(work / "cache"), "context": disk_usage(project / "context"),
+            "build_cache": build_cache_bytes(), "image": image_layers_bytes("builder-tiny:bench", project / "context" / "Dockerfile"),
+        }
         figures["noop_up_seconds"], _ = timed([*builder, "up"], cwd=project, env=env)
-        figures["warm_build_seconds"], _ = timed([*builder, "build"], cwd=project, env=env)
+        timed([*builder, "build", "--keep-staged"], cwd=project, env=env)  # the staged trees back, for the warm build
+        figures["warm_build_seconds"], _ = timed([*builder, "build", "--keep-staged"], cwd=project, env=env)
         image = json.loads(subprocess.run(["docker", "image", "inspect", "builder-tiny:bench"], capture_output=True, text=True).stdout)[0]
         base_ref = next(l.split()[1] for l in (project / "context" / "Dockerfile").read_text().splitlines() if l.startswith("FROM "))
         base = json.loads(subprocess.run(["docker", "image", "inspect", base_ref], capture_output=True, text=True).stdout)[0]
@@ -282,6 +321,7 @@ def main() -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     size = merge["model_bytes"]
+    disk = cli["disk"]
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"page caches dropped: {merge['caches_dropped']}")
     print(f"model: {size / 1e9:.2f} GB in 4 shards")
@@ -294,6 +334,9 @@ def main() -> int:
         ("llama-gguf-split --merge / cat (reference)", f"{merge['gguf_split_seconds']:.1f} s / {merge['cat_seconds']:.1f} s = {merge['gguf_split_seconds'] / merge['cat_seconds']:.2f}", "-"),
         ("same bytes as llama-gguf-split", str(merge["same_bytes_as_gguf_split"]), "True"),
         ("bytes read+written by merge + create per model byte", f"{merge['bytes_per_model_byte']:.3f} (blob linked: {merge['linked']})", "<= 2.05"),
+        ("disk after a cold up: cache + context + BuildKit cache",
+         f"{disk['cache'] / 1e6:.1f} + {disk['context'] / 1e6:.2f} + {disk['build_cache'] / 1e6:.2f} MB; image {disk['image'] / 1e6:.1f} MB"
+         f" (archives {disk['archives'] / 1e6:.1f} MB)", "no staged copy"),
         ("no-op builder up", f"{cli['noop_up_seconds']:.2f} s", "<= 3 s"),
         ("warm builder build", f"{cli['warm_build_seconds']:.2f} s", "<= 3 s"),
         ("builder up --target host (first, tiny model)", f"{cli['host_up_seconds']:.2f} s", "-"),

@@ -162,8 +162,9 @@ def fetch_and_stage(config_path: str, config, root: Path, settings, data_root: s
 def build_all(config_path: str, blueprint: Blueprint, context: Path, engine, settings, no_cache: bool, echo,
               keep_staged: bool = False) -> BuildResult:
     """Render, fetch, stage, make sure of the base, then build. The staged
-    release trees are removed once the image holds them (`keep_staged` keeps
-    them): after a build only the download cache and the image stay on disk."""
+    release trees, and BuildKit's copy of them, are removed once the image
+    holds them (`keep_staged` keeps them): after a build only the download
+    cache and the image stay on disk."""
     import shutil
 
     from builder.image.base import ensure_base
@@ -179,4 +180,6 @@ def build_all(config_path: str, blueprint: Blueprint, context: Path, engine, set
     result = build_image(blueprint, context, build_labels(lock_digest(entries), image_context_digest(blueprint)), no_cache, engine, echo)
     if not keep_staged:
         shutil.rmtree(context / "staged", ignore_errors=True)
+        if result.reproducible:  # buildx: its copy of the context goes too
+            engine.prune_context_copies()
     return result

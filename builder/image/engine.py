@@ -207,6 +207,12 @@ class DockerEngine:
         except NotFound:
             pass
 
+    def prune_context_copies(self) -> None:
+        """Drop BuildKit's copies of build contexts (`local source for context`,
+        about the staged releases' size each): the image holds what they held.
+        Only caches of contexts go; image layers and other build cache stay."""
+        run_command(["docker", "buildx", "prune", "--force", "--filter", "type=source.local"])
+
     def has_buildx(self) -> bool:
         return shutil.which("docker") is not None and run_command(["docker", "buildx", "version"]).returncode == 0
 
