@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +33,11 @@ def test_image_runs_the_real_tools(tiny_stack: TinyStack) -> None:
     assert set(lock["artifacts"]) == {"llama_cpp", "ollama"}
     assert len(labels["io.builder.lock.sha256"]) == 64 and labels["io.builder.ollama.version"] == "0.5.7"
     assert config["Entrypoint"] == ["python3", "-m", "supervisor"]
+    # Nothing but the download cache and the image stays: no staged copy in the
+    # context, no BuildKit copy of the context (issue 28).
+    assert not (built_context := Path(built["context"]) / "staged").exists(), built_context
+    copies = subprocess.run(["docker", "buildx", "du", "--verbose"], capture_output=True, text=True).stdout
+    assert "local source for context" not in copies
 
 
 def test_clean_builds_give_the_same_image_id(tiny_stack: TinyStack, tmp_path_factory) -> None:
