@@ -52,3 +52,40 @@ def test_a_prefix_without_room_for_the_unpacked_releases_refuses_before_staging(
     assert len(errors) == 1 and errors[0].startswith("error: not enough disk space: staged releases"), result.stderr
     assert not (small_disk / "prefix" / "staged").exists()
     assert len(tree(project.root / "cache")) >= 2  # the downloads themselves fitted and are kept for the next try
+
+
+@needs_root
+def test_an_engine_data_root_without_room_refuses_before_staging(project: HostProject, small_disk: Path) -> None:  # noqa: F811
+    """The build's third place: the engine's data root (here a small file system standing in for it)."""
+    from builder.config import load_config
+    from builder.image.build import fetch_and_stage
+    from builder.image.fetch import FetchSettings
+    from builder.preflight.disk import NoSpace
+
+    config_path = str(project.root / "builder.yaml")
+    config = load_config(config_path)
+    context = project.root / "context"
+    with pytest.raises(NoSpace, match=r"^not enough disk space: image build 0\.2[0-9] GiB \(" + str(small_disk)):
+        fetch_and_stage(config_path, config, context, FetchSettings(project.root / "cache"), str(small_disk), True, print)
+    assert not (context / "staged").exists()
+
+
+@needs_root
+def test_an_export_without_room_writes_nothing(small_disk: Path) -> None:
+    """`export` checks its folder against the image's size before it writes."""
+    from builder.image.airgap import export_image
+    from builder.preflight.disk import NoSpace
+
+    class Engine:  # the adapter's two answers export asks for before it writes
+        def image_id(self, ref: str) -> str:
+            return "sha256:" + "0" * 64
+
+        def image_size(self, ref: str) -> int:
+            return 100 << 20
+
+        def save(self, ref: str):
+            raise AssertionError("nothing may be read from the engine when there is no room")
+
+    with pytest.raises(NoSpace, match=r"^not enough disk space: export archive 0\.10 GiB"):
+        export_image(Engine(), "builder-tiny:v1", small_disk / "out" / "image.tar.gz", print)
+    assert tree(small_disk) == []

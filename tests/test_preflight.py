@@ -162,3 +162,23 @@ def test_places_on_one_file_system_add_up_and_refuse_in_one_line(tmp_path: Path)
     message = str(caught.value)
     assert message.startswith("not enough disk space: download 2.00 GiB") and "staged releases 1.00 GiB" in message
     assert "need 3.25 GiB with 0.25 GiB slack, 3.00 GiB free there" in message
+
+
+def test_the_preflight_reads_each_shard_header_once(tmp_path: Path, monkeypatch) -> None:
+    """Loadability, num_gpu: auto, the parallelism check and the RAM need all
+    come from one read of each header (they used to be parsed up to three times)."""
+    from builder.config import load_config
+    from builder.preflight import assess
+    from builder.supervisor import gguf
+
+    first = sparse_r1(tmp_path)
+    config_path = tmp_path / "b.yaml"
+    config_path.write_text(f"version: 1\nmodel:\n  name: r1\n  shards: {first.parent.name}/{first.name}\n  parameters:\n"
+                           "    num_gpu: auto\n    num_ctx: 2048\nstorage:\n  local: models\ngpus: 2\nplan:\n  gpu_memory_gib: [24, 24]\n"
+                           "serve:\n  env:\n    OLLAMA_NUM_PARALLEL: 1\n")
+    reads: list[str] = []
+    real = gguf.read_header
+    monkeypatch.setattr(gguf, "read_header", lambda handle: reads.append(handle.name) or real(handle))
+    preflight = assess(load_config(str(config_path)), system=read_system_memory())
+    assert sorted(reads) == sorted(str(p) for p in first.parent.glob("*.gguf"))  # 3 shards, 3 reads
+    assert isinstance(dict(preflight.config.model.parameters)["num_gpu"], int) and preflight.ram is not None
