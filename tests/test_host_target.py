@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -193,3 +195,32 @@ def test_doctor_on_the_host_target_needs_no_engine(project: HostProject) -> None
     assert checks["python"]["status"] == "ok" and checks["prefix"]["status"] == "ok"
     assert checks["gpu"]["detail"] == "not needed (gpus: none)" and checks["shards"]["status"] == "ok"
     assert checks["storage"]["status"] in ("ok", "warn")
+
+
+def test_proxy_variables_never_reach_loopback(project: HostProject, tmp_path: Path) -> None:
+    """AutoDL's network acceleration exports http_proxy: create, the warm-up,
+    health and a prompt on 127.0.0.1 must not go through it, whatever no_proxy
+    says. The proxy here is a port that refuses every connection."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        refusing = f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed when the block ends: nothing listens there
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "ollama-linux-amd64.tgz").write_bytes(ollama_release_tgz())
+    (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+    assert project.builder("sample-model").returncode == 0
+    project.env.pop("NO_PROXY", None)
+    project.env.update(http_proxy=refusing, https_proxy=refusing, HTTP_PROXY=refusing, HTTPS_PROXY=refusing, no_proxy="", ALL_PROXY=refusing)
+    result = project.builder("up", "--offline", "--from", str(carried))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "load: tiny:latest loaded in " in result.stderr
+    status = json.loads(project.builder("status", "--json").stdout)
+    assert status["model_listed"] is True and status["loaded"]
+    health = subprocess.run([sys.executable, "-m", "supervisor", "health", "--loaded", "--json"], capture_output=True, text=True,
+                            env={**os.environ, **project.env, "PYTHONPATH": str(project.prefix), "BUILDER_RUNTIME": str(project.prefix / "runtime.json"),
+                                 "BUILDER_STATE_DIR": str(project.prefix / "run")})
+    assert json.loads(health.stdout.strip().splitlines()[-1])["state"] == "loaded", health.stdout + health.stderr
+    answer = post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
+    assert answer["eval_count"] == 8

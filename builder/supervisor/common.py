@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import urllib.request
 import sys
 import tempfile
 import time
@@ -207,3 +208,14 @@ def place_blob(merged: str, store: str, digest: str, may_link=lambda path: None)
         if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
             return f"not linked ({exc.strerror})"
         raise
+
+
+# Every HTTP call the supervisor makes goes to an ollama on loopback: never
+# through a proxy, whatever http_proxy and no_proxy say (AutoDL's network
+# acceleration exports http_proxy; urllib would send 127.0.0.1 to it).
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def open_loopback(req: urllib.request.Request, timeout: float | None):
+    """urlopen without any proxy."""
+    return _LOOPBACK.open(req, timeout=timeout)

@@ -32,7 +32,7 @@ import json
 import os
 import urllib.request
 
-from .common import StepError, file_lock, human_bytes, io_counters, is_current, log, place_blob, read_json, write_json_atomic
+from .common import StepError, file_lock, human_bytes, io_counters, is_current, log, open_loopback, place_blob, read_json, write_json_atomic
 from .create_shards import place_shards, remember_new_times, remove_ollama_temporaries, request_digest, shard_identity
 from .merge import merged_digest
 from .ollama import PrivateServer, create_streamed, manifest_path, request
@@ -71,7 +71,7 @@ def upload_blob(base: str, merged: str, digest: str) -> None:
             f"{base}/api/blobs/sha256:{digest}", data=body, method="POST",
             headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
         )
-        with urllib.request.urlopen(req, timeout=None) as response:
+        with open_loopback(req, timeout=None) as response:
             if response.status not in (200, 201):
                 raise StepError(f"create: uploading {merged} answered HTTP {response.status}")
 

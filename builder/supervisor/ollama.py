@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from .common import Progress, StepError
+from .common import Progress, StepError, open_loopback
 
 
 def ollama_env(host: str | None = None, store: str | None = None) -> dict[str, str]:
@@ -41,7 +41,7 @@ def request(base: str, method: str, path: str, body: dict | None = None, timeout
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(base + path, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as response:
+        with open_loopback(req, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -57,7 +57,7 @@ def create_streamed(base: str, body: dict, idle_timeout: float = 600.0) -> None:
     progress: Progress | None = None
     label = None
     try:
-        with urllib.request.urlopen(req, timeout=idle_timeout) as response:
+        with open_loopback(req, timeout=idle_timeout) as response:
             for raw in response:
                 try:
                     event = json.loads(raw)
