@@ -111,3 +111,26 @@ def test_imports_only_point_down(package: str) -> None:
 def test_no_module_is_much_over_400_lines() -> None:
     sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert not {k: v for k, v in sizes.items() if v > 460}, sizes
+
+
+def test_a_comma_in_the_model_folder_stays_one_mount_source(tmp_path: Path) -> None:
+    """`storage.local: "./m,source=/etc"` once rendered as a second source=;
+    Docker reads `--mount` as CSV (Go's encoding/csv), as Python's csv does."""
+    import csv
+
+    from builder.config import load_config
+    from builder.render.blueprint import make_blueprint
+    from builder.targets.single import single_argv
+
+    config = tmp_path / "builder.yaml"
+    config.write_text('version: 1\nmodel:\n  name: m\n  shards: s/s-00001-of-00002.gguf\nstorage:\n  local: "./m,source=/etc"\ngpus: none\n')
+    argv = single_argv(make_blueprint(load_config(str(config))))
+    value = argv[argv.index("--mount") + 1]
+    fields = next(csv.reader([value]))
+    assert fields == ["type=bind", f"source={tmp_path}/m,source=/etc", "target=/models"], value
+    nfs = tmp_path / "nfs.yaml"
+    nfs.write_text('version: 1\nmodel:\n  name: m\n  shards: s/s-00001-of-00002.gguf\nstorage:\n  nfs:\n    server: 127.0.0.1\n'
+                   '    export: /x\n    options: "rw,nfsvers=4.1"\ngpus: none\n')
+    argv = single_argv(make_blueprint(load_config(str(nfs))))
+    fields = next(csv.reader([argv[argv.index("--mount") + 1]]))
+    assert "volume-opt=o=addr=127.0.0.1,rw,nfsvers=4.1" in fields and len(fields) == 7

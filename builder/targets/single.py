@@ -19,24 +19,30 @@ AUTODL_DATA_DISK = "/root/autodl-tmp"
 
 AUTODL_PORT = 6006
 
-def _csv_field(text: str) -> str:
-    """A field of `--mount`'s comma-separated value, quoted when it holds a comma."""
-    return f'"{text}"' if "," in text or '"' in text else text
+def _csv(fields: list[str]) -> str:
+    """`--mount`'s value: Docker reads it with Go's encoding/csv, so a field
+    holding a comma or a quote is quoted, quotes doubled (csv's own rules),
+    and `storage.local: "./m,source=/etc"` stays one source."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow(fields)
+    return out.getvalue()
 
 def single_mount(blueprint: Blueprint) -> str:
     opts = blueprint.compose["driver_opts"]
     if opts["type"] == "none":
-        return f"type=bind,source={opts['device']},target={MODELS_DIR}"
-    fields = [
+        return _csv(["type=bind", f"source={opts['device']}", f"target={MODELS_DIR}"])
+    return _csv([
         "type=volume",
         f"source={blueprint.config.project}_models",
         f"target={MODELS_DIR}",
         "volume-driver=local",
         f"volume-opt=type={opts['type']}",
-        _csv_field(f"volume-opt=o={opts['o']}"),
+        f"volume-opt=o={opts['o']}",
         f"volume-opt=device={opts['device']}",
-    ]
-    return ",".join(fields)
+    ])
 
 def single_gpus(blueprint: Blueprint) -> list[str]:
     gpus = blueprint.config.gpus
