@@ -161,7 +161,8 @@ def test_current_ollama_from_a_carried_tar_zst_creates_from_the_shards(project: 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ollama-linux-amd64.tar.zst: taken from" in result.stderr
     space = {c["name"]: c for c in json.loads(project.builder("doctor", "--json").stdout)}["space"]
-    assert space["status"] == "ok" and space["detail"].endswith("free; tiny:latest is already created"), space and "load: tiny:latest loaded in " in result.stderr
+    assert space["status"] == "ok" and space["detail"].endswith("free; tiny:latest is already created"), space
+    assert "load: tiny:latest loaded in " in result.stderr, result.stderr[-3000:]
     models = project.root / "models"
     assert not (models / "tiny" / "tiny.gguf").exists(), "no merge with ollama 0.30+"
     first_shard = models / "tiny" / "tiny-00001-of-00003.gguf"
