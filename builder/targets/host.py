@@ -118,6 +118,7 @@ class HostTarget(Target):
 
     name = "host"
     needs_engine = False
+    ram_scope = "cgroup"  # serve runs in this process's cgroup
 
     def check(self, blueprint: Blueprint) -> None:
         config = blueprint.config
@@ -126,8 +127,6 @@ class HostTarget(Target):
                 "storage", "the host target reads the model from a folder on this machine: mount the NFS export and set storage.local to it",
                 None, config.source,
             ))
-
-    ram_scope = "cgroup"  # serve runs in this process's cgroup
 
     def prepare(self, blueprint: Blueprint, context: Path, config_path: str, fetch_settings, engine, force_build: bool, echo) -> None:
         """Fetch and stage the release archives into the prefix; lay out the supervisor."""
