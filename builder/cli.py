@@ -312,8 +312,8 @@ def down(config_path: str, target: str | None, volumes: bool) -> None:
 
     project, name, config = project_and_target(config_path, target)
     chosen = get_target(name)
-    chosen.down(project, engine_for(chosen), volumes, config)
-    click.echo(f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
+    said = chosen.down(project, engine_for(chosen), volumes, config)
+    click.echo(said or f"stack {project} removed" + (" (volume definition too; model files untouched)" if volumes else ""))
 
 
 @main.command()

@@ -225,3 +225,21 @@ def test_proxy_variables_never_reach_loopback(project: HostProject, tmp_path: Pa
     assert json.loads(health.stdout.strip().splitlines()[-1])["state"] == "loaded", health.stdout + health.stderr
     answer = post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})
     assert answer["eval_count"] == 8
+
+
+def test_down_says_what_it_stopped_and_finds_the_prefix_of_a_broken_config(project: HostProject) -> None:
+    """`down` used to print "removed" when nothing ran, and to look in the
+    default prefix once the config no longer validated."""
+    assert project.builder("sample-model").returncode == 0
+    config = project.root / "builder.yaml"
+    config.write_text(config.read_text().replace("prefix: ./prefix", "prefix: ./elsewhere"))
+    project.prefix = project.root / "elsewhere"
+    assert project.builder("up", "--no-load").returncode == 0
+    pid = project.pid()
+    config.write_text(config.read_text() + "not_a_key: 1\n")  # no longer validates
+    assert project.builder("validate").returncode == 2
+    down = project.builder("down")
+    assert down.returncode == 0 and down.stdout.strip() == f"stopped serve (pid {pid}) of tiny; its files stay in {project.prefix}", down.stdout
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    again = project.builder("down")
+    assert again.stdout.strip() == f"nothing to stop: no serve of tiny runs from {project.prefix}"

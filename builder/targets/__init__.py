@@ -126,6 +126,12 @@ def project_and_target(config_path: str, flag: str | None) -> tuple[str, str, ob
                 raise ConfigError(f"{config_path}: cannot read the project name; pass -c or set BUILDER_PROJECT") from None
         data = data if isinstance(data, dict) else {}
         project, target = str(data.get("project", "builder")), str(data.get("target", "compose"))
+        host = data.get("host") if isinstance(data.get("host"), dict) else {}
+        if isinstance(host.get("prefix"), str):  # the host target's files, wherever the config put them
+            from types import SimpleNamespace
+
+            prefix = Path(host["prefix"]).expanduser()
+            config = SimpleNamespace(host_prefix=str(prefix if prefix.is_absolute() else Path(config_path).resolve().parent / prefix))
     return os.environ.get("BUILDER_PROJECT") or project, flag or target, config
 
 

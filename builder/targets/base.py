@@ -48,7 +48,8 @@ class Target:
     def logs_hint(self, blueprint: Blueprint) -> str:
         return "builder logs"
 
-    def down(self, project: str, engine, volumes: bool, config=None) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> str | None:
+        """Stop what `up` started; return what happened when it is not simply "removed"."""
         raise Declined(f"the {self.name} target has nothing for builder to stop")
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:

@@ -9,7 +9,8 @@ supervisor and its runtime file there as the image has them (with this
 machine's paths), runs merge and create in the foreground, then starts serve
 detached (its own session: it survives the terminal and the SSH connection),
 with a pid file and a size-capped log. Nothing is written outside the prefix,
-the model storage and the download cache.
+the model storage, the download cache and builder.lock beside the config
+(the archives' digests, which every later run and build must match).
 """
 
 from __future__ import annotations
@@ -228,13 +229,14 @@ class HostTarget(Target):
     def logs_hint(self, blueprint: Blueprint) -> str:
         return "builder logs --target host"
 
-    def down(self, project: str, engine, volumes: bool, config=None) -> None:
+    def down(self, project: str, engine, volumes: bool, config=None) -> str:
         prefix = _prefix(project, config)
         record = read_pidfile(prefix)
         if record:
             self._stop(prefix, record)
-        else:
-            (prefix / "run" / "serve.pid").unlink(missing_ok=True)
+            return f"stopped serve (pid {record['pid']}) of {project}; its files stay in {prefix}"
+        (prefix / "run" / "serve.pid").unlink(missing_ok=True)
+        return f"nothing to stop: no serve of {project} runs from {prefix}"
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
         from builder.supervisor.create import created_summary
