@@ -243,3 +243,36 @@ def test_down_says_what_it_stopped_and_finds_the_prefix_of_a_broken_config(proje
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     again = project.builder("down")
     assert again.stdout.strip() == f"nothing to stop: no serve of tiny runs from {project.prefix}"
+
+
+def test_a_port_another_program_holds_is_refused_not_taken_for_ours(project: HostProject) -> None:
+    """A foreign server on serve.port that lists a model of the same name used
+    to pass as success; now up refuses before starting serve."""
+    import http.server
+    import threading
+
+    class ForeignOllama(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = json.dumps({"models": [{"name": "tiny:latest", "model": "tiny:latest"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    assert project.builder("sample-model").returncode == 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", project.port), ForeignOllama)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = project.builder("up", "--no-load")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: port {project.port} on 127.0.0.1 is taken by another program (not this project's serve); "
+                      "stop it (an `ollama serve` of your own?) or set serve.port"], result.stderr
+    assert not (project.prefix / "run" / "serve.pid").exists()

@@ -26,7 +26,7 @@ from pathlib import Path
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, wait_for_model
+from builder.targets.common import Endpoint, full_name, listed_models, loaded_model
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
 STOP_SECONDS = 30
@@ -162,9 +162,10 @@ class HostTarget(Target):
             if record:
                 echo(f"serve: the config changed; stopping pid {record['pid']}")
                 self._stop(prefix, record)
+            _refuse_taken_port(blueprint)
             self._start(prefix, env, wanted, echo)
         url = local_url(blueprint)
-        wait_for_model(url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout))
+        _wait_for_our_model(prefix, url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout))
         return Endpoint(url, blueprint.config.model.name)
 
     def _start(self, prefix: Path, env: dict[str, str], wanted: str, echo) -> None:
@@ -284,6 +285,41 @@ class HostTarget(Target):
             raise BuilderError(f"no log at {log}: the host target's serve has not run here")
         argv = ["tail", "-n", "+1" if tail == "all" else tail] + (["-F"] if follow else []) + [str(log)]
         subprocess.run(argv)
+
+
+def _refuse_taken_port(blueprint: Blueprint) -> None:
+    """Before serve starts: another program answering on serve.port (a foreign
+    ollama listing a model of the same name would pass for ours) is refused."""
+    import socket
+
+    serve = blueprint.config.serve
+    host = "127.0.0.1" if serve.bind in ("0.0.0.0", "::") else serve.bind
+    try:
+        with socket.create_connection((host, serve.port), timeout=2):
+            pass
+    except OSError:
+        return
+    raise BuilderError(f"port {serve.port} on {host} is taken by another program (not this project's serve); "
+                       "stop it (an `ollama serve` of your own?) or set serve.port")
+
+
+def _wait_for_our_model(prefix: Path, url: str, model: str, timeout: float) -> None:
+    """Until the endpoint lists the model, while our serve is alive: a serve
+    that died is reported at once, with the end of its log."""
+    deadline = time.monotonic() + timeout
+    wanted = full_name(model)
+    while True:
+        if read_pidfile(prefix) is None:
+            log = prefix / "run" / "serve.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise BuilderError(f"serve stopped before {url} listed {model} ({tail[0] if tail else 'no log'}); see `builder logs --target host`")
+        names = listed_models(url)
+        if names is not None and wanted in names:
+            return
+        if time.monotonic() > deadline:
+            found = "no answer" if names is None else f"{wanted} is not listed"
+            raise BuilderError(f"{url} did not list {model} within {timeout:.0f} s ({found}); see `builder logs --target host`")
+        time.sleep(0.25)
 
 
 def local_url(blueprint: Blueprint) -> str:
