@@ -39,6 +39,34 @@ def kubernetes_gpu_count(blueprint: Blueprint) -> tuple[int, str | None]:
         None, config.source,
     ))
 
+# The init containers, sized by their work (the page cache they stream
+# through is charged to them but reclaimed, never a reason to kill):
+STEP_RESOURCES = {
+    # builder's join streams the shards through four 16 MiB buffers and hashes on a second core
+    "merge": {"requests": {"cpu": "1", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi"}},
+    # llama-gguf-split holds one buffer the size of the largest tensor (about 2 GiB for R1)
+    "merge-gguf-split": {"requests": {"cpu": "1", "memory": "3Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+    # ollama 0.5.7 registers a hard-linked blob: a private ollama serve and one API call
+    "create": {"requests": {"cpu": "500m", "memory": "256Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    # ollama 0.30+ rewrites the shards with llama-quantize, one tensor at a time
+    "create-rewrite": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+}
+STEP_REASONS = (
+    "init containers sized by their work: merge streams the shards through 64 MiB of buffers (1Gi;",
+    "4Gi with merge_tool llama-gguf-split, which holds the largest tensor); create registers a",
+    "hard-linked blob with a private ollama (1Gi; 4Gi for ollama 0.30+'s tensor-by-tensor rewrite)",
+)
+
+
+def step_kind(config, role: str) -> str:
+    """Which STEP_RESOURCES entry an init container gets."""
+    from builder.supervisor.common import CURRENT
+
+    if role == "merge":
+        return "merge-gguf-split" if config.model.merge_tool == "llama-gguf-split" else "merge"
+    return "create-rewrite" if config.ollama_generation == CURRENT else "create"
+
+
 def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], list[str]]:
     """The manifests, by file, and notes on what could not be said exactly."""
     config = blueprint.config
@@ -102,11 +130,10 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    step_resources = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
-
     def step(role: str) -> dict:
         return {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
-                "securityContext": dict(hardened), "resources": copy.deepcopy(step_resources), "volumeMounts": [*mount, scratch]}
+                "securityContext": dict(hardened), "resources": copy.deepcopy(STEP_RESOURCES[step_kind(config, role)]),
+                "volumeMounts": [*mount, scratch]}
 
     # Ready means the model answers: the supervisor's warm-up loaded it
     # (health --loaded). Alive means ollama answers. The start-up budget is
@@ -214,6 +241,8 @@ def render_kubernetes(blueprint: Blueprint) -> dict[str, bytes]:
     header = f"# Rendered by builder {__version__}; change the config and run `builder render --target kubernetes` again.\n"
     for name, docs in files.items():
         body = "---\n".join(yaml.dump(doc, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=1 << 16) for doc in docs)
+        if "\n      initContainers:\n" in body:  # the reason for the init containers' sizes, where a reader meets them
+            body = body.replace("\n      initContainers:\n", "\n" + "".join(f"      # {line}\n" for line in STEP_REASONS) + "      initContainers:\n", 1)
         out[name] = (header + body).encode()
     readme = ["# Kubernetes manifests rendered by builder", "", "Apply: kubectl apply -f kubernetes/", ""]
     readme += [f"- {note}" for note in notes]
