@@ -134,3 +134,20 @@ def test_a_comma_in_the_model_folder_stays_one_mount_source(tmp_path: Path) -> N
     argv = single_argv(make_blueprint(load_config(str(nfs))))
     fields = next(csv.reader([argv[argv.index("--mount") + 1]]))
     assert "volume-opt=o=addr=127.0.0.1,rw,nfsvers=4.1" in fields and len(fields) == 7
+
+
+@pytest.mark.parametrize("extra, merge, create", [
+    ("", "1Gi", "1Gi"),
+    ("  merge_tool: llama-gguf-split\n", "4Gi", "1Gi"),
+])
+def test_kubernetes_init_containers_are_sized_by_their_work(tmp_path: Path, extra: str, merge: str, create: str) -> None:
+    from builder.config import load_config
+    from builder.render.blueprint import make_blueprint
+    from builder.targets.kubernetes import kubernetes_manifests
+
+    config = tmp_path / "builder.yaml"
+    config.write_text(f"version: 1\nmodel:\n  name: m\n  shards: s/s-00001-of-00002.gguf\n{extra}storage:\n  local: m\ngpus: none\n")
+    files, _ = kubernetes_manifests(make_blueprint(load_config(str(config))))
+    deployment = files["kubernetes/deployment.yaml"][0]
+    steps = {c["name"]: c["resources"]["limits"]["memory"] for c in deployment["spec"]["template"]["spec"]["initContainers"]}
+    assert steps == {"merge": merge, "create": create}
