@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -18,7 +17,7 @@ ANSWERS = {
     "plain-http-error": (500, [b"not json at all"], 0),
     "error-line": (200, [{"status": "parsing GGUF"}, {"error": 'split GGUF "x-00001-of-00002.gguf" has 1 shards, expected 2'}], 0),
     "no-success": (200, [{"status": "parsing GGUF"}, {"status": "writing manifest"}], 0),
-    "silent": (200, [{"status": "verifying conversion"}], 3),
+    "silent": (200, [{"status": "verifying conversion"}], 1),  # then says nothing until the test is done
     "success": (200, [{"status": "validating GGUF model", "total": 10, "completed": 5}, {"status": "success"}], 0),
 }
 
@@ -33,7 +32,8 @@ class Answering(BaseHTTPRequestHandler):
         for line in lines:
             self.wfile.write(line if isinstance(line, bytes) else json.dumps(line).encode() + b"\n")
             self.wfile.flush()
-        time.sleep(pause)
+        if pause:
+            self.server.release.wait(timeout=60)  # type: ignore[attr-defined] - silent, holding the connection open
 
     def log_message(self, *args) -> None:
         pass
@@ -42,9 +42,11 @@ class Answering(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
+    httpd.release = threading.Event()  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
+    httpd.release.set()  # type: ignore[attr-defined]
     httpd.shutdown()
     httpd.server_close()
 
