@@ -164,11 +164,12 @@ def test_kubernetes_shapes() -> None:
     assert [c["args"] for c in pod["initContainers"]] == [["merge"], ["create"]]
     serve = pod["containers"][0]
     assert serve["resources"]["limits"]["nvidia.com/gpu"] == 2  # what num_gpu was planned for
-    # Ready only once the model answers; alive while ollama answers; the
-    # start-up budget is the load's (3600 s + 2 min with load_timeout: auto).
+    # Ready only once the model answers; started and alive while ollama
+    # answers: no probe puts a deadline on a load that progresses (ollama's
+    # load timeout is a stall timer), so a slow load never restarts the pod.
     assert serve["readinessProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health", "--loaded"]
-    assert serve["startupProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health", "--loaded"]
-    assert serve["startupProbe"]["periodSeconds"] * serve["startupProbe"]["failureThreshold"] >= 3600 + 120
+    assert serve["startupProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health"]
+    assert "--loaded" not in serve["livenessProbe"]["exec"]["command"]
     assert serve["livenessProbe"]["exec"]["command"] == ["python3", "-m", "supervisor", "health"]
     pv, pvc = yaml.safe_load_all(files["kubernetes/storage.yaml"])
     assert pv["spec"]["nfs"] == {"server": "192.0.2.10", "path": "/export/models"}

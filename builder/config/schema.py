@@ -302,7 +302,7 @@ def config_schema() -> dict[str, Any]:
                     "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},
                     "bind": _str("Host address the port is published on (ollama has no authentication)."),
                     "ready_timeout": {
-                        "description": "Seconds `builder up` waits for the endpoint (loading a 150 GB model takes a while).",
+                        "description": "Seconds `builder up` waits for the endpoint to list the model and the load to begin (the load itself has no deadline: ollama's stall timer decides).",
                         "type": "integer",
                         "minimum": 1,
                     },
@@ -312,7 +312,7 @@ def config_schema() -> dict[str, Any]:
                         "x-expect": "-1, a number of seconds, or a duration such as 30m",
                     },
                     "load_timeout": {
-                        "description": "OLLAMA_LOAD_TIMEOUT in seconds, or auto: the time to read the model at serve.read_mb_s, never below ollama's 300. `up` waits for the load this long plus 2 minutes.",
+                        "description": "OLLAMA_LOAD_TIMEOUT in seconds, or auto: the time to read the model at serve.read_mb_s, never below ollama's 300. ollama gives up on a load after this long without progress, and with mmap llama.cpp reads the whole model before it reports any; `up` waits as long as ollama does and shows the bytes read.",
                         "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
                         "x-expect": "a number of seconds or auto",
                     },

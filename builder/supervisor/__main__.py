@@ -63,6 +63,8 @@ def serve(runtime: dict) -> int:
         f"http://127.0.0.1:{host}", runtime.get("model", ""), env["OLLAMA_KEEP_ALIVE"],
         load_timeout_seconds(size, rule["load_timeout"]), stop,
         lambda: state["generation"] if state["child"] is not None else None, tail,
+        server_pid=lambda: state["child"].pid if state["child"] is not None else None,
+        model_bytes=size, auto_timeout=rule["load_timeout"].get("seconds") is None,
     )
     if runtime.get("model"):
         warmer.start()

@@ -8,23 +8,42 @@ way (`POST /api/generate` with the model and no prompt), records the outcome
 in a state file (`health --loaded` and `builder up` read it), and loads it
 again whenever ollama restarted or unloaded it. A failed load is not retried
 until ollama itself restarts: the same request would fail the same way.
+
+The load request has no deadline of its own: OLLAMA_LOAD_TIMEOUT is a stall
+timer in ollama (reset while the load progresses), so ollama decides when a
+load has failed. While it waits, the warmer reads the runner's progress
+(loadwatch: bytes read of the model) into the record, which `up` shows; it
+hangs up only after STALL_FACTOR times ollama's timer without a byte read,
+when ollama itself is wedged.
+
+With mmap, llama.cpp maps the model with MAP_POPULATE, which reads all of it
+before the load reports any progress: ollama 0.5.7's timer then needs the
+whole read to fit in OLLAMA_LOAD_TIMEOUT. The warmer measures the rate and
+says, while there is time, when it will not fit and what to set instead.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import math
 import os
+import socket
 import threading
 import time
 import urllib.error
+import urllib.parse
 from collections import deque
 from typing import Callable
 
-from .common import human_bytes, log, write_json_atomic
+from . import loadwatch
+from .common import Progress, human_bytes, log, write_json_atomic
 from .ollama import request
 
 STATE_FILE = "builder-serve-state.json"
 POLL_SECONDS = 5.0
+SAMPLE_SECONDS = 1.0  # how often a load's progress is read and recorded
+STALL_FACTOR = 3  # the warmer hangs up after this many load timeouts without a byte read
 
 
 def state_path() -> str:
@@ -88,7 +107,8 @@ class Warmer(threading.Thread):
     """Keeps the model loaded while ollama runs (see the module's docstring)."""
 
     def __init__(self, base: str, model: str, keep_alive: str, load_timeout: int, stop: threading.Event,
-                 generation: Callable[[], int | None], tail: OutputTail):
+                 generation: Callable[[], int | None], tail: OutputTail,
+                 server_pid: Callable[[], int | None] = lambda: None, model_bytes: int = 0, auto_timeout: bool = True):
         super().__init__(name="warmer", daemon=True)
         self.base = base
         self.model = model
@@ -97,6 +117,9 @@ class Warmer(threading.Thread):
         self.stop = stop
         self.generation = generation
         self.tail = tail
+        self.server_pid = server_pid
+        self.model_bytes = model_bytes
+        self.auto_timeout = auto_timeout
         self.state: dict = {}
         self.restarts = 0
 
@@ -124,9 +147,9 @@ class Warmer(threading.Thread):
             if current is None:
                 self.stop.wait(0.5)
                 continue
-            if entry is not None:
-                if self.state.get("state") != "loaded":
-                    self._loaded(entry, self.state.get("load_seconds", 0.0))
+            # ollama lists a model in /api/ps while it is still loading: only
+            # an answered load request says it is loaded.
+            if entry is not None and self.state.get("state") == "loaded":
                 self.stop.wait(POLL_SECONDS)
                 continue
             if self.state.get("state") == "failed" and tried == current:
@@ -137,19 +160,55 @@ class Warmer(threading.Thread):
             tried = current
             self._load(current)
 
-    def _loaded(self, entry: dict, seconds: float) -> None:
+    def _loaded(self, entry: dict, seconds: float, runner: loadwatch.Runner | None, read: int) -> None:
         size, vram = int(entry.get("size", 0)), int(entry.get("size_vram", 0))
-        self.record(state="loaded", load_seconds=round(seconds, 3), size=size, size_vram=vram, expires_at=entry.get("expires_at", ""))
-        log(f"serve: {self.model} loaded in {seconds:.1f} s ({human_bytes(size)}, {human_bytes(vram)} of it in GPU memory)")
+        mode = None if runner is None else ("mmap" if runner.mmap else "no-mmap")
+        self.record(state="loaded", load_seconds=round(seconds, 3), size=size, size_vram=vram,
+                    expires_at=entry.get("expires_at", ""), read=read, mode=mode)
+        log(f"serve: {self.model} loaded in {seconds:.1f} s ({human_bytes(size)}, {human_bytes(vram)} of it in GPU memory"
+            + (f"; {human_bytes(read)} read, {mode})" if runner else ")"))
 
     def _load(self, generation: int) -> None:
         log(f"serve: loading {self.model} (ollama gives up after {self.load_timeout} s without progress)")
-        self.record(state="loading", since=time.time())
+        since = time.time()
+        self.record(state="loading", since=since)
         started = time.monotonic()
         body = {"model": self.model, "keep_alive": keep_alive_value(self.keep_alive)}
-        try:
-            status, answer = request(self.base, "POST", "/api/generate", body, timeout=self.load_timeout + 120)
-        except (OSError, urllib.error.URLError) as exc:
+        call = LoadCall(self.base, body)
+        call.start()
+        runner, read, last_read_at, advice, speed = None, 0, time.monotonic(), None, 0.0
+        rate = loadwatch.Rate()
+        progress = Progress(f"loading {self.model}", self.model_bytes) if self.model_bytes else None
+        while not call.done.wait(SAMPLE_SECONDS):
+            now = time.monotonic()
+            if self.stop.is_set():
+                call.hang_up()
+                return
+            if runner is None or not os.path.exists(f"/proc/{runner.pid}"):
+                runner = loadwatch.find_runner(self.server_pid())
+            current = loadwatch.bytes_read(runner) if runner is not None else 0
+            if current > read:
+                read, last_read_at = current, now
+            speed = rate.add(now, read)
+            if advice is None and runner is not None and runner.mmap and now - started >= min(5.0, self.load_timeout / 2):
+                advice = mmap_advice(self.model_bytes, read, speed, self.load_timeout, self.auto_timeout)
+                if advice:
+                    log(f"serve: warning: {advice}")
+            self.record(state="loading", since=since, read=read, total=self.model_bytes, rate=round(speed),
+                        mode=None if runner is None else ("mmap" if runner.mmap else "no-mmap"),
+                        idle_s=round(now - last_read_at, 1), **({"warning": advice} if advice else {}))
+            if progress is not None and read:
+                progress.update(min(read, self.model_bytes))
+            if now - last_read_at > STALL_FACTOR * self.load_timeout:
+                call.hang_up()
+                call.done.wait(5)
+                return self._failed(f"ollama neither loaded the model nor gave up after {now - last_read_at:.0f} s "
+                                    f"without a byte read ({STALL_FACTOR} x its load timeout of {self.load_timeout} s); "
+                                    "the warm-up hung up")
+        if progress is not None and read:
+            progress.finish()
+        status, answer, exc = call.result
+        if exc is not None:
             if self.stop.is_set():
                 return
             time.sleep(0.5)  # let ollama's last words reach the tail
@@ -165,6 +224,11 @@ class Warmer(threading.Thread):
                 message = json.loads(answer).get("error") or answer.decode("utf-8", "replace")
             except (ValueError, AttributeError):
                 message = answer.decode("utf-8", "replace")
+            if advice is None and runner is not None and runner.mmap:
+                advice = mmap_advice(self.model_bytes, read, speed, self.load_timeout, self.auto_timeout)
+            if advice and "timed out waiting for llama" in message:
+                message += f" (HTTP {status}); {advice}"
+                return self._failed(message)
             return self._failed(f"{message} (HTTP {status})")
         try:
             entry = ps_entry(self.base, self.model)
@@ -172,7 +236,11 @@ class Warmer(threading.Thread):
             entry = None
         if entry is None:
             return self._failed("ollama answered the load but does not list the model in /api/ps")
-        self._loaded(entry, time.monotonic() - started)
+        if runner is None:
+            runner = loadwatch.find_runner(self.server_pid())
+        if runner is not None:
+            read = max(read, loadwatch.bytes_read(runner))
+        self._loaded(entry, time.monotonic() - started, runner, read)
 
     def _down(self) -> bool:
         try:
@@ -184,6 +252,54 @@ class Warmer(threading.Thread):
     def _failed(self, message: str) -> None:
         self.record(state="failed", error=message)
         log(f"serve: loading {self.model} failed: {message}")
+
+
+def mmap_advice(total: int, read: int, rate: float, load_timeout: int, auto: bool) -> str | None:
+    """With mmap, ollama sees no progress until the whole model is read: when
+    the measured rate cannot read it within the load timeout, say what to set
+    (serve.read_mb_s when the timeout is auto, else serve.load_timeout)."""
+    if rate <= 0 or read >= total:
+        return None
+    needed = total / rate
+    if needed <= load_timeout * 0.9:
+        return None
+    mb_s = rate / 1e6
+    fix = (f"set serve.read_mb_s to {max(1, int(mb_s * 0.8))}" if auto else f"set serve.load_timeout to {math.ceil(needed * 1.25)}")
+    return (f"the model is mapped (mmap), so llama.cpp reads all {human_bytes(total)} before ollama sees progress; "
+            f"at the {mb_s:.1f} MB/s measured that takes about {needed:.0f} s and ollama gives up after {load_timeout} s: "
+            f"{fix} and run `builder up` again")
+
+
+class LoadCall(threading.Thread):
+    """The load request, without a deadline of its own (ollama's stall timer
+    decides), on loopback and never through a proxy; `hang_up` closes it."""
+
+    def __init__(self, base: str, body: dict):
+        super().__init__(name="load", daemon=True)
+        address = urllib.parse.urlsplit(base)
+        self.connection = http.client.HTTPConnection(address.hostname, address.port, timeout=None)
+        self.body = json.dumps(body).encode()
+        self.done = threading.Event()
+        self.result: tuple[int | None, bytes, Exception | None] = (None, b"", None)
+
+    def run(self) -> None:
+        try:
+            self.connection.request("POST", "/api/generate", body=self.body, headers={"Content-Type": "application/json"})
+            response = self.connection.getresponse()
+            self.result = (response.status, response.read(), None)
+        except (OSError, http.client.HTTPException) as exc:
+            self.result = (None, b"", exc)
+        finally:
+            self.connection.close()
+            self.done.set()
+
+    def hang_up(self) -> None:
+        sock = self.connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def health_loaded(base: str, model: str) -> tuple[int, dict]:

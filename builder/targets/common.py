@@ -4,6 +4,7 @@ model to be listed, the warm-up's load, the storage the containers write."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ class Load:
     seconds: float
     size: int
     size_vram: int
+    read: int = 0  # bytes the runner read while loading
+    mode: str | None = None  # mmap or no-mmap
 
 class LoadFailed(BuilderError):
     """The model did not load: exit 1, the stack left up for `builder logs`."""
@@ -141,19 +144,29 @@ def container_probe(engine, container: str):
     return ask, gone
 
 
+SILENT_SUPERVISOR_SECONDS = 120  # a loading record not refreshed this long: the supervisor is gone or wedged
+
+
 def wait_for_load(blueprint: Blueprint, probe, echo: Callable[[str], None], tty: bool) -> Load:
     """Wait until the supervisor reports the model loaded (`health --loaded
-    --json`, asked through `probe`'s ask), with progress; raise with the cause
-    if the load failed or the supervisor is gone. The deadline is ollama's own
-    load timeout (the supervisor reports it) plus two minutes: by then ollama
-    has given up itself."""
+    --json`, asked through `probe`'s ask), showing what the load has read;
+    raise with the cause if the load failed or the supervisor is gone.
+
+    No deadline of its own once the load has begun: ollama's load timeout is
+    a stall timer, so ollama decides when a load has failed, and the
+    supervisor records that. Until the supervisor reports a load at all,
+    serve.ready_timeout applies; once it does, `up` gives up only when the
+    record says failed, the supervisor is gone, or the record is not
+    refreshed for SILENT_SUPERVISOR_SECONDS (the supervisor refreshes it every
+    second while loading)."""
     import sys
 
     model = blueprint.config.model.name
     started = time.monotonic()
     deadline = started + blueprint.config.serve.ready_timeout
-    shown = -1
     ask, gone = probe
+    shown = ""
+    next_line, shown_quarter, warned = 0.0, 0, False
     while True:
         code, output = ask()
         try:
@@ -161,29 +174,67 @@ def wait_for_load(blueprint: Blueprint, probe, echo: Callable[[str], None], tty:
         except ValueError:
             state = {}
         if code == 0 and state.get("state") == "loaded":
-            if tty and shown >= 0:
+            if tty and shown:
                 sys.stderr.write("\n")
-            return Load(float(state.get("load_seconds", 0.0)), int(state.get("size", 0)), int(state.get("size_vram", 0)))
+            return Load(float(state.get("load_seconds", 0.0)), int(state.get("size", 0)), int(state.get("size_vram", 0)),
+                         int(state.get("read") or 0), state.get("mode"))
         if state.get("state") == "failed":
-            if tty and shown >= 0:
+            if tty and shown:
                 sys.stderr.write("\n")
             raise LoadFailed(state.get("error") or "unknown cause")
         why = gone()
         if why:
             raise LoadFailed(why)
-        if state.get("load_timeout_s"):
-            deadline = started + float(state["load_timeout_s"]) + 120
-        elapsed = int(time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        loading = state.get("state") == "loading"
+        if loading:
+            deadline = math.inf
+            silent = time.time() - float(state.get("at") or time.time())
+            if silent > SILENT_SUPERVISOR_SECONDS:
+                raise LoadFailed(f"the supervisor has not reported on the load for {silent:.0f} s; see `builder logs serve`")
+        if state.get("warning") and not warned:
+            warned = True
+            if tty and shown:
+                sys.stderr.write("\n")
+                shown = ""
+            echo(f"load: warning: {state['warning']}")
+        line = load_line(model, state, elapsed)
         if tty:
-            sys.stderr.write(f"\rload: {model} loading, {elapsed} s")
+            sys.stderr.write("\r" + line.ljust(len(shown)))
             sys.stderr.flush()
-            shown = elapsed
-        elif elapsed // 30 > shown:
-            shown = elapsed // 30
-            echo(f"load: {model} loading, {elapsed} s")
+            shown = line
+        else:  # a log: a line a minute, and one at each quarter of the model read
+            quarter = load_share(state) // 25
+            if time.monotonic() >= next_line or quarter > shown_quarter:
+                echo(line)
+                shown, next_line, shown_quarter = line, time.monotonic() + 60, quarter
         if time.monotonic() > deadline:
-            raise LoadFailed(f"not loaded after {elapsed} s (ollama's load timeout plus 2 minutes)")
+            raise LoadFailed(f"the supervisor did not start loading within serve.ready_timeout ({blueprint.config.serve.ready_timeout} s); "
+                             "see `builder logs serve`")
         time.sleep(0.5)
+
+
+def load_share(state: dict) -> int:
+    """How much of the model the load has read, in percent (0 when unknown)."""
+    read, total = int(state.get("read") or 0), int(state.get("total") or 0)
+    return min(100, read * 100 // total) if total and state.get("state") == "loading" else 0
+
+
+def load_line(model: str, state: dict, elapsed: float) -> str:
+    """`load: NAME 12.3 GiB of 147.0 GiB read (8%), 104.9 MiB/s, 22 min left` (or what is known)."""
+    from builder.supervisor.common import human_bytes
+
+    read, total, rate = int(state.get("read") or 0), int(state.get("total") or 0), float(state.get("rate") or 0)
+    if state.get("state") != "loading" or not (read or total):
+        return f"load: {model} loading, {elapsed:.0f} s"
+    parts = [f"load: {model} {human_bytes(read)}" + (f" of {human_bytes(total)} read ({load_share(state)}%)" if total else " read")]
+    parts.append(f"{human_bytes(rate)}/s")
+    if total and rate > 0 and read < total:
+        left = (total - read) / rate
+        parts.append(f"{left / 60:.0f} min left" if left >= 90 else f"{left:.0f} s left")
+    if float(state.get("idle_s") or 0) >= 10:
+        parts.append(f"nothing read for {float(state['idle_s']):.0f} s")
+    return ", ".join(parts) + f" ({elapsed:.0f} s)"
 
 
 def describe_load(blueprint: Blueprint, load: Load) -> str:
@@ -194,8 +245,9 @@ def describe_load(blueprint: Blueprint, load: Load) -> str:
     plan_note = f"; planned num_gpu {planned}" if planned is not None else ""
     if blueprint.config.gpus.kind == "none":
         plan_note = "; planned: no GPU (gpus: none)"
+    read = f"; {human_bytes(load.read)} read ({load.mode})" if load.mode else ""
     return (f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
-            f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}")
+            f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}{read}")
 
 
 def status_lines(report: dict) -> list[str]:

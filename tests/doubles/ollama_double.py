@@ -18,8 +18,9 @@ manifest.go, layer.go, envconfig/):
   runners/common.go) it starts a runner process found under
   lib/ollama/runners/*/ollama_llama_server beside the binary, with the same
   flags (--model --ctx-size num_ctx*parallel --batch-size --n-gpu-layers
-  --parallel --port ...), waits for its /health within OLLAMA_LOAD_TIMEOUT,
-  sends /completion requests with the same fields (n_predict, temperature,
+  --parallel --port ...), waits for its /health while the load progresses
+  (OLLAMA_LOAD_TIMEOUT is a stall timer, reset on progress; a client that
+  hangs up aborts the load; a loading model is listed in /api/ps), sends /completion requests with the same fields (n_predict, temperature,
   seed, stop, top_k, ... from DefaultOptions <- Modelfile PARAMETERs <-
   request options) and relays the streamed pieces and timings. The
   Modelfile TEMPLATE is applied as template/template.go does (legacy
@@ -64,9 +65,12 @@ flags b4610's llama-server knows (not --no-webui, --offline,
 
 Where it knowingly differs from ollama (its fakes):
 * The runner is llama.cpp's llama-server, not ollama's Go runner around
-  llama.cpp: same flags and request fields, but llama-server reports no load
-  progress (so a stalled load and a slow one look alike), and its sampler
-  chain is llama.cpp's common one (ollama 0.5.7's runner uses the same
+  llama.cpp: same flags and request fields (plus --no-warmup: the Go
+  runner makes no warm-up decode), but llama-server serves no load progress
+  on /health, so the double measures that quantity (the share of the tensor
+  data loaded) on its runner's /proc and runs ollama's stall timer on it;
+  its sampler chain is
+  llama.cpp's common one (ollama 0.5.7's runner uses the same
   common_sampler). No GPU: every layer runs on the CPU, `size_vram` is 0,
   num_gpu is passed as 0 and no memory estimate (EstimateGPULayers) is made;
   parallelism is OLLAMA_NUM_PARALLEL or 4 (ollama's choice without GPUs).
@@ -76,8 +80,6 @@ Where it knowingly differs from ollama (its fakes):
   if/else if/else, range, with, eq/ne/and/or/not/len/json, trim markers);
   anything else is an error, never a guess. TEMPLATE text given to create is
   not checked as a Go template.
-* OLLAMA_DOUBLE_RUNNER_STALL (tests only, no ollama variable): the runner's
-  /health is never asked, so the load stalls until OLLAMA_LOAD_TIMEOUT.
 * /api/ps: size is the model file's size (ollama adds its memory estimate).
   The OpenAI routes do not stream; tools, images, format/grammar, suffix
   insertion and embeddings are not implemented. `ollama run` is
@@ -1384,6 +1386,15 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, value) -> None:
         self._send(status, go_json(value).encode(), "application/json; charset=utf-8")
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its connection (Go cancels the request's
+        context then): readable, and reading would give end of file."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _error(self, status: int, message: str) -> None:
         self._json(status, {"error": message})
 
@@ -1611,7 +1622,7 @@ class Handler(BaseHTTPRequestHandler):
         keep_alive = request_keep_alive(request.get("keep_alive"))
         options = merge_options(model["options"], request.get("options"))
         try:
-            runner, _took = scheduler().acquire(name, model, options, keep_alive)
+            runner, _took = scheduler().acquire(name, model, options, keep_alive, self._client_gone)
         except OllamaError as exc:
             return respond("error", exc.message)
         loaded = time.monotonic_ns()
@@ -1768,6 +1779,9 @@ class Handler(BaseHTTPRequestHandler):
             except (OSError, ValueError, OllamaError):
                 pass
             expires = runner.expires_wall
+            if runner.loading:  # routes.go PsHandler: expiresAt not set yet, so now + the session's duration
+                session = env_duration("OLLAMA_KEEP_ALIVE", 300.0) if runner.session is None else runner.session
+                expires = FOREVER if session == FOREVER else time.time() + session
             if expires == FOREVER:  # time.Now().Add(math.MaxInt64): about 292.3 years on
                 expires = time.time() + (2**63 - 1) / 1e9
             expires_at = go_time(int(expires), int((expires % 1) * 1e9))
@@ -2360,6 +2374,18 @@ def request_keep_alive(value) -> float | None:
     return FOREVER if seconds < 0 else seconds
 
 
+def available_memory() -> int:
+    """discover.GetCPUInfo's free memory on Linux: MemAvailable of /proc/meminfo."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def load_timeout() -> float:
     """envconfig.LoadTimeout: default 5 minutes; zero or negative waits forever."""
     value = env_duration("OLLAMA_LOAD_TIMEOUT", 300.0)
@@ -2717,6 +2743,15 @@ class Runner:
         self.process = None
         self.port = 0
         self.lock = threading.Lock()
+        self.loading = True
+        self.ready = threading.Event()  # set when the load ended, loaded or not
+        self.load_error: OllamaError | None = None
+        # What the load timer watches: the progress llama.cpp's load reports
+        # (0.5.7's runner serves it on /health) and when the runner last
+        # wrote anything (0.30+).
+        self.progress = 0.0
+        self.activity = 0.0
+        self.session: float | None = None  # the loading request's keep_alive
 
     def command(self, binary: str) -> list[str]:
         """NewLlamaServer's params."""
@@ -2733,19 +2768,34 @@ class Runner:
                 argv += ["-ngl", "0"]  # no GPU here: the layers asked for run on the CPU
             if int(opts["num_thread"]) > 0:
                 argv += ["-t", str(int(opts["num_thread"]))]
+            if opts["use_mmap"] is False:  # appendLoadModeArgs (llama_server.go:634): --load-mode none, which b4610 calls --no-mmap
+                argv.append("--no-mmap")
             return argv
         argv = [binary, "--model", self.model_path, "--ctx-size", str(int(opts["num_ctx"]) * self.parallel),
                 "--batch-size", str(int(opts["num_batch"])), "--n-gpu-layers", "0"]
         if int(opts["num_thread"]) > 0:
             argv += ["--threads", str(int(opts["num_thread"]))]
-        if opts["use_mmap"] is False:
+        # llm/server.go:247-255: --no-mmap for a CPU load unless use_mmap is
+        # set (the double has no GPU), when free RAM is below the model, or
+        # when use_mmap is false.
+        if opts["use_mmap"] is not True or available_memory() < self.size:
             argv.append("--no-mmap")
         if opts["use_mlock"]:
             argv.append("--mlock")
-        return argv + ["--parallel", str(self.parallel), "--port", str(self.port)]
+        # ollama's Go runner makes no warm-up decode (llama/runner/runner.go
+        # loads the model and serves); llama-server does one unless told not to.
+        return argv + ["--parallel", str(self.parallel), "--port", str(self.port), "--no-warmup"]
 
-    def start(self) -> float:
-        """Start the runner and wait until it answers (WaitUntilRunning); return the load time."""
+    def start(self, hung_up=lambda: False) -> float:
+        """Start the runner and wait until it answers (WaitUntilRunning); return the load time.
+
+        OLLAMA_LOAD_TIMEOUT is a stall timer, as in llm/server.go: v0.5.7
+        (WaitUntilRunning, lines 550-611) pushes the deadline out whenever
+        the runner's load progress changes and once more when it reaches
+        100 %; v0.32.15 (llm/llama_server.go:1281-1356) whenever llama-server
+        wrote output (memoryParsingWriter notes load activity) or its status
+        turned to loading. A client that hangs up aborts the load (the
+        request's context is done)."""
         import subprocess
 
         binary = runner_binary()
@@ -2760,13 +2810,22 @@ class Runner:
         argv = self.command(binary)
         log("INFO", "starting llama server", cmd=" ".join(argv))
         started = time.monotonic()
+        self.activity = started
         self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._status_writer, daemon=True).start()
         stall = load_timeout()
         deadline = started + stall
-        log("INFO", "waiting for llama runner to start responding")
+        prior, seen_activity, fully_loaded = self.progress, self.activity, False
+        log("INFO", "waiting for llama-server to start responding" if CURRENT else "waiting for llama runner to start responding")
         while True:
+            if hung_up():
+                self.stop()
+                if CURRENT:
+                    log("WARN", "client connection closed before llama-server finished loading, aborting load")
+                    raise LoadError("timed out waiting for llama-server to start: context canceled", 500)
+                log("WARN", "client connection closed before server finished loading, aborting load")
+                raise LoadError("timed out waiting for llama runner to start: context canceled", 500)
             code = self.process.poll()
             if code is not None:
                 self.process.wait()
@@ -2778,36 +2837,94 @@ class Runner:
                     tail = f": {self.last_error}" if self.last_error else ""
                     raise LoadError(f"llama-server process has terminated: exit status {code}{tail}", 500)
                 raise LoadError(f"llama runner process has terminated: {detail}", 500)
+            if CURRENT and self.activity > seen_activity:
+                seen_activity = self.activity
+                deadline = seen_activity + stall
             if time.monotonic() > deadline:
                 self.stop()
                 if CURRENT:  # v0.32.15 llm/llama_server.go:1334-1336
                     raise LoadError(f"timed out waiting for llama-server to start - {self.last_error}", 500)
-                raise LoadError(f"timed out waiting for llama runner to start - progress 0.00 - {self.last_error}", 500)
-            if env_bool("OLLAMA_DOUBLE_RUNNER_STALL"):  # tests: a load that makes no progress
-                time.sleep(0.05)
-                continue
+                raise LoadError(f"timed out waiting for llama runner to start - progress {self.progress:0.2f} - {self.last_error}", 500)
             try:
                 status, _ = self._http("GET", "/health", None, timeout=0.2)
                 if status == 200:
                     took = time.monotonic() - started
-                    log("INFO", f"llama runner started in {took:0.2f} seconds")
+                    if CURRENT:
+                        log("INFO", f"llama-server started in {took:0.2f} seconds")
+                    else:
+                        log("INFO", f"llama runner started in {took:0.2f} seconds")
                     return took
             except OSError:
                 pass
-            time.sleep(0.05)
+            if not CURRENT:
+                self.progress = self._load_progress("--no-mmap" not in argv)
+                if self.progress != prior:
+                    prior = self.progress
+                    log("DEBUG", f"model load progress {self.progress:0.2f}")
+                    deadline = time.monotonic() + stall
+                elif not fully_loaded and int(self.progress * 100.0) >= 100:
+                    log("DEBUG", "model load completed, waiting for server to become available")
+                    deadline = time.monotonic() + stall
+                    fully_loaded = True
+            time.sleep(0.25)
 
     def _status_writer(self) -> None:
-        """StatusWriter: the runner's output goes to ours; the last error line is kept."""
+        """StatusWriter: the runner's output goes to ours; the last error line
+        is kept. Read as it comes, not by lines: 0.30+ counts any output as
+        load activity."""
         assert self.process is not None and self.process.stdout is not None
-        for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace")
-            for prefix in RUNNER_ERROR_PREFIXES:
-                head, sep, after = line.partition(prefix)
-                if sep:
-                    self.last_error = prefix + after.strip()
-            with _LOG_LOCK:
-                sys.stderr.write(line)
-                sys.stderr.flush()
+        fd = self.process.stdout.fileno()
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.activity = time.monotonic()
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                self._runner_line(raw.decode("utf-8", "replace") + "\n")
+        if pending:
+            self._runner_line(pending.decode("utf-8", "replace"))
+
+    def _load_progress(self, mapped: bool) -> float:
+        """What ollama 0.5.7's runner reports on /health: llama.cpp's load
+        progress callback, the share of the tensor data loaded
+        (llama_model_loader::load_all_data). llama-server does not serve it,
+        so the double measures the same bytes on its runner process:
+        --no-mmap reads each tensor with read() (rchar). With mmap, the
+        file is mapped with MAP_POPULATE (llama/llama-mmap.cpp:302) before
+        load_all_data: the progress stays 0 while the mapping fills, then
+        the CPU tensors are placed without a read and it is 1."""
+        pid = self.process.pid if self.process is not None else 0
+        try:
+            if not mapped:
+                with open(f"/proc/{pid}/io", encoding="ascii") as handle:
+                    done = next(int(line.split()[1]) for line in handle if line.startswith("rchar:"))
+                return max(self.progress, min(1.0, done / max(self.size, 1)))
+            inside, resident = False, 0
+            with open(f"/proc/{pid}/smaps", encoding="utf-8", errors="replace") as handle:
+                for line in handle:
+                    fields = line.split(None, 5)
+                    if fields and "-" in fields[0] and not fields[0].endswith(":"):
+                        inside = len(fields) == 6 and fields[5].strip() == self.model_path
+                    elif inside and line.startswith("Rss:"):
+                        resident += int(fields[1]) * 1024
+            return 1.0 if resident >= self.size - 4096 else self.progress
+        except (OSError, ValueError, StopIteration):
+            return self.progress
+
+    def _runner_line(self, line: str) -> None:
+        for prefix in RUNNER_ERROR_PREFIXES:
+            head, sep, after = line.partition(prefix)
+            if sep:
+                self.last_error = prefix + after.strip()
+        with _LOG_LOCK:
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
     def _http(self, method: str, path: str, payload, timeout: float = 600):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
@@ -2898,33 +3015,64 @@ class Scheduler:
         self.runners: dict[str, Runner] = {}
         threading.Thread(target=self._reaper, daemon=True).start()
 
-    def acquire(self, name: Name, model: dict, options: dict, keep_alive: float | None) -> tuple[Runner, float]:
-        """GetRunner: a loaded runner for the model (loading it if need be) and the load time."""
+    def acquire(self, name: Name, model: dict, options: dict, keep_alive: float | None,
+                hung_up=lambda: False) -> tuple[Runner, float]:
+        """GetRunner: a loaded runner for the model (loading it if need be) and
+        the load time. A loading runner is listed in /api/ps (sched.go adds it
+        to s.loaded before WaitUntilRunning); a second request for it waits
+        for that load. A failed load is expired, its runner stopped."""
         key = model["model_path"]
         with self.lock:
             runner = self.runners.get(key)
             wanted = {k: options[k] for k in RUNNER_OPTIONS}
-            if runner is not None and (not runner.alive() or runner.options != wanted):
+            if runner is not None and not runner.loading and (not runner.alive() or runner.options != wanted):
                 runner.stop()
                 self.runners.pop(key, None)
                 runner = None
-            took = 0.0
-            if runner is None:
+            mine = runner is None
+            if mine:
                 check_loadable_by_ollama(model["model_path"])
                 limit = int(env_var("OLLAMA_MAX_LOADED_MODELS") or 0)
                 if limit > 0:  # sched.go: make room by unloading idle runners (the double does not queue)
                     for other_key, other in list(self.runners.items()):
                         if len(self.runners) < limit:
                             break
-                        if other.busy == 0:
+                        if other.busy == 0 and not other.loading:
                             other.stop()
                             del self.runners[other_key]
                 runner = Runner(model, name, options)
-                took = runner.start()
+                runner.session = keep_alive
                 self.runners[key] = runner
             runner.busy += 1
+        took = 0.0
+        if mine:
+            try:
+                took = runner.start(hung_up)
+            except OllamaError as exc:
+                log("ERROR", "error loading llama server", error=exc.message)
+                runner.load_error = exc
+                with self.lock:
+                    runner.busy -= 1
+                    if self.runners.get(key) is runner:
+                        del self.runners[key]
+                runner.stop()
+                runner.ready.set()
+                raise
+            runner.loading = False
+            runner.ready.set()
+        else:
+            while not runner.ready.wait(0.25):
+                if hung_up():
+                    with self.lock:
+                        runner.busy -= 1
+                    raise LoadError("context canceled", 500)
+            if runner.load_error is not None:
+                with self.lock:
+                    runner.busy -= 1
+                raise runner.load_error
+        with self.lock:
             self._set_expiry(runner, keep_alive)
-            return runner, took
+        return runner, took
 
     def release(self, runner: Runner, keep_alive: float | None) -> None:
         with self.lock:
@@ -2947,7 +3095,7 @@ class Scheduler:
     def _reap(self) -> None:
         with self.lock:
             for key, runner in list(self.runners.items()):
-                if runner.busy == 0 and (runner.expires_at <= time.monotonic() or not runner.alive()):
+                if runner.busy == 0 and not runner.loading and (runner.expires_at <= time.monotonic() or not runner.alive()):
                     log("DEBUG", "runner expired", model=runner.model_path)
                     runner.stop()
                     del self.runners[key]
@@ -2958,8 +3106,9 @@ class Scheduler:
             self._reap()
 
     def loaded(self) -> list[Runner]:
+        """s.sched.loaded: loading runners too."""
         with self.lock:
-            return [r for r in self.runners.values() if r.alive()]
+            return [r for r in self.runners.values() if r.loading or r.alive()]
 
     def stop_all(self) -> None:
         with self.lock:
