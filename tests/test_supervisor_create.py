@@ -262,3 +262,61 @@ def test_current_create_refuses_when_the_rewrite_cannot_fit(tmp_path: Path, olla
     with pytest.raises(StepError, match=r"^create: this ollama writes the model \(458.7 KiB\) into .*/blobs twice before it deletes one copy: 917.4 KiB needed, 4.0 KiB free"):
         create(runtime)
     assert blobs(models / "ollama") == {} and not (models / "ollama" / "manifests").exists()
+
+
+def test_a_model_padded_after_its_last_tensor_is_refused_by_ollama_and_never_reaches_it(tmp_path: Path, ollama: Path) -> None:
+    """llama-gguf-split pads the last tensor to 32 bytes; ollama 0.5.7's
+    create copies the decoded part, then reads the padding as a GGUF magic
+    and fails ("invalid file magic": seen with a real 0.5.7 built from
+    source). builder's merge ends the file at the last tensor, so create is
+    zero-copy, and the model loads and answers as llama.cpp does."""
+    import httpx
+
+    from tests.fixtures.llama_cpp_release import llama_cpp_bin_dir
+    from tests.helpers import free_port
+    from tests.test_sample_model import greedy
+
+    models = tmp_path / "models"
+    runtime = runtime_for(models, ollama)
+    write_split_model(models / "tiny", "tiny", 3, width=48, rope_freqs=True)  # a 24-byte last tensor
+    bin_dir = llama_cpp_bin_dir()
+    padded = tmp_path / "padded.gguf"
+    subprocess.run([str(bin_dir / "llama-gguf-split"), "--merge", runtime["shards"]["first"], str(padded)],
+                   check=True, capture_output=True, env=dict(os.environ, LD_LIBRARY_PATH=str(bin_dir)))
+    port = free_port()
+    env = dict(os.environ, OLLAMA_HOST=f"127.0.0.1:{port}", OLLAMA_MODELS=str(tmp_path / "by-hand"), HOME=str(tmp_path))
+    server = subprocess.Popen([str(ollama), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (tmp_path / "Modelfile").write_text(f"FROM {padded}\n")
+        for _ in range(100):
+            if subprocess.run([str(ollama), "list"], env=env, capture_output=True).returncode == 0:
+                break
+        by_hand = subprocess.run([str(ollama), "create", "padded", "-f", str(tmp_path / "Modelfile")], env=env,
+                                 capture_output=True, text=True, timeout=120)
+        assert by_hand.returncode == 1 and "Error: invalid file magic" in by_hand.stderr, by_hand.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    assert merge(runtime) == 0 and create(runtime) == 0
+    merged = Path(runtime["merged"])
+    assert merged.stat().st_size == padded.stat().st_size - 8
+    assert merged.read_bytes() == padded.read_bytes()[:-8]
+    digest = merged_digest(str(merged))
+    blob = models / "ollama" / "blobs" / f"sha256-{digest}"
+    assert blob.stat().st_ino == merged.stat().st_ino, "zero-copy: the blob is the merged file"
+    env["OLLAMA_MODELS"] = str(models / "ollama")
+    server = subprocess.Popen([str(ollama), "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            if subprocess.run([str(ollama), "list"], env=env, capture_output=True).returncode == 0:
+                break
+        answer = httpx.post(f"{base}/api/generate", json={"model": "tiny", "prompt": "abc", "stream": False,
+                                                           "options": {"num_predict": 6, "temperature": 0, "repeat_penalty": 1}},
+                            timeout=120, trust_env=False).json()
+        expected, _ = greedy(bin_dir, merged, "abc", 6)
+        assert answer["response"] == expected, answer
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import zipfile
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def test_changed_shard_merges_again(models: Path, gguf_split: str, capsys) -> No
     # The oracle: llama-gguf-split's own merge of the new shards.
     oracle = models / "oracle.gguf"
     subprocess.run([gguf_split, "--merge", runtime["shards"]["first"], str(oracle)], check=True, capture_output=True)
-    expected = hashlib.sha256(oracle.read_bytes()).hexdigest()
+    expected = hashlib.sha256(oracle.read_bytes()).hexdigest()  # this model's last tensor needs no padding
     assert expected != old
     assert hashlib.sha256(Path(runtime["merged"]).read_bytes()).hexdigest() == expected
     assert json.loads(Path(record_path(runtime["merged"])).read_text())["sha256"] == expected
@@ -166,17 +167,28 @@ def test_hand_merged_file_is_adopted_not_merged_again(models: Path, gguf_split: 
     assert Path(runtime["merged"]).stat().st_mtime_ns == before
 
 
-@pytest.mark.parametrize("shards", [2, 3, 5])
-def test_builder_join_writes_what_llama_gguf_split_writes(tmp_path: Path, gguf_split: str, shards: int) -> None:
-    """The real tool is the oracle: both merges give the same bytes, and the
-    recorded sha256 is the file's."""
+@pytest.mark.parametrize("shards,padded", [(2, False), (3, False), (5, False), (3, True)])
+def test_builder_join_writes_what_llama_gguf_split_writes(tmp_path: Path, gguf_split: str, shards: int, padded: bool) -> None:
+    """The real tool is the oracle: both merges give the same bytes up to the
+    last tensor's end, and the recorded sha256 is the file's. With a last
+    tensor of 24 bytes, llama-gguf-split pads 8 zeros after it, which ollama
+    0.5.7's create refuses: both merges end at the tensor."""
     import hashlib
     import json
 
+    from builder.supervisor.gguf import read_header_file
+
+    oracle = tmp_path / "oracle"
+    write_split_model(oracle, "tiny", shards, blocks=4, width=48, rope_freqs=padded)
+    subprocess.run([gguf_split, "--merge", str(oracle / f"tiny-00001-of-{shards:05d}.gguf"), str(oracle / "whole.gguf")],
+                   check=True, capture_output=True)
+    whole = (oracle / "whole.gguf").read_bytes()
+    end = read_header_file(str(oracle / "whole.gguf")).expected_size
+    assert len(whole) - end == (8 if padded else 0) and not whole[end:].strip(b"\0")
     outputs = {}
     for tool in ("builder", "llama-gguf-split"):
         root = tmp_path / tool
-        write_split_model(root / "tiny", "tiny", shards, blocks=4, width=48)
+        write_split_model(root / "tiny", "tiny", shards, blocks=4, width=48, rope_freqs=padded)
         runtime = {
             "shards": {"first": str(root / "tiny" / f"tiny-00001-of-{shards:05d}.gguf"), "count": shards, "prefix": "tiny"},
             "merged": str(root / "tiny" / "tiny.gguf"),
@@ -188,7 +200,7 @@ def test_builder_join_writes_what_llama_gguf_split_writes(tmp_path: Path, gguf_s
         record = json.loads(Path(record_path(runtime["merged"])).read_text())
         assert record["sha256"] == hashlib.sha256(data).hexdigest()
         outputs[tool] = data
-    assert outputs["builder"] == outputs["llama-gguf-split"]
+    assert outputs["builder"] == outputs["llama-gguf-split"] == whole[:end]
 
 
 def test_builder_join_reads_and_writes_each_byte_once(models: Path, gguf_split: str, capsys) -> None:

@@ -1,17 +1,24 @@
 """Join split GGUF shards into one file, hashing the bytes as they are written.
 
 The output is byte for byte what llama.cpp b4610's `llama-gguf-split --merge`
-writes (the tests compare the two), so the merged file is the same whichever
-tool made it; but each byte is read once and written once, and its sha256 is
-known at the end without reading the file again: `create` then hands ollama
-the file by hard link instead of a copy.
+writes up to the end of the last tensor (the tests compare the two), so the
+merged file is the same whichever tool made it; but each byte is read once
+and written once, and its sha256 is known at the end without reading the
+file again: `create` then hands ollama the file by hard link instead of a
+copy.
+
+The one difference: gguf-split pads the last tensor too, and ollama 0.5.7's
+create cannot take a file with bytes after its last tensor (ggufLayers
+copies the decoded part, then reads the padding as the next file's magic:
+"invalid file magic"; seen with a real 0.5.7). So the join stops at the last
+tensor's end, and the merge step cuts gguf-split's padding off its output.
 
 What gguf-split does, and so what this does: shard 1's metadata, in order,
 except that `split.count` is set to 0 and so moves to the end; every tensor
 of every shard in order, its offset the previous one's plus its size padded
 to the file's alignment, its dimensions without trailing 1s; the metadata
 padded to the alignment; then each tensor's data padded with zeros to 32
-bytes (GGUF_DEFAULT_ALIGNMENT).
+bytes (GGUF_DEFAULT_ALIGNMENT), but for the last.
 """
 
 from __future__ import annotations
@@ -128,9 +135,10 @@ def join(shards: list[str], headers: list[GGUFHeader], out: BinaryIO, progress: 
 
     try:
         emit_bytes(merged_metadata(first_raw, headers))
-        for path, header in zip(shards, headers):
+        last = (len(shards) - 1, len(headers[-1].tensors) - 1)
+        for number, (path, header) in enumerate(zip(shards, headers)):
             with open(path, "rb", buffering=0) as source:
-                for tensor in header.tensors:
+                for index, tensor in enumerate(header.tensors):
                     source.seek(header.data_offset + tensor.offset)
                     left = tensor.nbytes
                     while left:
@@ -145,7 +153,8 @@ def join(shards: list[str], headers: list[GGUFHeader], out: BinaryIO, progress: 
                         hasher.give(buffer, count)
                         written += count
                         left -= count
-                    emit_bytes(b"\0" * (_pad(tensor.nbytes, DEFAULT_ALIGNMENT) - tensor.nbytes))
+                    if (number, index) != last:  # nothing after the last tensor: see the module's docstring
+                        emit_bytes(b"\0" * (_pad(tensor.nbytes, DEFAULT_ALIGNMENT) - tensor.nbytes))
                     progress(written)
     finally:
         digest = hasher.finish()

@@ -35,7 +35,7 @@ from .common import (
     sha256_of,
     write_json_atomic,
 )
-from .gguf import GGUFError, GGUFHeader, check_file
+from .gguf import GGUFError, GGUFHeader, check_file, read_header_file
 from .loadable import NotLoadable, check_loadable
 from .join import join
 from .shards import shard_file_names
@@ -192,6 +192,26 @@ def verify_merged(path: str, tensors: int) -> GGUFHeader:
     return header
 
 
+def cut_trailing_padding(path: str) -> int:
+    """Cut the zeros llama-gguf-split writes after the last tensor: ollama
+    0.5.7's create fails on bytes there ("invalid file magic"; see join.py).
+    Returns the bytes cut; bytes that are not zeros are refused, not cut."""
+    header = read_header_file(path)
+    size = os.path.getsize(path)
+    extra = size - header.expected_size
+    if extra <= 0:
+        return 0
+    with open(path, "rb") as handle:
+        handle.seek(header.expected_size)
+        tail = handle.read(extra + 1)
+    if extra > header.alignment or tail.strip(b"\0"):
+        raise StepError(f"merge: {path} has {extra} bytes after its last tensor that are not padding; "
+                        "ollama cannot create a model from it: delete it and run the merge again")
+    os.truncate(path, header.expected_size)
+    log(f"merge: cut {extra} bytes of padding after the last tensor of {path} (ollama 0.5.7's create refuses them)")
+    return extra
+
+
 def run_gguf_split(binary: str, first: str, out: str, total: int) -> None:
     """Run `llama-gguf-split --merge`, showing progress from the output's growth.
     If the supervisor is stopped meanwhile, the tool is killed too."""
@@ -299,6 +319,7 @@ def _merge_locked(runtime: dict, states: list[ShardState], headers: list[GGUFHea
             existing = verify_merged(merged, tensors)
             newer = os.stat(merged).st_mtime_ns >= max(s.mtime_ns for s in states)
             if newer and existing.split_count in (None, 0):  # llama-gguf-split's output keeps split.count 0
+                cut_trailing_padding(merged)
                 digest = sha256_of(merged, "hashing")
                 write_json_atomic(record_path(merged), _record(states, merged, existing, digest))
                 log(f"merge: {merged} already holds all {tensors} tensors; recorded it")
@@ -314,6 +335,7 @@ def _merge_locked(runtime: dict, states: list[ShardState], headers: list[GGUFHea
     try:
         if tool == "llama-gguf-split":
             run_gguf_split(runtime["gguf_split"], first, out, data)
+            cut_trailing_padding(out)
             digest = sha256_of(out, "hashing")  # one more read: this tool cannot hash as it writes
         else:
             digest = _join(runtime, states, headers, out, data)

@@ -90,9 +90,10 @@ Where it knowingly differs from ollama (its fakes):
   the GGUF, nothing is pulled from a registry (a FROM naming a model that is
   not local fails with a "pull model manifest" error), quantizing is
   refused, safetensors are not converted. Like ggufLayers, the blob is
-  reused only when the GGUF decodes to exactly its file length, else the
-  decoded part is copied; the decoder does not look for a second GGUF after
-  the first (ollama's loop would).
+  reused only when the GGUF decodes to exactly its file length; else the
+  decoded part is copied and the bytes after it fail the create ("invalid
+  file magic", "unexpected EOF" below 4 bytes); a second whole GGUF after
+  the first (which ollama's loop would take as another layer) fails too.
 * Maps ollama iterates in random order (parameters in `show`) come sorted.
 * Request lines go to stderr (gin writes its [GIN] lines to stdout), and each
   pruned blob is logged by name (ollama logs only the counts). The
@@ -2066,15 +2067,26 @@ def _layers_from_files(files: dict, adapter: bool):
             log("ERROR", "unsupported content type: unknown")
             raise OllamaError("supplied file was not in GGUF format", 400)
         kv = read_gguf_kv(path)
-        # ggufLayers: the blob itself is the layer only when the GGUF decodes
-        # to exactly its length; otherwise the decoded part is copied into a
-        # new blob (llama-gguf-split pads after the last tensor, which the
-        # decoder does not count).
+        # ggufLayers (server/model.go): the blob itself is the layer only when
+        # the GGUF decodes to exactly its length. Otherwise the decoded part
+        # is copied into a new blob and the loop decodes again from there:
+        # bytes after the last tensor (llama-gguf-split pads it to 32) are
+        # read as the next GGUF's magic, "invalid file magic", or with fewer
+        # than 4 bytes left "unexpected EOF"; the copy stays in blobs/.
+        # Seen with a real v0.5.7 built from source (2026-12-05).
         decoded = gguf_decoded_length(path)
-        if decoded is not None and decoded != os.path.getsize(path):
-            layers.append((new_layer(_file_chunks(path, decoded), kv_media_type(kv)), kv))
-        else:
-            layers.append((new_layer_from_layer(str(digest), kv_media_type(kv), path), kv))
+        size = os.path.getsize(path)
+        if decoded is not None and decoded != size:
+            new_layer(_file_chunks(path, decoded), kv_media_type(kv))
+            with open(path, "rb") as handle:
+                handle.seek(decoded)
+                magic = handle.read(4)
+            if len(magic) < 4:
+                raise OllamaError("unexpected EOF")
+            if magic not in (b"GGUF", b"FUGG"):
+                raise OllamaError("invalid file magic")
+            raise OllamaError("invalid file magic")  # a second GGUF in one blob: not followed by the double
+        layers.append((new_layer_from_layer(str(digest), kv_media_type(kv), path), kv))
     return layers
 
 
