@@ -61,7 +61,9 @@ def render_modelfile(
     """The Modelfile text. Values must have passed the checks above."""
     lines = [f"# {header}", f"FROM {from_path}"]
     for name, value in parameters:
-        if name == "stop":
+        if name == "num_gpu" and value == "auto":
+            lines.append("# PARAMETER num_gpu: auto; the create step sets the number planned for the GPUs where it runs (BUILDER_NUM_GPU)")
+        elif name == "stop":
             lines.extend(f'PARAMETER stop "{stop}"' for stop in value)
         else:
             lines.append(f"PARAMETER {name} {format_parameter(value)}")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+import yaml
 
 from builder.render import ollama_split
 from builder.render.offload import MIB, ModelShape, model_shape, plan_offload, shares_for
@@ -486,13 +487,26 @@ def test_text_plan_names_a_gpu_ollama_leaves_out(models: Path) -> None:
 
 
 def test_auto_renders_a_number_and_says_why(models: Path) -> None:
-    config = config_for(models, "DeepSeek-R1-UD-IQ1_M", (24, 24))
-    result = run_builder("render", "-c", str(config), "--out", str(models / "ctx"), cwd=models)
-    assert result.returncode == 0, result.stderr
-    modelfile = (models / "ctx" / "rootfs" / "etc" / "builder" / "Modelfile").read_text()
-    assert "PARAMETER num_gpu 16\n" in modelfile
-    assert "num_gpu: auto -> num_gpu 16 of 61 layers" in result.stderr
-    assert "memory from plan.gpu_memory_gib" in result.stderr
+    """The number goes to the create step, not into the image: rendered for
+    other GPUs, the image's inputs are the same bytes (no rebuild), only the
+    create step's BUILDER_NUM_GPU differs."""
+    contexts = {}
+    for gpus, layers in (((24, 24), 16), ((80, 80), 61)):
+        config = config_for(models, "DeepSeek-R1-UD-IQ1_M", gpus)
+        out = models / f"ctx-{gpus[0]}"
+        result = run_builder("render", "-c", str(config), "--out", str(out), cwd=models)
+        assert result.returncode == 0, result.stderr
+        assert f"num_gpu: auto -> num_gpu {layers} of 61 layers" in result.stderr
+        assert "memory from plan.gpu_memory_gib" in result.stderr
+        compose = yaml.safe_load((out / "compose.yaml").read_text())
+        assert compose["services"]["create"]["environment"] == {"BUILDER_NUM_GPU": str(layers)}
+        modelfile = (out / "rootfs" / "etc" / "builder" / "Modelfile").read_text()
+        assert "\nPARAMETER num_gpu" not in modelfile and "\n# PARAMETER num_gpu: auto;" in modelfile
+        runtime = json.loads((out / "rootfs" / "etc" / "builder" / "runtime.json").read_text())
+        assert runtime["create"]["parameters"]["num_gpu"] == "auto"
+        contexts[gpus] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+                          if p.is_file() and (p.name == "Dockerfile" or "rootfs" in p.parts)}
+    assert contexts[(24, 24)] == contexts[(80, 80)], "the image does not depend on the GPUs"
 
 
 def test_gpu_memory_flag_overrides(models: Path) -> None:

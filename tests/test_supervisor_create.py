@@ -320,3 +320,50 @@ def test_a_model_padded_after_its_last_tensor_is_refused_by_ollama_and_never_rea
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_num_gpu_auto_comes_from_the_environment_and_a_new_number_does_not_rewrite_the_model(
+        tmp_path: Path, ollama_current: Path, capsys, monkeypatch) -> None:
+    """The image says num_gpu: auto; the create step takes the number `up`
+    planned (BUILDER_NUM_GPU). With ollama 0.30+, whose create rewrites every
+    GGUF, another number (other GPUs) creates the model from itself: the
+    model blob stays, only the parameters change. Dropping a parameter
+    cannot be done that way (ollama merges parameters): then the shards are
+    created again."""
+    from builder.supervisor.common import StepError
+
+    models = tmp_path / "models"
+    runtime = dict(runtime_for(models, ollama_current), ollama_generation="0.30")
+    runtime["create"] = {"parameters": {"num_gpu": "auto", "temperature": 0}, "template": "{{ .Prompt }}"}
+    write_split_model(models / "tiny", "tiny", 3, seed=0)
+    store = models / "ollama"
+    manifest_file = store / "manifests/registry.ollama.ai/library/tiny/latest"
+
+    def model_and_params() -> tuple[str, dict]:
+        manifest = json.loads(manifest_file.read_text())
+        model = next(l["digest"] for l in manifest["layers"] if l["mediaType"] == "application/vnd.ollama.image.model")
+        params = next(l["digest"] for l in manifest["layers"] if l["mediaType"] == "application/vnd.ollama.image.params")
+        return model, json.loads((store / "blobs" / params.replace(":", "-")).read_text())
+
+    monkeypatch.delenv("BUILDER_NUM_GPU", raising=False)
+    with pytest.raises(StepError, match=r"num_gpu is auto in this image and BUILDER_NUM_GPU is not set: `builder up` sets it"):
+        create(runtime)
+    monkeypatch.setenv("BUILDER_NUM_GPU", "14")
+    assert create(runtime) == 0
+    first_model, params = model_and_params()
+    assert params == {"num_gpu": 14, "temperature": 0}
+    capsys.readouterr()
+
+    monkeypatch.setenv("BUILDER_NUM_GPU", "61")  # other GPUs: another plan
+    assert create(runtime) == 0
+    out = capsys.readouterr().out
+    assert "only the create request changed; creating tiny:latest from itself" in out and "ollama rewrote" not in out
+    model, params = model_and_params()
+    assert model == first_model and params == {"num_gpu": 61, "temperature": 0}
+    assert set(blobs(store)) == referenced_digests(str(store)), "the old parameters' blob is gone"
+
+    runtime["create"]["parameters"] = {"num_gpu": "auto"}  # temperature dropped: from itself would keep it
+    assert create(runtime) == 0
+    out = capsys.readouterr().out
+    assert "ollama rewrote the 3 shard(s) into one blob" in out
+    assert model_and_params()[1] == {"num_gpu": 61}

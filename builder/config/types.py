@@ -158,6 +158,17 @@ class Config:
     source: str
     target: str = "compose"
     host_prefix: str | None = None
+    # True once the preflight replaced num_gpu: auto with the plan for the GPUs
+    # here: the image keeps "auto" (its digest and runtime.json), the targets
+    # hand the number to the create step (BUILDER_NUM_GPU).
+    num_gpu_planned: bool = False
+
+    def image_parameters(self) -> tuple[tuple[str, object], ...]:
+        """model.parameters as the image holds them: num_gpu: auto stays auto
+        (the GPUs are the target's, not the image's)."""
+        if not self.num_gpu_planned:
+            return self.model.parameters
+        return tuple((k, "auto" if k == "num_gpu" else v) for k, v in self.model.parameters)
 
     @property
     def image(self) -> str:
@@ -177,8 +188,9 @@ class Config:
         data = asdict(self)
         for host_only in (
             "source", "cache_dir", "storage", "gpus", "serve", "project", "plan", "kubernetes", "github_mirror", "registry_mirror",
-            "target", "host_prefix",
+            "target", "host_prefix", "num_gpu_planned",
         ):
             data.pop(host_only)
+        data["model"]["parameters"] = self.image_parameters()
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -115,7 +115,7 @@ def resolve_num_gpu(config: Config, facts: ModelFacts | None, memory: list[int],
         number, reason = plan.num_gpu, f"num_gpu: auto -> {plan.summary()}; memory from {source}"
     parameters["num_gpu"] = number
     model = dataclasses.replace(config.model, parameters=tuple(sorted(parameters.items())))
-    return dataclasses.replace(config, model=model), reason
+    return dataclasses.replace(config, model=model, num_gpu_planned=True), reason
 
 
 @dataclass(frozen=True)

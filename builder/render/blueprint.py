@@ -115,7 +115,7 @@ def make_blueprint(config: Config, memory_limit: str | None = None, k8s_memory_l
     current = config.ollama_generation == CURRENT
     # ollama 0.30+ creates from the shards: by hand, `FROM` their folder (builder names each shard's blob).
     source = str(PurePosixPath(MODELS_DIR, model.shards.first).parent) if current and model.shards.count else merged_path
-    modelfile = render_modelfile(source, model.parameters, model.template, model.system, header)
+    modelfile = render_modelfile(source, config.image_parameters(), model.template, model.system, header)
     labels = (
         ("org.opencontainers.image.title", config.image_name),
         ("org.opencontainers.image.version", config.image_tag),
@@ -138,7 +138,7 @@ def make_blueprint(config: Config, memory_limit: str | None = None, k8s_memory_l
         ("HOME", "/tmp/builder-home"),
     )
     shards = model.shards
-    create_request = {"parameters": {name: list(value) if name == "stop" else value for name, value in model.parameters}}
+    create_request = {"parameters": {name: list(value) if name == "stop" else value for name, value in config.image_parameters()}}
     if model.template is not None:
         create_request["template"] = model.template
     if model.system is not None:
@@ -182,6 +182,14 @@ def make_blueprint(config: Config, memory_limit: str | None = None, k8s_memory_l
     )
 
 
+def create_env(config: Config) -> dict[str, str]:
+    """BUILDER_NUM_GPU when num_gpu: auto was planned here: the image says
+    auto, the create step takes the number from its environment."""
+    if not config.num_gpu_planned:
+        return {}
+    return {"BUILDER_NUM_GPU": str(dict(config.model.parameters)["num_gpu"])}
+
+
 def _compose_values(config: Config, image: str, digest: str, memory_limit: str | None = None) -> dict[str, Any]:
     storage = config.storage
     if storage.kind == "nfs":
@@ -216,6 +224,8 @@ def _compose_values(config: Config, image: str, digest: str, memory_limit: str |
         # What serve's environment gets: BUILDER_SERVE (the rule the supervisor
         # sizes ollama's limits by, at start, from the model's size), then serve.env.
         "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **dict(config.serve.env)},
+        # What the create step's environment gets: num_gpu planned for the GPUs here (num_gpu: auto).
+        "create_env": create_env(config),
         "models_dir": MODELS_DIR,
         # Compose's mem_limit takes Docker's units: 64g, not Kubernetes' 64Gi
         "mem_limit": memory_limit.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k").replace("Ti", "t") if memory_limit else None,

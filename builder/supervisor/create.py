@@ -33,7 +33,7 @@ import os
 import urllib.request
 
 from .common import StepError, file_lock, human_bytes, io_counters, is_current, log, open_loopback, place_blob, read_json, write_json_atomic
-from .create_shards import place_shards, remember_new_times, remove_ollama_temporaries, request_digest, shard_identity
+from .create_shards import create_request, place_shards, remember_new_times, remove_ollama_temporaries, request_digest, shard_identity
 from .merge import merged_digest
 from .ollama import PrivateServer, create_streamed, manifest_path, request
 
@@ -169,6 +169,8 @@ def _create_locked(runtime: dict, store: str) -> int:
     if recorded == identity and os.path.isfile(manifest_path(store, model)):
         log(f"create: {model} is up to date with {source} and its create request; nothing to do")
         return 0
+    if current and _only_the_request_changed(recorded, identity, entry, create_request(runtime)) and os.path.isfile(manifest_path(store, model)):
+        return _recreate_from_itself(runtime, store, records, identity)
     previous = manifest_digests(manifest_path(store, model))
     before = io_counters()
     placed: dict[str, tuple[str, str]] = {}
@@ -195,7 +197,7 @@ def _create_locked(runtime: dict, store: str) -> int:
         identity = shard_identity(runtime)
     uploaded = sum(os.path.getsize(path) for path, how in placed.values() if how not in ("linked", "present"))
     records[model] = {"identity": identity, "path": "shards" if current else "merged", "inputs": len(placed),
-                      "written": written, "uploaded": uploaded}
+                      "written": written, "uploaded": uploaded, "request": create_request(runtime)}
     write_json_atomic(record_file, records)
     remove_unreferenced(store, previous - now, model)
     after = io_counters()
@@ -208,6 +210,57 @@ def _create_locked(runtime: dict, store: str) -> int:
     # /proc/self/io counts the reaped private ollama and its llama-quantize too.
     log(f"create: io read {after[0] - before[0]} written {after[1] - before[1]} bytes, ollama's included")
     return 0
+
+
+def _only_the_request_changed(recorded: dict | None, identity: dict, entry, request: dict) -> bool:
+    """The shards are as they were and the new request keeps every parameter,
+    the template and the system prompt the old one set: ollama 0.30+ can then
+    create the model from itself (its parameters merge into the old ones, so
+    a dropped one would survive: then the shards are created again)."""
+    if not isinstance(recorded, dict) or not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+        return False
+    if {k: v for k, v in recorded.items() if k != "request_sha256"} != {k: v for k, v in identity.items() if k != "request_sha256"}:
+        return False
+    old = entry["request"]
+    if set(old.get("parameters") or {}) - set(request.get("parameters") or {}):
+        return False
+    return all(key in request for key in ("template", "system") if key in old)
+
+
+def _recreate_from_itself(runtime: dict, store: str, records: dict, identity: dict) -> int:
+    """ollama 0.30+, same shards, another request (num_gpu planned for other
+    GPUs, say): create the model from itself, which writes a new manifest and
+    small layers instead of rewriting every GGUF (150 GB for R1)."""
+    model = runtime["model"]
+    request = create_request(runtime)
+    previous = manifest_digests(manifest_path(store, model))
+    log(f"create: only the create request changed; creating {model} from itself (the model's weights are not rewritten)")
+    server_ref: list = []
+    try:
+        with PrivateServer(runtime["ollama"], store) as server:
+            server_ref.append(server)
+            create_streamed(server.base, dict(request, model=model, **{"from": model}))
+            status, shown = request_show(server.base, model)
+    except StepError:
+        _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
+        raise
+    now = manifest_digests(manifest_path(store, model))
+    records[model] = dict(records[model], identity=identity, request=request)
+    write_json_atomic(os.path.join(store, RECORD), records)
+    remove_unreferenced(store, previous - now, model)
+    log(f"create: {model} is ready (new parameters, same weights)")
+    return 0
+
+
+def request_show(base: str, model: str) -> tuple[int, bytes]:
+    """/api/show of the model just created, or a StepError saying why not."""
+    try:
+        status, shown = request(base, "POST", "/api/show", {"model": model})
+    except OSError as exc:
+        raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
+    if status != 200:
+        raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
+    return status, shown
 
 
 def _register(runtime: dict, store: str, files: dict[str, str], placed: dict[str, tuple[str, str]], current: bool) -> bytes:
@@ -226,15 +279,9 @@ def _register(runtime: dict, store: str, files: dict[str, str], placed: dict[str
                     upload_blob(server.base, path, digest)
                 elif not current:
                     log(f"create: blob {how} in {store}/blobs: no copy")
-            body = dict(runtime.get("create", {}), model=model, files={n: f"sha256:{d}" for n, d in files.items()})
+            body = dict(create_request(runtime), model=model, files={n: f"sha256:{d}" for n, d in files.items()})
             create_streamed(server.base, body, idle_timeout=_idle_timeout(placed))
-            try:
-                status, shown = request(server.base, "POST", "/api/show", {"model": model})
-            except OSError as exc:
-                raise StepError(f"create: ollama stopped answering after creating {model} ({exc})") from None
-            if status != 200:
-                raise StepError(f"create: ollama does not list {model} after creating it (HTTP {status}: {shown[:200]!r})")
-            return shown
+            return request_show(server.base, model)[1]
     except StepError:
         _show_private_log(server_ref[0] if server_ref else PrivateServer(runtime["ollama"], store))
         raise

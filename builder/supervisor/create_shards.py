@@ -32,8 +32,25 @@ MARGIN = 64 << 20
 _OLLAMA_TEMP = re.compile(r"^(COPY.*|split-gguf-.*|split-copy.*|projector-metadata.*|sha256-(?![0-9a-f]{64}$).*)$")
 
 
+def create_request(runtime: dict) -> dict:
+    """What create POSTs besides the model and its files: runtime.json's
+    request, with num_gpu: auto replaced by $BUILDER_NUM_GPU, the number
+    `builder up` planned for the GPUs where this runs (the image says auto)."""
+    request = json.loads(json.dumps(runtime.get("create", {})))
+    parameters = request.get("parameters") or {}
+    if parameters.get("num_gpu") == "auto":
+        value = os.environ.get("BUILDER_NUM_GPU", "")
+        if not value.isdigit():
+            raise StepError("create: num_gpu is auto in this image and BUILDER_NUM_GPU is "
+                            + (f"{value!r}, not a number" if value else "not set")
+                            + ": `builder up` sets it from the plan for the GPUs here (`builder plan` shows it); "
+                            "set it to a number of layers, or set model.parameters.num_gpu")
+        parameters["num_gpu"] = int(value)
+    return request
+
+
 def request_digest(runtime: dict) -> str:
-    return hashlib.sha256(json.dumps(runtime.get("create", {}), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(create_request(runtime), sort_keys=True).encode()).hexdigest()
 
 
 def shard_identity(runtime: dict) -> dict:

@@ -73,6 +73,7 @@ def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str
         OLLAMA_MODELS=runtime["ollama_store"],
         HOME=str(prefix / "run" / "home"),
     )
+    env.update(blueprint.compose["create_env"])
     env.update(blueprint.compose["serve_env"])
     gpus = config.gpus
     if gpus.kind == "none":

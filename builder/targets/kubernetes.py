@@ -131,9 +131,12 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         "capabilities": {"drop": ["ALL"]},
     }
     def step(role: str) -> dict:
-        return {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
-                "securityContext": dict(hardened), "resources": copy.deepcopy(STEP_RESOURCES[step_kind(config, role)]),
-                "volumeMounts": [*mount, scratch]}
+        container = {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
+                     "securityContext": dict(hardened), "resources": copy.deepcopy(STEP_RESOURCES[step_kind(config, role)]),
+                     "volumeMounts": [*mount, scratch]}
+        if role == "create" and blueprint.compose["create_env"]:  # num_gpu planned for plan.gpu_memory_gib's GPUs
+            container["env"] = [{"name": k, "value": v} for k, v in blueprint.compose["create_env"].items()]
+        return container
 
     # Ready means the model answers: the supervisor's warm-up loaded it
     # (health --loaded). Started and alive mean ollama answers. The load has

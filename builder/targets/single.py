@@ -72,7 +72,7 @@ def single_argv(blueprint: Blueprint) -> list[str]:
     argv += ["--health-cmd", "python3 -m supervisor health", "--health-interval", "10s",
              "--health-timeout", "5s", "--health-retries", "3", "--health-start-period", "30s"]
     argv += single_gpus(blueprint)
-    for name, value in blueprint.compose["serve_env"].items():
+    for name, value in {**blueprint.compose["create_env"], **blueprint.compose["serve_env"]}.items():
         argv += ["--env", f"{name}={value}"]
     argv += [blueprint.image, "all"]
     return argv
@@ -91,6 +91,7 @@ def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
         ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
         ("PYTHONPATH", SUPERVISOR_HOME),
         ("PYTHONDONTWRITEBYTECODE", "1"),
+        *blueprint.compose["create_env"].items(),
         *blueprint.compose["serve_env"].items(),
     ]
     autodl = env.get_template("targets/single/autodl.sh.j2").render(
