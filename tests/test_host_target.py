@@ -73,6 +73,12 @@ def test_host_target_serves_without_an_engine(project: HostProject) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == f"{project.url} serves tiny:latest"
     assert "load: tiny:latest loaded in " in result.stderr
+    # As compose shows steps: the supervisor's own lines indented under their
+    # step, no progress lines in a log, one `done` line per step.
+    lines = result.stderr.splitlines()
+    assert not [l for l in lines if l.startswith("supervisor:") or l.strip().endswith("%")], result.stderr
+    assert [l.split(":")[0] for l in lines if l.endswith(" s") and ": done in " in l] == ["merge", "create"], result.stderr
+    assert "  merge: joining 3 shards" in result.stderr
     merged = project.root / "models" / "tiny" / "tiny.gguf"
     expected, _ = greedy(llama_cpp_bin_dir(), merged, PROMPT, 8)
     answer = post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False, "options": {"num_predict": 8}})

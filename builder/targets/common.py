@@ -144,6 +144,51 @@ def container_probe(engine, container: str):
     return ask, gone
 
 
+STEP_LOG_TAIL = 15
+
+
+def relay_step(step: str, lines, wait: Callable[[], int], echo: Callable[[str], None], after_failure: str) -> None:
+    """Show a one-shot step's output as `up` does on every target: the
+    supervisor's own lines, progress redrawn on a terminal (and left out of a
+    log), then `STEP: done in N s`; a failure is one line with its reason."""
+    import sys
+    from collections import deque
+
+    tail: deque[str] = deque(maxlen=STEP_LOG_TAIL)
+    started = time.monotonic()
+    tty = sys.stderr.isatty()
+    bar = ""  # the progress line being redrawn on a terminal
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        tail.append(line)
+        if _worth_showing(line):
+            if bar:
+                sys.stderr.write("\r" + " " * len(bar) + "\r")
+                bar = ""
+            echo(f"  {line.removeprefix('supervisor: ')}")
+        elif tty and line.startswith("supervisor: "):
+            bar = f"  {step}: {line.removeprefix('supervisor: ')}"[:120]
+            sys.stderr.write("\r" + bar)
+            sys.stderr.flush()
+    if bar:
+        sys.stderr.write("\r" + " " * len(bar) + "\r")
+    code = wait()
+    if code != 0:
+        reason = next((l.split("error: ", 1)[1] for l in reversed(tail) if "supervisor: error: " in l), None)
+        raise BuilderError(f"{step} failed (exit {code}): {reason or (tail[-1] if tail else 'no output')}; {after_failure}")
+    echo(f"{step}: done in {time.monotonic() - started:.1f} s")
+
+
+def _worth_showing(line: str) -> bool:
+    """The supervisor's own lines, without progress (`builder logs` has everything)."""
+    if not line.startswith("supervisor: "):
+        return False
+    text = line.removeprefix("supervisor: ")
+    return not (" io read " in text or text.split(" ", 2)[1:2] and text.split(" ", 2)[1].endswith("%"))
+
+
 SILENT_SUPERVISOR_SECONDS = 120  # a loading record not refreshed this long: the supervisor is gone or wedged
 
 

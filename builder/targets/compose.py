@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -18,12 +17,11 @@ from builder.errors import BuilderError
 from builder.image.engine import compose_argv
 from builder.render.blueprint import Blueprint
 from builder.targets.base import ContainerTarget
-from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, status_report, wait_for_model
+from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, relay_step, status_report, wait_for_model
 
 
 ONE_SHOT = ("merge", "create")
 
-LOG_TAIL = 15
 
 def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
     """Run one one-shot service attached, streaming its log; fail with its tail."""
@@ -31,45 +29,10 @@ def run_step(context: Path, service: str, echo: Callable[[str], None]) -> None:
     process = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
     )
-    import sys
-
-    tail: deque[str] = deque(maxlen=LOG_TAIL)
-    started = time.monotonic()
-    tty = sys.stderr.isatty()
-    bar = ""  # the progress line being redrawn on a terminal
     assert process.stdout is not None
-    for line in process.stdout:
-        line = line.rstrip("\n")
-        if not line.strip() or _compose_chatter(line):
-            continue
-        tail.append(line)
-        if _worth_showing(line):
-            if bar:
-                sys.stderr.write("\r" + " " * len(bar) + "\r")
-                bar = ""
-            echo(f"  {line.removeprefix('supervisor: ')}")
-        elif tty and line.startswith("supervisor: "):
-            bar = f"  {service}: {line.removeprefix('supervisor: ')}"[:120]
-            sys.stderr.write("\r" + bar)
-            sys.stderr.flush()
-    if bar:
-        sys.stderr.write("\r" + " " * len(bar) + "\r")
-    code = process.wait()
-    if code != 0:
-        reason = next((l.split("error: ", 1)[1] for l in reversed(tail) if "supervisor: error: " in l), None)
-        raise BuilderError(
-            f"{service} failed (exit {code}): {reason or (tail[-1] if tail else 'no output')}; serve was not started "
-            f"(full log: builder logs {service})"
-        )
-    echo(f"{service}: done in {time.monotonic() - started:.1f} s")
+    relay_step(service, (line for line in process.stdout if not _compose_chatter(line)), process.wait, echo,
+               f"serve was not started (full log: builder logs {service})")
 
-
-def _worth_showing(line: str) -> bool:
-    """The supervisor's own lines, without progress (`builder logs` has everything)."""
-    if not line.startswith("supervisor: "):
-        return False
-    text = line.removeprefix("supervisor: ")
-    return not (" io read " in text or text.split(" ", 2)[1:2] and text.split(" ", 2)[1].endswith("%"))
 
 def _compose_chatter(line: str) -> bool:
     text = line.strip()

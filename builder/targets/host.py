@@ -26,7 +26,7 @@ from pathlib import Path
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, full_name, listed_models, loaded_model
+from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
 STOP_SECONDS = 30
@@ -151,10 +151,10 @@ class HostTarget(Target):
         runtime = json.loads((prefix / "runtime.json").read_text())
         env = host_env(blueprint, prefix, runtime)
         for role in ("merge", "create"):
-            echo(f"{role}: running")
-            code = subprocess.run([sys.executable, "-m", "supervisor", role], env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr).returncode
-            if code != 0:
-                raise BuilderError(f"{role} failed (exit {code}); its output is above; serve was not started")
+            process = subprocess.Popen([sys.executable, "-m", "supervisor", role], env=env, stdin=subprocess.DEVNULL,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            assert process.stdout is not None
+            relay_step(role, process.stdout, process.wait, echo, "serve was not started")
         wanted = blueprint.config_digest + ":" + _digest(runtime, env)
         record = read_pidfile(prefix)
         if record and record.get("config") == wanted:
