@@ -200,21 +200,24 @@ def test_create_prints_ollamas_statuses(created) -> None:
     assert lines[-1] == "success"
 
 
-def test_a_gguf_with_bytes_after_its_last_tensor_is_copied_like_ollama_0_5_7(created, tmp_path) -> None:
+@pytest.mark.parametrize("extra,error", [(32, "invalid file magic"), (2, "unexpected EOF")])
+def test_a_gguf_with_bytes_after_its_last_tensor_fails_create_like_ollama_0_5_7(created, tmp_path, extra, error) -> None:
     # ggufLayers reuses the blob only when the GGUF decodes to the file's
-    # length; padding after the last tensor (llama-gguf-split writes it when
-    # that tensor's size is not a multiple of 32) means a copy.
+    # length; otherwise it copies the decoded part and decodes again from
+    # there: padding after the last tensor (llama-gguf-split writes it when
+    # that tensor's size is not a multiple of 32) is no GGUF magic. Seen with
+    # a real ollama 0.5.7 built from source: "Error: invalid file magic",
+    # "Error: unexpected EOF" under 4 bytes, and the copy left in blobs/.
     srv, _result, _work = created
-    padded = gguf_bytes() + b"\0" * 32
+    padded = gguf_bytes() + b"\0" * extra
     model = tmp_path / "padded.gguf"
     model.write_bytes(padded)
     (tmp_path / "Modelfile").write_text("FROM ./padded.gguf\n", encoding="utf-8")
-    assert srv.cli("create", "padded", "-f", str(tmp_path / "Modelfile"), cwd=tmp_path).returncode == 0
-    manifest = json.loads((srv.models / "manifests" / "registry.ollama.ai" / "library" / "padded" / "latest").read_bytes())
-    layer = manifest["layers"][0]
-    assert layer["digest"] == f"sha256:{sha256_hex(gguf_bytes())}" and layer["size"] == len(gguf_bytes())
-    assert "from" not in layer  # a new layer, written by copying
-    assert (srv.models / "blobs" / f"sha256-{sha256_hex(padded)}").is_file()  # the uploaded blob stays (no pruning here)
+    result = srv.cli("create", "padded", "-f", str(tmp_path / "Modelfile"), cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.rstrip().endswith(f"Error: {error}"), result.stderr
+    assert not (srv.models / "manifests" / "registry.ollama.ai" / "library" / "padded").exists()
+    assert (srv.models / "blobs" / f"sha256-{sha256_hex(padded)}").is_file()  # the upload
+    assert (srv.models / "blobs" / f"sha256-{sha256_hex(gguf_bytes())}").is_file()  # the copy of the decoded part
 
 
 def test_create_lays_out_blobs_and_manifest_like_ollama(created) -> None:

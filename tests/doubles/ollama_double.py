@@ -2886,21 +2886,15 @@ class Runner:
         load activity."""
         assert self.process is not None and self.process.stdout is not None
         fd = self.process.stdout.fileno()
-        pending = b""
         while True:
             try:
-                chunk = os.read(fd, 65536)
+                chunk = os.read(fd, 32 * 1024)  # io.Copy's buffer
             except OSError:
                 break
             if not chunk:
                 break
             self.activity = time.monotonic()
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for raw in lines:
-                self._runner_line(raw.decode("utf-8", "replace") + "\n")
-        if pending:
-            self._runner_line(pending.decode("utf-8", "replace"))
+            self._runner_output(chunk.decode("utf-8", "replace"))
 
     def _load_progress(self, mapped: bool) -> float:
         """What ollama 0.5.7's runner reports on /health: llama.cpp's load
@@ -2929,13 +2923,16 @@ class Runner:
         except (OSError, ValueError, StopIteration):
             return self.progress
 
-    def _runner_line(self, line: str) -> None:
+    def _runner_output(self, text: str) -> None:
+        """llm/status.go StatusWriter.Write: each chunk written (not each line)
+        is searched for an error prefix; the last prefix found wins and the
+        message is the rest of the chunk, trimmed (so it can span lines)."""
         for prefix in RUNNER_ERROR_PREFIXES:
-            head, sep, after = line.partition(prefix)
+            head, sep, after = text.partition(prefix)
             if sep:
                 self.last_error = prefix + after.strip()
         with _LOG_LOCK:
-            sys.stderr.write(line)
+            sys.stderr.write(text)
             sys.stderr.flush()
 
     def _http(self, method: str, path: str, payload, timeout: float = 600):
@@ -3575,17 +3572,16 @@ def cmd_run(args: list[str]) -> int:
                                              "nowordwrap": (None, False), "format": (None, True), "insecure": (None, False)})
     if not positional:
         raise OllamaError("requires at least 1 arg(s), only received 0")
-    model, words = positional[0], positional[1:]
-    prompt = " ".join(words)
-    if not sys.stdin.isatty():
-        piped = sys.stdin.read()
-        prompt = piped + (" " + prompt if prompt else "") if piped else prompt
+    model, prompts = positional[0], positional[1:]
+    if not sys.stdin.isatty():  # cmd.go:290-300: stdin is prepended, even when empty
+        prompts = [sys.stdin.read()] + prompts
+    prompt = " ".join(prompts)
     if not prompt:
         raise OllamaError("the ollama double runs only with a prompt (no interactive mode)")
     client = Client()
     client.heartbeat()
     client.do("POST", "/api/show", {"model": model})
-    request: dict = {"model": model, "prompt": prompt, "options": {}}
+    request: dict = {"model": model, "prompt": prompt, "context": [], "options": {}}
     if flags.get("keepalive"):
         request["keep_alive"] = flags["keepalive"]
     if flags.get("format"):
@@ -3598,7 +3594,7 @@ def cmd_run(args: list[str]) -> int:
         sys.stdout.flush()
 
     client.stream("POST", "/api/generate", request, show)
-    sys.stdout.write("\n")
+    sys.stdout.write("\n\n")  # generate(): two Println after a prompt
     if flags.get("verbose"):
         for label, key in (("total duration", "total_duration"), ("load duration", "load_duration"), ("eval duration", "eval_duration")):
             print(f"{label + ':':<22}{go_duration(int(last.get(key, 0)))}", file=sys.stderr)
