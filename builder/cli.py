@@ -139,6 +139,8 @@ def validate(config_path: str) -> None:
     for warning in _warnings(config):
         click.echo(f"warning: {warning}", err=True)
     preflight = assess(config)
+    for note in preflight.notes:
+        click.echo(note, err=True)
     if preflight.facts is None:
         click.echo(
             "warning: model.shards: the shards are on NFS and not readable here, so they were not checked "
@@ -380,7 +382,7 @@ def plan_command(config_path: str, shards_dir: str | None, gpu_memory: str | Non
 
     config = with_gpu_memory(_load(config_path), parse_gpu_memory(gpu_memory))
     preflight = assess(config, Path(shards_dir) if shards_dir else None, whole=False, gpus_required=True,
-                       cgroup=config.target == "host", refuse=False)
+                       cgroup=config.target == "host")
     report = offload_report(preflight, num_ctx)
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2, sort_keys=True))

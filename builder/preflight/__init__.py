@@ -21,7 +21,7 @@ from builder.config import Config
 from builder.errors import ConfigError, Problem
 from builder.preflight.machine import SystemMemory, gpu_memory, read_system_memory
 from builder.preflight.model import ModelFacts, read_model, shard_folder, shard_names  # noqa: F401 - the stage's names
-from builder.preflight.sizing import GIB, RamNeed, check_parallel, plan_for, ram_need, resolve_num_gpu
+from builder.preflight.sizing import GIB, RamNeed, num_gpu_warning, plan_for, ram_need, resolve_num_gpu
 
 DEFAULT_K8S_MEMORY = "256Gi"  # when the shards cannot be read at render time
 
@@ -66,14 +66,14 @@ class Preflight:
 
 
 def assess(config: Config, folder: Path | None = None, whole: bool = True, system: SystemMemory | None = None,
-           cgroup: bool = True, gpus_required: bool = False, lenient: bool = False, refuse: bool = True) -> Preflight:
+           cgroup: bool = True, gpus_required: bool = False, lenient: bool = False) -> Preflight:
     """Read the model once and size it for this machine: `whole` shards
     (validate, up, doctor) or headers only (`plan`); the RAM this process's
     cgroup allows (`cgroup`, for the host target) or the machine's. Raises
     ConfigError for a model that cannot be read, loaded or planned; with
     `lenient` (render, status) shards that cannot be read are no facts,
-    unless num_gpu: auto needs them. `plan` (not `refuse`) shows what
-    does not fit instead of refusing it."""
+    unless num_gpu: auto needs them. An explicit num_gpu above the plan is
+    a warning in `notes` (the load decides), never a refusal."""
     parameters = dict(config.model.parameters)
     try:
         facts = read_model(config, folder, whole)
@@ -86,15 +86,14 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
     config, reason = resolve_num_gpu(config, facts, memory, source)
     if facts is None:
         return Preflight(config, None, tuple(memory), source, notes=tuple(filter(None, [reason])))
-    if refuse:
-        check_parallel(config, facts, memory, source)
+    warning = num_gpu_warning(config, facts, memory, source)
     num_gpu = dict(config.model.parameters).get("num_gpu")
     if not isinstance(num_gpu, int) or isinstance(num_gpu, bool):
         num_gpu = plan_for(config, facts.shape, memory).num_gpu if memory else 0  # ollama's own estimate, as planned
     need = ram_need(config, facts.shape, num_gpu, memory)
     if system is None:
         system = planned_ram(config) or read_system_memory(cgroup=cgroup)
-    return Preflight(config, facts, tuple(memory), source, need, system, tuple(filter(None, [reason])))
+    return Preflight(config, facts, tuple(memory), source, need, system, tuple(filter(None, [reason, warning])))
 
 
 def planned_ram(config: Config) -> SystemMemory | None:

@@ -76,27 +76,29 @@ def plan_for(config: Config, shape: ModelShape, memory: list[int], num_ctx: int 
     return plan_offload(shape, memory, ctx, int(config.plan.margin_gib * GIB), parallel, batch, sched_spread(config))
 
 
-def check_parallel(config: Config, facts: ModelFacts, memory: list[int], source: str) -> None:
-    """A parallelism that leaves no room for the layers model.parameters.num_gpu
-    puts on the GPUs is a config error, with the numbers. Checked where the
-    shards can be read and the GPUs' memory is known."""
+def num_gpu_warning(config: Config, facts: ModelFacts, memory: list[int], source: str) -> str | None:
+    """An explicit model.parameters.num_gpu above the plan: a warning with the
+    numbers, not a refusal. The plan is an estimate; a number the user has
+    seen load is theirs to keep, and ollama's load is the judge (an
+    out-of-memory there is `up`'s error, with the advice)."""
     from builder.render.offload import GIB
 
     num_gpu = dict(config.model.parameters).get("num_gpu")
-    if not isinstance(num_gpu, int) or isinstance(num_gpu, bool) or num_gpu == 0 or config.gpus.kind == "none" or not memory:
-        return
+    if config.num_gpu_planned or not isinstance(num_gpu, int) or isinstance(num_gpu, bool) or num_gpu == 0:
+        return None
+    if config.gpus.kind == "none" or not memory:
+        return None
     parallel, where = effective_parallel(config, facts.shape.total_bytes)
     num_ctx = default_num_ctx(config, memory)
     planned = plan_for(config, facts.shape, memory)
-    if planned.num_gpu < num_gpu:
-        sizes = " + ".join(f"{m / GIB:g}" for m in memory)
-        raise ConfigError(Problem(
-            where if where.startswith("serve.env") else "serve.parallel",
-            f"{parallel} parallel sequences make the KV cache num_ctx {num_ctx} x {parallel}: only {planned.num_gpu} layers fit "
-            f"on the GPUs ({sizes} GiB, from {source}) but model.parameters.num_gpu is {num_gpu}; "
-            f"lower OLLAMA_NUM_PARALLEL (serve.env or serve.parallel) or set num_gpu to {planned.num_gpu}",
-            None, config.source,
-        ))
+    if planned.num_gpu >= num_gpu:
+        return None
+    sizes = " + ".join(f"{m / GIB:g}" for m in memory)
+    kv = f"num_ctx {num_ctx} x {parallel} parallel sequences ({where})" if parallel > 1 else f"num_ctx {num_ctx}"
+    fewer = f"lower OLLAMA_NUM_PARALLEL (serve.parallel) or num_gpu to {planned.num_gpu}" if parallel > 1 else f"set num_gpu to {planned.num_gpu}"
+    return (f"warning: model.parameters.num_gpu: {num_gpu} layers, but the plan fits {planned.num_gpu} on the GPUs "
+            f"({sizes} GiB, from {source}; KV cache for {kv}); the load decides: if ollama runs out of GPU memory, "
+            f"`up` says so and leaves serve up; then {fewer}")
 
 
 def resolve_num_gpu(config: Config, facts: ModelFacts | None, memory: list[int], source: str) -> tuple[Config, str | None]:

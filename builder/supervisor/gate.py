@@ -115,6 +115,7 @@ REASONS = {
     501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 505: "HTTP Version Not Supported",
 }
 BUFFER = 64 * 1024
+UPSTREAM_LIMITS = Limits(max_line=64 * 1024, max_head=256 * 1024, max_headers=200)  # ollama's answers
 
 _LOG_LOCK = threading.Lock()
 
@@ -455,8 +456,10 @@ class _Connection:
             try:
                 if not self.reader.fill(time.monotonic() + wait):
                     return None
-            except (_Timeout, _Closed):
-                if first:
+            except _Closed:
+                return None
+            except _Timeout:
+                if first:  # a connection that says nothing: slowloris or a port scan
                     self._refuse(HttpError(408, "request timeout: no request head within "
                                                 f"{limits.header_timeout:g} s"))
                 return None
@@ -479,12 +482,12 @@ class _Connection:
             self._access("-", "-", "-")
             return None
 
-    def _access(self, name: str, method: str, target: str, started: float | None = None) -> None:
+    def _access(self, name: str, method: str, target: str, started: float | None = None, note: str = "") -> None:
         if not self.gate.access_log:
             return
         path = target.split("?", 1)[0]
         took = f" {time.monotonic() - started:.3f}s" if started is not None else ""
-        log(f"{self.peer} {name} {method} {path} {self.status or '-'} {self.bytes_out}{took}")
+        log(f"{self.peer} {name} {method} {path} {self.status or '-'} {self.bytes_out}{took}{' ' + note if note else ''}")
 
     # one request
 
@@ -505,11 +508,12 @@ class _Connection:
                 raise HttpError(413, f"request body too large: {request.length} bytes; the limit is {limit} bytes")
             keep = self._forward(request, limit)
         except HttpError as error:
-            if self.sent_head:  # too late for an answer of our own: cut the response short
-                keep = False
-            else:
+            if not self.sent_head:  # else too late for an answer of our own: the response is cut short
                 self._refuse(error)
-                keep = False
+            keep = False
+        except _ClientGone:
+            self._access(name, request.method, request.target, started, "client hung up")
+            raise
         self._access(name, request.method, request.target, started)
         return keep and not request.close and not self.gate.stopping.is_set()
 
@@ -656,11 +660,10 @@ class _Connection:
             raise HttpError(408, f"request timeout: no body bytes for {idle:g} s") from None
 
     def _relay_response(self, request: Request, up: _Reader, pending: bytearray) -> bool:
-        limits = Limits(max_line=64 * 1024, max_head=256 * 1024, max_headers=200)
         bad = _BadUpstream()
         while True:
             try:
-                head = _read_head(up, limits, None, bad, bad)
+                head = _read_head(up, UPSTREAM_LIMITS, None, bad, bad)
             except (HttpError, _Closed):
                 raise _BadUpstream() from None
             if head is None:
@@ -756,9 +759,6 @@ class _Connection:
                     out(data)
         except _Closed:
             raise _BadUpstream() from None
-        finally:
-            if pending and not sys.exc_info()[0] in (None,) and self.sent_head:
-                pass
         if rechunk:
             pending.extend(b"0\r\n\r\n")
         if pending:
@@ -920,13 +920,12 @@ def serve_gate(listen_host: str, listen_port: int, upstream_port: int, keys_file
 
 
 def _size(text: str) -> int | None:
-    """'64M', '1G', '1048576', 'none' -> bytes (None: no limit)."""
-    text = text.strip().lower()
-    if text in ("none", "0", "unlimited"):
+    """'64M', '2G', '1048576', 'none' -> bytes (None: no limit)."""
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if text in ("none", "unlimited", "0"):
         return None
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    scale = units.get(text[-1:].rstrip("b") if text.endswith("b") and len(text) > 1 else text[-1:], 1)
-    digits = text.rstrip("b").rstrip("kmgt") if scale != 1 else text
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}.get(text[-1:], 1)
+    digits = text[:-1] if scale != 1 else text
     if not digits.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: a size like 64M, 2G or none")
     return int(digits) * scale
