@@ -141,7 +141,10 @@ def test_empty_prompt_loads_ps_lists_and_keep_alive_zero_unloads(world) -> None:
     assert chat_load["done_reason"] == "load"
     unloaded = srv.http.post("/api/generate", json={"model": "tiny", "keep_alive": 0}, timeout=60).json()
     assert unloaded["done_reason"] == "unload"
-    assert srv.http.get("/api/ps").json() == {"models": []}
+    deadline = time.monotonic() + 10
+    while srv.http.get("/api/ps").json() != {"models": []}:
+        assert time.monotonic() < deadline, srv.http.get("/api/ps").json()
+        time.sleep(0.1)
 
 
 def test_a_model_llama_cpp_refuses_fails_the_request_not_the_server(world, tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def llama_zip() -> Path:
 
 
 def test_stages_what_the_image_needs(tmp_path: Path, llama_zip: Path) -> None:
-    ollama = write(tmp_path / "ollama.tgz", ollama_release_tgz())
+    ollama = write(tmp_path / "ollama.tgz", ollama_release_tgz(extra={}))  # the test archive: its layout is asserted
     context = tmp_path / "ctx"
     assert run_stage(context, ollama, llama_zip) == ["ollama", "llama.cpp"]
     staged = tree(context / "staged")
