@@ -182,3 +182,20 @@ def test_a_model_without_tokens_crashes_serve_like_ollama_0_5_7(tmp_path: Path, 
         code, log = srv.stop()
     assert code == 2
     assert "panic: interface conversion: interface {} is nil, not *llm.array" in log
+
+
+def test_a_client_that_hangs_up_mid_answer_ends_its_request_not_the_model(world) -> None:
+    """Go cancels the request's context; the runner frees the sequence and the
+    model stays loaded (what a proxy in front of ollama relies on)."""
+    srv, _bin_dir, _merged, _root = world
+    srv.http.post("/api/generate", json={"model": "tiny", "keep_alive": -1}, timeout=120)
+    starts = srv.log.read_text().count("starting llama server")
+    with srv.http.stream("POST", "/api/generate", json={"model": "tiny", "prompt": PROMPT, "options": {"num_predict": 2000}},
+                         timeout=120) as streamed:
+        for line in streamed.iter_lines():
+            if line:
+                break  # the first piece, then hang up
+    answer = srv.http.post("/api/generate", json={"model": "tiny", "prompt": PROMPT, "stream": False}, timeout=120).json()
+    assert answer["done"] is True and answer["eval_count"] == 8
+    assert [m["name"] for m in srv.http.get("/api/ps").json()["models"]] == ["tiny:latest"]
+    assert srv.log.read_text().count("starting llama server") == starts, "no reload"

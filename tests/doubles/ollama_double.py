@@ -1637,7 +1637,11 @@ class Handler(BaseHTTPRequestHandler):
                 text.append(content)
                 respond("piece", content)
 
-            metrics = runner.completion(prompt, options, piece)
+            try:
+                metrics = runner.completion(prompt, options, piece)
+            except ClientGone:  # closing the runner connection ends the generation there
+                self.close_connection = True
+                return
             metrics["prompt"], metrics["text"], metrics["runner"] = prompt, "".join(text), runner
             now = time.monotonic_ns()
             metrics["total_duration"], metrics["load_duration"] = max(now - started, 1), max(loaded - started, 1)
@@ -2704,6 +2708,11 @@ class LoadError(OllamaError):
     pass
 
 
+class ClientGone(Exception):
+    """The client closed its connection mid-answer: Go cancels the request's
+    context, the runner frees the sequence, the model stays loaded."""
+
+
 def runners_dir() -> str:
     """runners.Locate: lib/ollama/runners beside or above the executable."""
     exe = os.path.realpath(sys.argv[0])
@@ -2987,7 +2996,10 @@ class Runner:
                     line = line[len(b"data: "):]
                 event = json.loads(line)
                 if event.get("content"):
-                    on_piece(event["content"])
+                    try:
+                        on_piece(event["content"])
+                    except OSError as exc:  # writing to our client, not reading the runner
+                        raise ClientGone() from exc
                 if event.get("stop"):
                     timings = event.get("timings") or {}
                     limit = event.get("stopped_limit", event.get("stop_type") == "limit")
