@@ -453,3 +453,8 @@ def push(config_path: str, target: str) -> None:
     full = push_target(target, config.registry_mirror)
     digest = engine.push(config.image, full, _echo_err)
     click.echo(f"{full}@{digest}" if digest else full)
+
+
+from builder.cli_keys import keys  # noqa: E402 - its own module; it needs main's helpers above
+
+main.add_command(keys)

@@ -86,7 +86,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
     model = _resolve_model(data["model"], data["storage"], base_dir, fail)
     storage = _resolve_storage(data["storage"], base_dir, fail)
     gpus = _resolve_gpus(data["gpus"])
-    serve = _resolve_serve(data["serve"], fail)
+    serve = _resolve_serve(data["serve"], base_dir, fail)
     planned_for = data["plan"].get("gpu_memory_gib") or ()
     wanted = gpus.count if gpus.kind == "count" else len(gpus.ids) if gpus.kind == "ids" else None
     if planned_for and wanted is not None and len(planned_for) != wanted:
@@ -126,6 +126,7 @@ def _resolve(data: dict[str, Any], locate: _Locator, base_dir: Path) -> Config:
             data["kubernetes"].get("gpu_product"),
             str(data["kubernetes"]["cpu_limit"]),
             data["kubernetes"]["memory_limit"],
+            tuple(data["kubernetes"]["allow_from_namespaces"]),
         ),
         cache_dir=os.path.normpath(str(base_dir / Path(data["cache_dir"]).expanduser())) if data["cache_dir"] else None,
         source=locate.source,
@@ -295,7 +296,7 @@ def _resolve_gpus(value: Any) -> Gpus:
     return Gpus("ids", ids=tuple(str(v) for v in value))
 
 
-def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
+def _resolve_serve(serve: dict[str, Any], base_dir: Path, fail: Any) -> Serve:
     try:
         bind = str(ipaddress.ip_address(serve["bind"]))
     except ValueError:
@@ -320,7 +321,21 @@ def _resolve_serve(serve: dict[str, Any], fail: Any) -> Serve:
         fail(("serve", "keep_alive"), f"'{keep_alive}' is not a duration: use -1 (forever), a number of seconds, or a duration such as 30m")
     load_timeout = None if serve["load_timeout"] == "auto" else serve["load_timeout"]
     parallel = None if serve["parallel"] == "auto" else serve["parallel"]
+    try:
+        loopback = ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        loopback = False
+    auth = serve["auth"]
+    if auth == "auto":
+        auth = "none" if loopback else "keys"
+    elif auth == "none" and not loopback:
+        fail(("serve", "auth"), f"none would let anyone who reaches {bind}:{serve['port']} run prompts and delete the model; "
+             "use keys (the default), or bind 127.0.0.1")
+    keys_file = serve["keys_file"]
+    if keys_file is not None:
+        keys_file = os.path.normpath(str(base_dir / Path(keys_file).expanduser()))
     return Serve(
         serve["port"], bind, tuple(env), serve["ready_timeout"], str(keep_alive).strip(), load_timeout,
-        serve["read_mb_s"], parallel, serve["single_sequence_above_gib"], serve["memory_limit"],
+        serve["read_mb_s"], parallel, serve["single_sequence_above_gib"], serve["memory_limit"], auth, keys_file,
+        os.path.normpath(str(base_dir / "api-keys")),
     )

@@ -288,6 +288,12 @@ def config_schema() -> dict[str, Any]:
                     "storage_class": _str("A StorageClass for the model volume claim, instead of an NFS PersistentVolume.", minLength=1),
                     "storage_size": _str("The model volume's size, e.g. 1Ti.", pattern="^[0-9]+(Ki|Mi|Gi|Ti|Pi)$"),
                     "replicas": {"description": "Serving pods (each with its GPUs).", "type": "integer", "minimum": 1},
+                    "allow_from_namespaces": {
+                        "description": "Namespaces whose pods may reach the endpoint, besides its own (the NetworkPolicy's sources).",
+                        "type": "array",
+                        "items": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"},
+                        "uniqueItems": True,
+                    },
                     "cpu_limit": {"description": "serve's CPU limit (cores, or a quantity like 500m).", "type": ["string", "integer"], "pattern": "^[0-9]+(\\.[0-9]+)?m?$", "minimum": 1},
                     "memory_limit": _str(
                         "serve's memory limit: auto (the RAM `builder plan` says the part of the model off the GPUs needs, plus 2 GiB, "
@@ -325,6 +331,17 @@ def config_schema() -> dict[str, Any]:
                         "description": "OLLAMA_NUM_PARALLEL, or auto: 1 for models above serve.single_sequence_above_gib, else 4. The KV cache is num_ctx times this.",
                         "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
                         "x-expect": "a number of sequences or auto",
+                    },
+                    "auth": _str(
+                        "Who may use the endpoint: keys (every request needs Authorization: Bearer KEY; a gate in front of ollama), "
+                        "none (only with a loopback serve.bind), or auto: none on loopback, keys otherwise.",
+                        enum=["auto", "keys", "none"],
+                    ),
+                    "keys_file": {
+                        "description": "The API keys file (mode 0600; `builder keys` manages it), relative to this file; "
+                        "null: keys beside builder.yaml (host target: in the prefix). Never keys in the config itself.",
+                        "type": ["string", "null"],
+                        "minLength": 1,
                     },
                     "memory_limit": _str(
                         "serve's memory limit in compose and single: auto (the RAM `builder plan` says the part of the model off the GPUs "

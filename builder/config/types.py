@@ -22,6 +22,7 @@ RESERVED_ENV = {
     "LD_LIBRARY_PATH": "the supervisor sets it for each program",
     "BUILDER_RUNTIME": "the supervisor reads it",
     "BUILDER_SERVE": "it carries serve.keep_alive, load_timeout and parallel",
+    "BUILDER_GATE": "it carries serve.auth and serve.keys_file",
 }
 
 
@@ -108,6 +109,7 @@ class KubernetesSettings:
     gpu_product: str | None = None
     cpu_limit: str = "32"
     memory_limit: str = "auto"
+    allow_from_namespaces: tuple[str, ...] = ()  # beyond the pod's own namespace
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,18 @@ class Serve:
     parallel: int | None = None  # None: auto
     single_sequence_above_gib: float = 16
     memory_limit: str = "auto"  # compose and single: auto, none or a quantity
+    auth: str = "none"  # keys or none (auto resolved by the bind)
+    keys_file: str | None = None  # absolute; None: the target's default place
+    keys_beside_config: str | None = None  # the default place for compose and single: api-keys beside builder.yaml
+
+    @property
+    def loopback(self) -> bool:
+        import ipaddress
+
+        try:
+            return ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            return False
 
     def limits(self) -> dict:
         """The rule the supervisor sizes ollama by (BUILDER_SERVE; builder.supervisor.limits)."""

@@ -20,7 +20,10 @@ from builder.modelfile import render_modelfile
 # Where things live inside the image and the containers.
 MODELS_DIR = "/models"
 OLLAMA_STORE = "/models/ollama"  # on the model volume, beside the merged file
-OLLAMA_PORT = 11434
+OLLAMA_PORT = 11434  # what the container publishes: ollama, or the gate in front of it (serve.auth: keys)
+OLLAMA_INTERNAL_PORT = 11435  # ollama behind the gate, on the container's loopback
+KEYS_IN_CONTAINER = "/run/secrets/builder-keys"
+KEYS_FILE_NAME = "api-keys"
 OLLAMA_PREFIX = "/usr/local"  # bin/ollama and lib/ollama/, as the release archive has them
 LLAMA_CPP_BIN = "/opt/llama.cpp/build/bin"
 SUPERVISOR_HOME = "/opt/builder"
@@ -182,6 +185,24 @@ def make_blueprint(config: Config, memory_limit: str | None = None, k8s_memory_l
     )
 
 
+def keys_file(config: Config, prefix: str | None = None) -> str:
+    """Where the API keys live on this machine: serve.keys_file, else beside
+    the config (the host target: in its prefix)."""
+    if config.serve.keys_file:
+        return config.serve.keys_file
+    if prefix is None and config.serve.keys_beside_config:
+        return config.serve.keys_beside_config
+    return str(PurePosixPath(prefix or ".", KEYS_FILE_NAME))
+
+
+def gate_env(config: Config, listen: str, upstream: int, keys: str) -> dict[str, str]:
+    """BUILDER_GATE for serve.auth: keys: the gate listens where ollama would,
+    ollama moves to loopback:upstream, keys from `keys`."""
+    if config.serve.auth != "keys":
+        return {}
+    return {"BUILDER_GATE": json.dumps({"keys": keys, "listen": listen, "upstream": upstream}, sort_keys=True, separators=(",", ":"))}
+
+
 def create_env(config: Config) -> dict[str, str]:
     """BUILDER_NUM_GPU when num_gpu: auto was planned here: the image says
     auto, the create step takes the number from its environment."""
@@ -223,7 +244,10 @@ def _compose_values(config: Config, image: str, digest: str, memory_limit: str |
         },
         # What serve's environment gets: BUILDER_SERVE (the rule the supervisor
         # sizes ollama's limits by, at start, from the model's size), then serve.env.
-        "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **dict(config.serve.env)},
+        "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")),
+                      **gate_env(config, f"0.0.0.0:{OLLAMA_PORT}", OLLAMA_INTERNAL_PORT, KEYS_IN_CONTAINER), **dict(config.serve.env)},
+        # serve.auth: keys: the host file the serve container reads its keys from.
+        "keys_file": keys_file(config) if config.serve.auth == "keys" else None,
         # What the create step's environment gets: num_gpu planned for the GPUs here (num_gpu: auto).
         "create_env": create_env(config),
         "models_dir": MODELS_DIR,

@@ -57,6 +57,10 @@ def serve(runtime: dict) -> int:
     stop = threading.Event()
     state: dict = {"signal": 0, "child": None, "generation": 0}
     env, rule, size = serve_environment(runtime)
+    gate = gate_settings()
+    if gate is not None:  # serve.auth: keys: ollama on loopback, the gate where it would have listened
+        env["OLLAMA_HOST"] = f"127.0.0.1:{gate['upstream']}"
+        start_gate(gate, stop)
     tail = OutputTail()
     host = env.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")[2] or "11434"
     warmer = Warmer(
@@ -105,6 +109,43 @@ def serve(runtime: dict) -> int:
         stop.wait(delay)
     log(f"serve: stopped by signal {state['signal']}")
     return 0
+
+
+def gate_settings() -> dict | None:
+    """BUILDER_GATE (serve.auth: keys): where the gate listens, ollama's
+    loopback port behind it, the keys file; None without it."""
+    text = os.environ.get("BUILDER_GATE")
+    if not text:
+        return None
+    try:
+        gate = json.loads(text)
+        return {"listen": str(gate["listen"]), "upstream": int(gate["upstream"]), "keys": str(gate["keys"])}
+    except (ValueError, KeyError, TypeError):
+        raise StepError("serve: BUILDER_GATE is not what builder writes; render the stack again") from None
+
+
+def start_gate(gate: dict, stop: threading.Event) -> None:
+    """The gate in a thread of the serve role: it outlives ollama's restarts.
+    A gate that cannot start (its keys file, its port) stops serve: no
+    unauthenticated fallback."""
+    from .gate import parse_hostport, serve_gate
+
+    host, port = parse_hostport(gate["listen"])
+    started = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve_gate(host, port, gate["upstream"], gate["keys"], stop, ready=lambda *_: started.set())
+        except BaseException as exc:  # noqa: BLE001 - reported below, in the main thread
+            failure.append(exc)
+            started.set()
+
+    threading.Thread(target=run, name="gate", daemon=True).start()
+    started.wait(30)
+    if failure or not started.is_set():
+        why = failure[0] if failure else "it did not start within 30 s"
+        raise StepError(f"serve: the API gate cannot start on {gate['listen']}: {why}")
 
 
 def model_size(runtime: dict) -> int:
@@ -191,8 +232,9 @@ def _working_role() -> str | None:
 def health(runtime: dict, flags: list[str]) -> int:
     if not flags and _working_role():
         return 0
-    port = os.environ.get("OLLAMA_HOST", "").rpartition(":")[2] or runtime["port"]
-    base = f"http://127.0.0.1:{port}"
+    gate = gate_settings()
+    port = gate["upstream"] if gate else os.environ.get("OLLAMA_HOST", "").rpartition(":")[2] or runtime["port"]
+    base = f"http://127.0.0.1:{port}"  # ollama itself, never the gate: no key needed
     if "--loaded" in flags:
         code, state = health_loaded(base, runtime["model"])
         if "--json" in flags:

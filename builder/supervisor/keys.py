@@ -90,7 +90,11 @@ def check_mode(path: str, st: os.stat_result | None = None) -> None:
     if not stat.S_ISREG(st.st_mode):
         raise KeysFileError(f"{path}: not a regular file; the keys file must be a file of mode 0600")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
+    # 0440 of a group this process is in: a Kubernetes Secret mounted for the
+    # pod's fsGroup (owned by root). Nothing else may be open to the group.
+    shared = (mode & 0o077 == 0o040 and st.st_uid == 0 != os.geteuid()
+              and st.st_gid in (os.getegid(), *os.getgroups()))
+    if mode & 0o077 and not shared:
         raise KeysFileError(f"{path}: mode {mode:04o}; the keys file must be readable by its owner only: chmod 600 {path}")
 
 
@@ -149,11 +153,14 @@ def _parse_json(text: str, path: str) -> list[Entry]:
     return entries
 
 
-def read_entries(path: str) -> list[Entry]:
-    """The file's entries, after the mode check."""
+def read_entries(path: str, lock: bool = True) -> list[Entry]:
+    """The file's entries, after the mode check (`lock`: wait for a writer,
+    which rewrites it in place under LOCK_EX; False for that writer itself)."""
     try:
         with open(path, "rb") as handle:
             check_mode(path, os.fstat(handle.fileno()))
+            if lock:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
             raw = handle.read()
     except FileNotFoundError:
         raise KeysFileError(f"{path}: no such keys file; create one with `python3 -m supervisor.keys --file {path} add NAME`") from None
@@ -267,8 +274,23 @@ def _locked(path: str):
             os.close(fd)
 
 
+def _rewrite(path: str, text: str) -> None:
+    """Rewrite an existing keys file in place, under the caller's LOCK_EX:
+    the same inode keeps its owner and mode, and a container that bind-mounts
+    the file (a compose secret, a `--mount`) sees the change, which it would
+    not after a rename. Readers take LOCK_SH, so none sees half a file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        data = text.encode("utf-8")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file of mode 0600 and a rename."""
+    """Write `text` to a new `path` through a temporary file of mode 0600 and a rename."""
     folder = os.path.dirname(os.path.abspath(path))
     temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -302,17 +324,17 @@ def add_key(path: str, name: str, admin: bool = False, key: str | None = None) -
         if not os.path.exists(path):
             _write_atomic(path, HEADER + _line(entry))
             return key
-        entries = read_entries(path)
+        entries = read_entries(path, lock=False)
         if any(e.name == name for e in entries):
             raise KeysFileError(f"{path}: a key named {name!r} exists; revoke it first or choose another name")
         if any(hmac.compare_digest(e.key.encode(), key.encode()) for e in entries):
             raise KeysFileError(f"{path}: that key is already in the file under another name")
         if _is_json(path):
-            _write_atomic(path, _render_json([*entries, entry]))
+            _rewrite(path, _render_json([*entries, entry]))
         else:
             with open(path, encoding="utf-8") as handle:
                 text = handle.read()
-            _write_atomic(path, text + ("" if not text or text.endswith("\n") else "\n") + _line(entry))
+            _rewrite(path, text + ("" if not text or text.endswith("\n") else "\n") + _line(entry))
     return key
 
 
@@ -329,16 +351,16 @@ def revoke_key(path: str, name: str) -> bool:
     """Remove the key named `name`; False when there is none. The gate refuses
     it from its next request on."""
     with _locked(path):
-        entries = read_entries(path)
+        entries = read_entries(path, lock=False)
         if not any(e.name == name for e in entries):
             return False
         if _is_json(path):
-            _write_atomic(path, _render_json([e for e in entries if e.name != name]))
+            _rewrite(path, _render_json([e for e in entries if e.name != name]))
         else:
             with open(path, encoding="utf-8") as handle:
                 lines = handle.read().splitlines(keepends=True)
             kept = [line for line in lines if not (line.split() and line.split()[0] == name and not line.lstrip().startswith("#"))]
-            _write_atomic(path, "".join(kept))
+            _rewrite(path, "".join(kept))
     return True
 
 

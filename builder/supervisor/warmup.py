@@ -250,6 +250,8 @@ class Warmer(threading.Thread):
             return True
 
     def _failed(self, message: str) -> None:
+        # One line: ollama's cause can span lines (it cuts the runner's output chunk, not a line).
+        message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
         self.record(state="failed", error=message)
         log(f"serve: loading {self.model} failed: {message}")
 

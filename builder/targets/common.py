@@ -60,7 +60,7 @@ def writable_by(path: Path, uid: int, gid: int) -> bool:
         return bool(info.st_mode & 0o020)
     return bool(info.st_mode & 0o002)
 
-def wait_for_model(url: str, model: str, timeout: float) -> None:
+def wait_for_model(url: str, model: str, timeout: float, headers: dict[str, str] | None = None) -> None:
     """Ask the endpoint until it answers and lists the model (httpx + tenacity)."""
     from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
@@ -68,7 +68,7 @@ def wait_for_model(url: str, model: str, timeout: float) -> None:
         pass
 
     def ask() -> None:
-        names = listed_models(url)
+        names = listed_models(url, headers)
         if names is None:
             raise NotYet("no answer")
         wanted = full_name(model)
@@ -88,26 +88,27 @@ def full_name(model: str) -> str:
     """ollama lists `NAME` as `NAME:latest`."""
     return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
-def listed_models(url: str) -> set[str] | None:
+def listed_models(url: str, headers: dict[str, str] | None = None) -> set[str] | None:
     """The names /api/tags lists, or None when the endpoint does not answer
-    properly. Never through a proxy: the endpoint is on this machine."""
+    properly. Never through a proxy: the endpoint is on this machine.
+    `headers`: the key, with serve.auth: keys (targets.keys.endpoint_headers)."""
     import httpx
 
     try:
-        response = httpx.get(f"{url}/api/tags", timeout=10, trust_env=False)
+        response = httpx.get(f"{url}/api/tags", timeout=10, trust_env=False, headers=headers or {})
         if response.status_code != 200:
             return None
         return {m.get("name") for m in response.json().get("models", []) if isinstance(m, dict)}
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
 
-def loaded_model(url: str, model: str) -> dict | None:
+def loaded_model(url: str, model: str, headers: dict[str, str] | None = None) -> dict | None:
     """The model's /api/ps entry (size, size_vram, expires_at) while it is loaded."""
     import httpx
 
     wanted = full_name(model)
     try:
-        response = httpx.get(f"{url}/api/ps", timeout=10, trust_env=False)
+        response = httpx.get(f"{url}/api/ps", timeout=10, trust_env=False, headers=headers or {})
         if response.status_code != 200:
             return None
         for entry in response.json().get("models", []):
@@ -343,8 +344,11 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
     is listed and loaded."""
     from builder.image.build import image_staleness
 
+    from builder.targets.keys import endpoint_headers
+
     url = endpoint_url(blueprint)
-    names = listed_models(url)
+    headers = endpoint_headers(blueprint)
+    names = listed_models(url, headers)
     listed = None if names is None else full_name(blueprint.config.model.name) in names
     return {
         "project": blueprint.config.project,
@@ -355,7 +359,7 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
         "endpoint": url,
         "model": blueprint.config.model.name,
         "model_listed": listed,
-        "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+        "loaded": loaded_model(url, blueprint.config.model.name, headers) if listed else None,
         "created": created_via(probe),
         "services": services,
     }

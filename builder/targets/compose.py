@@ -17,6 +17,7 @@ from builder.errors import BuilderError
 from builder.image.engine import compose_argv
 from builder.render.blueprint import Blueprint
 from builder.targets.base import ContainerTarget
+from builder.targets.keys import endpoint_headers
 from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, relay_step, status_report, wait_for_model
 
 
@@ -55,7 +56,7 @@ def up(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None])
             hint = "; the NVIDIA container toolkit is missing on this host (or set gpus: none)"
         raise BuilderError(f"serve did not start: {detail}{hint}")
     url = endpoint_url(blueprint)
-    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint))
     return Endpoint(url, blueprint.config.model.name)
 
 def _replace_stale_volume(blueprint: Blueprint, context: Path, engine, echo) -> None:

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 from builder.errors import BuilderError, ConfigError, Problem
-from builder.render.blueprint import Blueprint
+from builder.render.blueprint import Blueprint, gate_env, keys_file
 from builder.targets.base import Target
 from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step
+from builder.targets.keys import endpoint_headers
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
 STOP_SECONDS = 30
@@ -69,12 +70,14 @@ def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str
         BUILDER_LOG=str(prefix / "run" / "serve.log"),
         BUILDER_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
         LD_LIBRARY_PATH=str(Path(runtime["gguf_split"]).parent),
-        OLLAMA_HOST=f"{config.serve.bind}:{config.serve.port}",
+        OLLAMA_HOST=f"{_bracketed(config.serve.bind)}:{config.serve.port}",
         OLLAMA_MODELS=runtime["ollama_store"],
         HOME=str(prefix / "run" / "home"),
     )
     env.update(blueprint.compose["create_env"])
     env.update(blueprint.compose["serve_env"])
+    env.pop("BUILDER_GATE", None)  # the containers' own; here: this machine's port and keys
+    env.update(gate_env(config, f"{_bracketed(config.serve.bind)}:{config.serve.port}", config.serve.port + 1, host_keys_file(blueprint)))
     gpus = config.gpus
     if gpus.kind == "none":
         env["CUDA_VISIBLE_DEVICES"] = ""
@@ -83,6 +86,16 @@ def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str
     elif gpus.kind == "count":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus.count))
     return env
+
+
+def _bracketed(address: str) -> str:
+    """An IPv6 address in brackets, as HOST:PORT needs it."""
+    return f"[{address}]" if ":" in address else address
+
+
+def host_keys_file(blueprint: Blueprint) -> str:
+    """serve.keys_file, else the prefix's api-keys."""
+    return keys_file(blueprint.config, str(prefix_for(blueprint)))
 
 
 def _start_time(pid: int) -> int | None:
@@ -166,7 +179,8 @@ class HostTarget(Target):
             _refuse_taken_port(blueprint)
             self._start(prefix, env, wanted, echo)
         url = local_url(blueprint)
-        _wait_for_our_model(prefix, url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout))
+        _wait_for_our_model(prefix, url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout),
+                            endpoint_headers(blueprint))
         return Endpoint(url, blueprint.config.model.name)
 
     def _start(self, prefix: Path, env: dict[str, str], wanted: str, echo) -> None:
@@ -263,7 +277,7 @@ class HostTarget(Target):
         if runtime.get("ollama_generation"):  # ollama 0.30+ creates from the shards
             records["merge"] = {"state": "none needed (this ollama reads the shards)"}
         url = local_url(blueprint)
-        names = listed_models(url)
+        names = listed_models(url, endpoint_headers(blueprint))
         listed = None if names is None else full_name(blueprint.config.model.name) in names
         return {
             "project": blueprint.config.project,
@@ -275,7 +289,7 @@ class HostTarget(Target):
             "endpoint": url,
             "model": blueprint.config.model.name,
             "model_listed": listed,
-            "loaded": loaded_model(url, blueprint.config.model.name) if listed else None,
+            "loaded": loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint)) if listed else None,
             "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
             "services": {**records, "serve": serve},
         }
@@ -295,16 +309,19 @@ def _refuse_taken_port(blueprint: Blueprint) -> None:
 
     serve = blueprint.config.serve
     host = "127.0.0.1" if serve.bind in ("0.0.0.0", "::") else serve.bind
-    try:
-        with socket.create_connection((host, serve.port), timeout=2):
-            pass
-    except OSError:
-        return
-    raise BuilderError(f"port {serve.port} on {host} is taken by another program (not this project's serve); "
-                       "stop it (an `ollama serve` of your own?) or set serve.port")
+    ports = [(host, serve.port)] + ([("127.0.0.1", serve.port + 1)] if serve.auth == "keys" else [])
+    for address, port in ports:  # with keys, ollama listens on serve.port + 1 behind the gate
+        try:
+            with socket.create_connection((address, port), timeout=2):
+                pass
+        except OSError:
+            continue
+        raise BuilderError(f"port {port} on {address} is taken by another program (not this project's serve); "
+                           "stop it (an `ollama serve` of your own?) or set serve.port"
+                           + (" (with serve.auth: keys, ollama uses serve.port + 1 behind the gate)" if port != serve.port else ""))
 
 
-def _wait_for_our_model(prefix: Path, url: str, model: str, timeout: float) -> None:
+def _wait_for_our_model(prefix: Path, url: str, model: str, timeout: float, headers: dict[str, str]) -> None:
     """Until the endpoint lists the model, while our serve is alive: a serve
     that died is reported at once, with the end of its log."""
     deadline = time.monotonic() + timeout
@@ -314,7 +331,7 @@ def _wait_for_our_model(prefix: Path, url: str, model: str, timeout: float) -> N
             log = prefix / "run" / "serve.log"
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise BuilderError(f"serve stopped before {url} listed {model} ({tail[0] if tail else 'no log'}); see `builder logs --target host`")
-        names = listed_models(url)
+        names = listed_models(url, headers)
         if names is not None and wanted in names:
             return
         if time.monotonic() > deadline:

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, Blueprint
 import copy
+import dataclasses
+
+from builder.render.blueprint import KEYS_FILE_NAME, MODELS_DIR, OLLAMA_INTERNAL_PORT, OLLAMA_PORT, Blueprint, gate_env
 
 from builder.errors import ConfigError, Problem
 from builder.targets.base import Declined, Target
 
 
 K8S_GPU = "nvidia.com/gpu"
+K8S_KEYS_DIR = "/run/builder-keys"  # the keys Secret, as a folder: the kubelet swaps it in place when the Secret changes
 
 STARTUP_CHECKS = 30  # ollama serve answers within 5 minutes of the container's start
 
@@ -155,7 +158,13 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         "imagePullPolicy": "IfNotPresent",  # air-gapped clusters load the image, they do not pull it
         "args": ["serve"],
         "ports": [{"name": "http", "containerPort": OLLAMA_PORT, "protocol": "TCP"}],
-        "env": [{"name": k, "value": v} for k, v in blueprint.compose["serve_env"].items()],
+        # Always keys: a Service is reachable from other pods. The gate reads
+        # them from a Secret you create (NOTES.md says how): never in a manifest.
+        "env": [{"name": k, "value": v} for k, v in {
+            **{k: v for k, v in blueprint.compose["serve_env"].items() if k != "BUILDER_GATE"},
+            **gate_env(dataclasses.replace(config, serve=dataclasses.replace(config.serve, auth="keys")),
+                       f"0.0.0.0:{OLLAMA_PORT}", OLLAMA_INTERNAL_PORT, f"{K8S_KEYS_DIR}/{KEYS_FILE_NAME}"),
+        }.items()],
         "startupProbe": dict(alive, failureThreshold=STARTUP_CHECKS),
         "readinessProbe": dict(loaded, failureThreshold=3),
         "livenessProbe": dict(alive, failureThreshold=6),
@@ -164,8 +173,13 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         # GPUs (`builder plan`): ollama reads /proc/meminfo, which shows the
         # node, so a smaller cgroup limit is an OOM kill after ollama's own check passed.
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": k8s.cpu_limit, "memory": memory_limit}},
-        "volumeMounts": [dict(mount[0], readOnly=True), scratch],
+        "volumeMounts": [dict(mount[0], readOnly=True), scratch, {"name": "keys", "mountPath": K8S_KEYS_DIR, "readOnly": True}],
     }
+    keys_secret = f"{name}-keys"
+    notes.append(f"API keys: every request needs Authorization: Bearer KEY. Create the Secret before applying: "
+                 f"`builder keys add NAME` (or `python3 -m supervisor.keys --file FILE add NAME`), then "
+                 f"`kubectl -n {namespace} create secret generic {keys_secret} --from-file={KEYS_FILE_NAME}=FILE`; "
+                 f"edit the Secret to add or revoke keys: the gate rereads it without a restart")
     if not serve["env"]:
         del serve["env"]
     if gpu_count:
@@ -194,7 +208,10 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
                     # Pods sharing the export take a lock on it, so only one merges.
                     "initContainers": [step("merge"), step("create")],
                     "containers": [serve],
-                    "volumes": [volume, {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+                    "volumes": [volume, {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                                # 0440, group fsGroup: the gate (runAsUser) reads it through its group.
+                                {"name": "keys", "secret": {"secretName": keys_secret, "defaultMode": 0o440,
+                                                            "items": [{"key": KEYS_FILE_NAME, "path": KEYS_FILE_NAME}]}}],
                     **({"nodeSelector": {"nvidia.com/gpu.product": k8s.gpu_product}} if k8s.gpu_product else {}),
                 },
             },
@@ -218,7 +235,12 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         "spec": {
             "podSelector": {"matchLabels": dict(labels)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": OLLAMA_PORT}]}],
+            # Only pods of this namespace, and of the namespaces the config names.
+            "ingress": [{
+                "from": [{"podSelector": {}}] + [
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": other}}} for other in k8s.allow_from_namespaces],
+                "ports": [{"protocol": "TCP", "port": OLLAMA_PORT}],
+            }],
         },
     }
     files = {"kubernetes/deployment.yaml": [deployment], "kubernetes/service.yaml": [service], "kubernetes/networkpolicy.yaml": [policy]}

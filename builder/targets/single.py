@@ -10,8 +10,11 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from builder.errors import BuilderError
-from builder.render.blueprint import MODELS_DIR, OLLAMA_PORT, OLLAMA_PREFIX, Blueprint
+from builder.render.blueprint import (
+    KEYS_FILE_NAME, KEYS_IN_CONTAINER, MODELS_DIR, OLLAMA_INTERNAL_PORT, OLLAMA_PORT, OLLAMA_PREFIX, Blueprint, gate_env,
+)
 from builder.targets.base import ContainerTarget
+from builder.targets.keys import endpoint_headers
 from builder.targets.common import Endpoint, check_storage, endpoint_url, wait_for_model
 
 
@@ -69,6 +72,8 @@ def single_argv(blueprint: Blueprint) -> list[str]:
     argv += ["--publish", f"{config.serve.bind}:{config.serve.port}:{OLLAMA_PORT}" if ":" not in config.serve.bind
              else f"[{config.serve.bind}]:{config.serve.port}:{OLLAMA_PORT}"]
     argv += ["--mount", single_mount(blueprint)]
+    if blueprint.compose["keys_file"]:  # serve.auth: keys: the gate's keys, read-only
+        argv += ["--mount", _csv(["type=bind", f"source={blueprint.compose['keys_file']}", f"target={KEYS_IN_CONTAINER}", "readonly"])]
     argv += ["--health-cmd", "python3 -m supervisor health", "--health-interval", "10s",
              "--health-timeout", "5s", "--health-retries", "3", "--health-start-period", "30s"]
     argv += single_gpus(blueprint)
@@ -85,14 +90,19 @@ def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
         builder_version=__version__, name=blueprint.config.project, argv=single_argv(blueprint)
     )
     shards_folder = str(PurePosixPath(blueprint.config.model.shards.folder)) if blueprint.config.model.shards.folder else "."
+    config = blueprint.config
+    bind = config.serve.bind if ":" not in config.serve.bind else f"[{config.serve.bind}]"
+    serve_env = dict(blueprint.compose["serve_env"])
+    serve_env.pop("BUILDER_GATE", None)  # the instance's own: its port, its data disk
+    serve_env.update(gate_env(config, f"{bind}:{AUTODL_PORT}", OLLAMA_INTERNAL_PORT, f"{AUTODL_DATA_DISK}/{KEYS_FILE_NAME}"))
     autodl_env = [
-        ("OLLAMA_HOST", f"0.0.0.0:{AUTODL_PORT}"),
+        ("OLLAMA_HOST", f"{bind}:{AUTODL_PORT}"),
         ("OLLAMA_MODELS", OLLAMA_STORE),
         ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
         ("PYTHONPATH", SUPERVISOR_HOME),
         ("PYTHONDONTWRITEBYTECODE", "1"),
         *blueprint.compose["create_env"].items(),
-        *blueprint.compose["serve_env"].items(),
+        *sorted(serve_env.items()),
     ]
     autodl = env.get_template("targets/single/autodl.sh.j2").render(
         builder_version=__version__,
@@ -103,6 +113,8 @@ def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
         models_dir=MODELS_DIR,
         env=autodl_env,
         log=f"{AUTODL_DATA_DISK}/builder-serve.log",
+        keys=f"{AUTODL_DATA_DISK}/{KEYS_FILE_NAME}" if config.serve.auth == "keys" else None,
+        bind=bind,
     )
     return {"single/run.sh": run.encode(), "single/autodl.sh": autodl.encode()}
 
@@ -143,7 +155,7 @@ def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str],
             raise BuilderError(f"{name} was not healthy within {timeout} s; see `docker logs {name}`")
         time.sleep(0.5)
     url = endpoint_url(blueprint)
-    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()))
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint))
     return Endpoint(url, blueprint.config.model.name)
 
 

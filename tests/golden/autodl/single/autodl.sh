@@ -8,8 +8,10 @@
 # 2. Put the shards on the data disk: /root/autodl-tmp/DeepSeek-R1-UD-IQ1_M/
 #    (the merge needs as much free space again for the merged file).
 # 3. In the instance, from the context folder: bash single/autodl.sh
-# 4. Open port 6006 as a custom service in AutoDL's console. ollama has no
-#    authentication: whoever has that URL can use the model.
+# 4. Open port 6006 as a custom service in AutoDL's console. Every request
+#    needs `Authorization: Bearer KEY` with a key from /root/autodl-tmp/api-keys
+#    (made here on the first run; add and revoke keys with
+#    `python3 -m supervisor.keys --file /root/autodl-tmp/api-keys add NAME | list | revoke NAME`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cp -a "$here/staged/ollama/." /usr/local/
@@ -23,6 +25,12 @@ export OLLAMA_MODELS=/models/ollama
 export LD_LIBRARY_PATH=/opt/llama.cpp/build/bin
 export PYTHONPATH=/opt/builder
 export PYTHONDONTWRITEBYTECODE=1
+export BUILDER_GATE='{"keys":"/root/autodl-tmp/api-keys","listen":"0.0.0.0:6006","upstream":11435}'
 export BUILDER_SERVE='{"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}'
+
+if [ ! -e /root/autodl-tmp/api-keys ]; then
+  python3 -m supervisor.keys --file /root/autodl-tmp/api-keys add default >/dev/null
+  echo "made an API key named default in /root/autodl-tmp/api-keys (mode 0600): send it as Authorization: Bearer KEY"
+fi
 nohup python3 -m supervisor all >> /root/autodl-tmp/builder-serve.log 2>&1 &
 echo "started (pid $!); log: /root/autodl-tmp/builder-serve.log; endpoint: http://127.0.0.1:6006"

@@ -17,10 +17,12 @@ docker run -d \
   --pids-limit 512 \
   --publish 0.0.0.0:6006:11434 \
   --mount type=bind,source=/root/autodl-tmp,target=/models \
+  --mount type=bind,source=/srv/builder/api-keys,target=/run/secrets/builder-keys,readonly \
   --health-cmd 'python3 -m supervisor health' \
   --health-interval 10s \
   --health-timeout 5s \
   --health-retries 3 \
   --health-start-period 30s \
   --gpus 2 \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-deepseek-r1:ud-iq1-m all
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' \
+  --env 'BUILDER_GATE={"keys":"/run/secrets/builder-keys","listen":"0.0.0.0:11434","upstream":11435}' builder-deepseek-r1:ud-iq1-m all
