@@ -94,8 +94,8 @@ def _warnings(config) -> list[str]:
 
     if not ipaddress.ip_address(config.serve.bind).is_loopback:
         out.append(
-            f"serve.bind is {config.serve.bind}: ollama's API has no authentication; "
-            "anyone who reaches this address can use and delete models"
+            f"serve.bind is {config.serve.bind}: every request needs an API key (serve.auth: keys; `builder keys`), "
+            "but nothing encrypts them: put HTTPS in front beyond a trusted network"
         )
     if config.model.template is not None:
         from builder.config.gotemplate import check_template

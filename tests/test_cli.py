@@ -137,7 +137,9 @@ def test_public_bind_warns(tmp_path: Path) -> None:
     assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
     result = run_builder("render", cwd=tmp_path, env={"BUILDER_SERVE_BIND": "0.0.0.0"})
     assert result.returncode == 0
-    assert "ollama's API has no authentication" in result.stderr
+    assert "serve.bind is 0.0.0.0: every request needs an API key (serve.auth: keys" in result.stderr
+    compose = (tmp_path / "context" / "compose.yaml").read_text()
+    assert "BUILDER_GATE:" in compose and f"file: \"{tmp_path}/api-keys\"" in compose
 
 
 def test_render_twice_gives_the_same_bytes(tmp_path: Path) -> None:

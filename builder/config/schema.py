@@ -306,7 +306,7 @@ def config_schema() -> dict[str, Any]:
             "serve": _obj(
                 {
                     "port": {"description": "Host port for the API.", "type": "integer", "minimum": 1, "maximum": 65535},
-                    "bind": _str("Host address the port is published on (ollama has no authentication)."),
+                    "bind": _str("Host address the port is published on; beyond loopback, serve.auth asks for API keys."),
                     "ready_timeout": {
                         "description": "Seconds `builder up` waits for the endpoint to list the model and the load to begin (the load itself has no deadline: ollama's stall timer decides).",
                         "type": "integer",
