@@ -40,6 +40,24 @@ def curl(*args: str) -> tuple[int, str]:
     return int(code), body
 
 
+def sdk_clients_answer(url: str, key: str) -> None:
+    """The openai SDK with api_key and the ollama client with an Authorization header, as users configure them."""
+    import ollama
+    import openai
+
+    answer = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert answer.usage.completion_tokens == 3
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="sk-not-ours-000000000000", max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    client = ollama.Client(host=url, headers={"Authorization": f"Bearer {key}"})
+    assert client.generate(model="tiny", prompt="hi", options={"num_predict": 3}).eval_count == 3
+    with pytest.raises(ollama.ResponseError) as refused:
+        ollama.Client(host=url).list()
+    assert refused.value.status_code == 401
+
+
 def test_a_bind_beyond_loopback_gets_keys_and_a_gate(gated: HostProject) -> None:
     project = gated
     result = project.builder("up")
@@ -62,6 +80,8 @@ def test_a_bind_beyond_loopback_gets_keys_and_a_gate(gated: HostProject) -> None
     # ollama itself answers only on loopback, behind the gate.
     runtime_env = (project.prefix / "run" / "serve.log").read_text()
     assert f"serve: starting " in runtime_env and f"serve on 127.0.0.1:{project.port + 1}" in runtime_env
+
+    sdk_clients_answer(url, key)
 
     # A key that is not admin may not change the store.
     code, _ = curl("-X", "DELETE", "-H", f"Authorization: Bearer {key}", "-d", '{"model": "tiny"}', f"{url}/api/delete")

@@ -11,6 +11,7 @@ import subprocess
 import pytest
 
 from tests.engine.conftest import TinyStack, docker
+from tests.test_gate_targets import sdk_clients_answer
 
 pytestmark = pytest.mark.engine
 
@@ -37,6 +38,7 @@ def test_keys_guard_the_published_port(tiny_stack: TinyStack, target: str) -> No
     code, body = curl("-H", f"Authorization: Bearer {key}", "-d",
                       json.dumps({"model": "tiny", "prompt": "Why?", "stream": False, "options": {"num_predict": 4}}), f"{url}/api/generate")
     assert code == 200 and json.loads(body)["eval_count"] == 4
+    sdk_clients_answer(url, key)
     code, _ = curl("-X", "DELETE", "-H", f"Authorization: Bearer {key}", "-d", '{"model": "tiny"}', f"{url}/api/delete")
     assert code == 403
     serve = tiny_stack.container("serve") if target == "compose" else tiny_stack.project
