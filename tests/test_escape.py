@@ -83,6 +83,7 @@ def test_nasty_values_survive_kubernetes_and_the_docker_run_line() -> None:
     deployment = yaml.safe_load(files["kubernetes/deployment.yaml"])
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env.pop("BUILDER_SERVE")) == config.serve.limits()
+    assert json.loads(env.pop("BUILDER_GATE"))["keys"] == "/run/builder-keys/api-keys"  # Kubernetes always asks for keys
     assert env == {f"V{i}": v for i, v in enumerate(NASTY)}
     run_sh = context_files(blueprint, "single")["single/run.sh"].decode()
     command = run_sh.split("\n", 6)[-1].replace("\\\n", " ")

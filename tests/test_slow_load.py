@@ -173,7 +173,7 @@ def test_the_double_gives_up_on_a_load_that_stalls(slow_store) -> None:
     wait_until(lambda: not runner_pids(server), 15, "the stalled runner to be stopped")
 
 
-@pytest.mark.parametrize("mode", ["no-mmap", "mmap"])
+@pytest.mark.parametrize("mode", ["no-mmap", "mmap", "read-ahead"])
 def test_up_waits_for_a_slow_load_and_shows_its_progress(tmp_path: Path, mode: str) -> None:
     """`builder up --target host` against storage slower than its estimate.
     no-mmap (ollama 0.5.7's choice without a GPU, or with less free RAM than
@@ -181,7 +181,10 @@ def test_up_waits_for_a_slow_load_and_shows_its_progress(tmp_path: Path, mode: s
     several times OLLAMA_LOAD_TIMEOUT and finishes, `up` showing what it read.
     mmap maps the model with MAP_POPULATE, which reads all of it before
     ollama sees progress: the load must fit the timeout, and the warm-up says
-    what to set when the measured rate cannot make it; with that, it loads."""
+    what to set when the measured rate cannot make it; with that, it loads.
+    Those two with serve.read_ahead off; with it on (the default) the
+    supervisor reads the model through the page cache before asking ollama
+    to load it, so even mmap with a timeout far too short loads."""
     from tests.engine.conftest import LLAMA_PATH, OLLAMA_PATH
     from tests.fixtures.artifact_server import ArtifactServer
     from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
@@ -191,8 +194,10 @@ def test_up_waits_for_a_slow_load_and_shows_its_progress(tmp_path: Path, mode: s
     server = ArtifactServer(files={OLLAMA_PATH: ollama_release_tgz(), LLAMA_PATH: llama_cpp_release_zip().read_bytes()}).start()
     project = HostProject(tmp_path, server)
     config = tmp_path / "builder.yaml"
-    text = config.read_text().replace("serve:\n", f"serve:\n  load_timeout: {LOAD_TIMEOUT}\n", 1)
-    if mode == "mmap":
+    ahead = "" if mode == "read-ahead" else "  read_ahead: false\n"
+    timeout = 5 if mode == "mmap" else LOAD_TIMEOUT  # mmap: time for the warning before ollama gives up
+    text = config.read_text().replace("serve:\n", f"serve:\n  load_timeout: {timeout}\n{ahead}", 1)
+    if mode in ("mmap", "read-ahead"):
         text = text.replace("  parameters:\n", "  parameters:\n    use_mmap: true\n", 1)
     config.write_text(text)
     big_model(tmp_path / "models" / "tiny")
@@ -203,13 +208,20 @@ def test_up_waits_for_a_slow_load_and_shows_its_progress(tmp_path: Path, mode: s
         assert project.builder("down").returncode == 0
         source = tmp_path / "blobs-source"
         os.rename(store / "blobs", source)
-        with throttled(source, store / "blobs", RATE, tmp_path / "rclone.log"):
+        with throttled(source, store / "blobs", RATE, tmp_path / "rclone.log", keep_cache=mode == "read-ahead"):
             started = time.monotonic()
             result = project.builder("up")
             took = time.monotonic() - started
             log = (project.prefix / "run" / "serve.log").read_text()
-            assert "OLLAMA_LOAD_TIMEOUT=3s" in log
-            if mode == "no-mmap":
+            assert f"OLLAMA_LOAD_TIMEOUT={timeout}s" in log
+            if mode == "read-ahead":
+                assert result.returncode == 0, result.stderr[-3000:]
+                assert took > 2 * LOAD_TIMEOUT, f"up took {took:.1f} s: the throttle did not slow the read"
+                shares = re.findall(r"load: tiny:latest [\d.]+ MiB of [\d.]+ MiB read \((\d+)%\), [\d.]+ MiB/s", result.stderr)
+                assert any(0 < int(p) < 100 for p in shares), result.stderr
+                assert re.search(r"loaded in \d+\.\d s: .*; [\d.]+ MiB read \(mmap\)", result.stderr), result.stderr
+                assert "serve: reading tiny:latest (82.1 MiB) through the page cache before ollama loads it" in log
+            elif mode == "no-mmap":
                 assert result.returncode == 0, result.stderr[-3000:]
                 assert took > 2 * LOAD_TIMEOUT, f"up took {took:.1f} s: the throttle did not slow the load"
                 # Progress as the load reads: bytes, share, rate.
@@ -221,12 +233,12 @@ def test_up_waits_for_a_slow_load_and_shows_its_progress(tmp_path: Path, mode: s
                 assert result.returncode == 1, result.stderr[-3000:]
                 fix = re.search(r"timed out waiting for llama runner to start - progress 0\.00 - .*"
                                 r"the model is mapped \(mmap\), so llama\.cpp reads all [\d.]+ MiB before ollama sees progress; "
-                                r"at the [\d.]+ MB/s measured that takes about \d+ s and ollama gives up after 3 s: "
+                                r"at the [\d.]+ MB/s measured that takes about \d+ s and ollama gives up after 5 s: "
                                 r"set serve\.load_timeout to (\d+) and run `builder up` again", result.stderr)
                 assert fix, result.stderr[-3000:]
                 assert "load: warning: the model is mapped (mmap)" in result.stderr, "said while the load ran"
                 assert took < 3 * LOAD_TIMEOUT + 10, f"up took {took:.0f} s after ollama gave up"
-                config.write_text(config.read_text().replace(f"load_timeout: {LOAD_TIMEOUT}", f"load_timeout: {fix.group(1)}"))
+                config.write_text(config.read_text().replace(f"load_timeout: {timeout}", f"load_timeout: {fix.group(1)}"))
                 result = project.builder("up")
                 assert result.returncode == 0, result.stderr[-3000:]
                 assert re.search(r"loaded in \d+\.\d s: .*; [\d.]+ MiB read \(mmap\)", result.stderr), result.stderr

@@ -337,5 +337,5 @@ def _resolve_serve(serve: dict[str, Any], base_dir: Path, fail: Any) -> Serve:
     return Serve(
         serve["port"], bind, tuple(env), serve["ready_timeout"], str(keep_alive).strip(), load_timeout,
         serve["read_mb_s"], parallel, serve["single_sequence_above_gib"], serve["memory_limit"], auth, keys_file,
-        os.path.normpath(str(base_dir / "api-keys")),
+        os.path.normpath(str(base_dir / "api-keys")), serve["read_ahead"],
     )

@@ -332,6 +332,11 @@ def config_schema() -> dict[str, Any]:
                         "oneOf": [{"type": "integer", "minimum": 1}, {"const": "auto"}],
                         "x-expect": "a number of sequences or auto",
                     },
+                    "read_ahead": {
+                        "description": "Before ollama loads the model, read it once through the page cache when the free RAM holds it "
+                        "(progress in `up`; the load then reads memory, and ollama's load timeout never meets slow storage).",
+                        "type": "boolean",
+                    },
                     "auth": _str(
                         "Who may use the endpoint: keys (every request needs Authorization: Bearer KEY; a gate in front of ollama), "
                         "none (only with a loopback serve.bind), or auto: none on loopback, keys otherwise.",

@@ -23,6 +23,7 @@ RESERVED_ENV = {
     "BUILDER_RUNTIME": "the supervisor reads it",
     "BUILDER_SERVE": "it carries serve.keep_alive, load_timeout and parallel",
     "BUILDER_GATE": "it carries serve.auth and serve.keys_file",
+    "BUILDER_NUM_GPU": "num_gpu: auto is planned by builder (set model.parameters.num_gpu instead)",
 }
 
 
@@ -127,6 +128,7 @@ class Serve:
     auth: str = "none"  # keys or none (auto resolved by the bind)
     keys_file: str | None = None  # absolute; None: the target's default place
     keys_beside_config: str | None = None  # the default place for compose and single: api-keys beside builder.yaml
+    read_ahead: bool = True  # read the model through the page cache before the load, when RAM holds it
 
     @property
     def loopback(self) -> bool:
@@ -143,6 +145,7 @@ class Serve:
             "keep_alive": self.keep_alive,
             "load_timeout": {"read_mb_s": self.read_mb_s, "seconds": self.load_timeout},
             "parallel": {"single_above_gib": self.single_sequence_above_gib, "value": self.parallel},
+            "read_ahead": self.read_ahead,
         }
 
 

@@ -244,7 +244,8 @@ def _compose_values(config: Config, image: str, digest: str, memory_limit: str |
         },
         # What serve's environment gets: BUILDER_SERVE (the rule the supervisor
         # sizes ollama's limits by, at start, from the model's size), then serve.env.
-        "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")),
+        # BUILDER_NUM_GPU too, though only create reads it: another plan recreates serve, which then loads the new model.
+        "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **create_env(config),
                       **gate_env(config, f"0.0.0.0:{OLLAMA_PORT}", OLLAMA_INTERNAL_PORT, KEYS_IN_CONTAINER), **dict(config.serve.env)},
         # serve.auth: keys: the host file the serve container reads its keys from.
         "keys_file": keys_file(config) if config.serve.auth == "keys" else None,

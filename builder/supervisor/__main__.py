@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +30,7 @@ DEFAULT_SERVE = {
     "keep_alive": "-1",
     "load_timeout": {"read_mb_s": 200, "seconds": None},
     "parallel": {"single_above_gib": 16, "value": None},
+    "read_ahead": True,
 }
 
 RUNTIME_JSON = "/etc/builder/runtime.json"
@@ -62,15 +64,16 @@ def serve(runtime: dict) -> int:
         env["OLLAMA_HOST"] = f"127.0.0.1:{gate['upstream']}"
         start_gate(gate, stop)
     tail = OutputTail()
-    host = env.get("OLLAMA_HOST", "127.0.0.1:11434").rpartition(":")[2] or "11434"
     warmer = Warmer(
-        f"http://127.0.0.1:{host}", runtime.get("model", ""), env["OLLAMA_KEEP_ALIVE"],
+        local_base(env.get("OLLAMA_HOST", "127.0.0.1:11434")), runtime.get("model", ""), env["OLLAMA_KEEP_ALIVE"],
         load_timeout_seconds(size, rule["load_timeout"]), stop,
         lambda: state["generation"] if state["child"] is not None else None, tail,
         server_pid=lambda: state["child"].pid if state["child"] is not None else None,
         model_bytes=size, auto_timeout=rule["load_timeout"].get("seconds") is None,
+        store=runtime.get("ollama_store"), read_ahead=bool(rule.get("read_ahead", True)),
     )
     if runtime.get("model"):
+        warmer.record(state="starting")  # a record left by an earlier run (a restarted container) says nothing now
         warmer.start()
 
     def on_signal(signum, _frame):
@@ -111,6 +114,24 @@ def serve(runtime: dict) -> int:
     return 0
 
 
+def local_base(ollama_host: str) -> str:
+    """Where this machine reaches ollama bound to OLLAMA_HOST: its own address
+    when that is a loopback one (127.0.0.2, ::1), loopback for 0.0.0.0 and ::."""
+    import ipaddress
+
+    host, _, port = ollama_host.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://127.0.0.1:{port or 11434}"
+    if address.is_unspecified:
+        address = ipaddress.ip_address("::1" if address.version == 6 else "127.0.0.1")
+    elif not address.is_loopback:  # a host address: ollama answers there only
+        return f"http://[{host}]:{port or 11434}" if address.version == 6 else f"http://{host}:{port or 11434}"
+    return f"http://[{address}]:{port or 11434}" if address.version == 6 else f"http://{address}:{port or 11434}"
+
+
 def gate_settings() -> dict | None:
     """BUILDER_GATE (serve.auth: keys): where the gate listens, ollama's
     loopback port behind it, the keys file; None without it."""
@@ -140,6 +161,9 @@ def start_gate(gate: dict, stop: threading.Event) -> None:
         except BaseException as exc:  # noqa: BLE001 - reported below, in the main thread
             failure.append(exc)
             started.set()
+        if not stop.is_set():  # the gate ended by itself: serve must not go on without it
+            log(f"serve: the API gate on {gate['listen']} stopped ({failure[-1] if failure else 'no reason given'}); stopping serve")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=run, name="gate", daemon=True).start()
     started.wait(30)
@@ -233,8 +257,8 @@ def health(runtime: dict, flags: list[str]) -> int:
     if not flags and _working_role():
         return 0
     gate = gate_settings()
-    port = gate["upstream"] if gate else os.environ.get("OLLAMA_HOST", "").rpartition(":")[2] or runtime["port"]
-    base = f"http://127.0.0.1:{port}"  # ollama itself, never the gate: no key needed
+    # ollama itself, never the gate: no key needed
+    base = f"http://127.0.0.1:{gate['upstream']}" if gate else local_base(os.environ.get("OLLAMA_HOST") or f"127.0.0.1:{runtime['port']}")
     if "--loaded" in flags:
         code, state = health_loaded(base, runtime["model"])
         if "--json" in flags:
@@ -248,6 +272,16 @@ def health(runtime: dict, flags: list[str]) -> int:
     except OSError as exc:
         print(f"health: {base}/ does not answer: {exc}", file=sys.stderr)
         return 1
+    if gate and status == 200:  # the endpoint users reach is the gate: it must take connections too
+        from .gate import parse_hostport
+
+        host, port = parse_hostport(gate["listen"])
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+        try:
+            socket.create_connection((host, port), timeout=4).close()
+        except OSError as exc:
+            print(f"health: the API gate on {gate['listen']} does not take connections: {exc}", file=sys.stderr)
+            return 1
     return 0 if status == 200 else 1
 
 

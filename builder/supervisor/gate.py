@@ -185,7 +185,12 @@ class Gate:
                 elif spare:
                     self._jobs.put((sock, address))
                 else:
-                    threading.Thread(target=self._worker, args=(sock, address), daemon=True).start()
+                    try:
+                        threading.Thread(target=self._worker, args=(sock, address), daemon=True).start()
+                    except RuntimeError:  # no thread to be had (the container's pids limit): refuse this one, keep serving
+                        with self._lock:
+                            self._active -= 1
+                        self._reject(sock)
         finally:
             self.stopping.set()
             self.listener.close()

@@ -30,7 +30,7 @@ class Limits:
     idle_timeout: float = 60.0  # a kept-alive connection between requests; each read of a body
     write_timeout: float = 120.0  # a client that stops reading a response
     connect_timeout: float = 5.0  # connecting to ollama (502)
-    max_connections: int = 512  # more get 503 and are closed
+    max_connections: int = 128  # more get 503 and are closed; well under the containers' pids_limit (512), which ollama shares
     drain_seconds: float = 2.0  # reading what a refused client still sends, so it reads the answer
 
 

@@ -87,6 +87,10 @@ def new_key() -> str:
 def check_mode(path: str, st: os.stat_result | None = None) -> None:
     """Refuse a keys file that group or others may read or write (mode must be 0600 or stricter)."""
     st = st if st is not None else os.stat(path)
+    if st.st_nlink == 0:
+        raise KeysFileError(f"{path}: the file was replaced where it is mounted from (deleted, or saved by rename), and this "
+                            "process still sees the old one: restart serve (`builder up`), and change keys with `builder keys`, "
+                            "which writes the file in place")
     if not stat.S_ISREG(st.st_mode):
         raise KeysFileError(f"{path}: not a regular file; the keys file must be a file of mode 0600")
     mode = stat.S_IMODE(st.st_mode)
@@ -176,7 +180,7 @@ def read_entries(path: str, lock: bool = True) -> list[Entry]:
 
 
 def _signature(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode, st.st_nlink)
 
 
 class KeyStore:
@@ -282,8 +286,8 @@ def _rewrite(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY)
     try:
         data = text.encode("utf-8")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
+        os.pwrite(fd, data, 0)  # then cut what is left over: a crash between leaves no empty file
+        os.ftruncate(fd, len(data))
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -7,9 +7,9 @@ is progressing, and `builder up` wants to show how far it got.
 
 The signal is what the runner has read of the model, from /proc:
 
-* `rchar` of /proc/PID/io: bytes returned by read() calls. With --no-mmap
-  (ollama 0.5.7 forces it when free RAM is below the model size) llama.cpp
-  reads the whole file this way.
+* the offset of the runner's open file on the model (/proc/PID/fdinfo):
+  with --no-mmap (ollama 0.5.7 forces it when free RAM is below the model
+  size) llama.cpp reads the whole file in order through it.
 * the resident pages of the model file's mappings in /proc/PID/smaps: with
   mmap (ollama's choice with GPUs and RAM to spare) llama.cpp maps the file
   with MAP_POPULATE (llama-mmap.cpp), which reads all of it into the page
@@ -87,23 +87,41 @@ def find_runner(server_pid: int | None) -> Runner | None:
             continue
         for flag in ("--model", "-m"):
             if flag in argv[:-1]:
-                return Runner(pid, argv[argv.index(flag) + 1], "--no-mmap" not in argv)
+                return Runner(pid, argv[argv.index(flag) + 1], mapped(argv))
         queue.extend(children(pid))
     return None
 
 
+def mapped(argv: list[str]) -> bool:
+    """Whether the runner maps the model: not with --no-mmap (0.5.7, llama.cpp)
+    nor with --load-mode none or dio (what ollama 0.30+ passes llama-server)."""
+    if "--no-mmap" in argv:
+        return False
+    if "--load-mode" in argv[:-1] and argv[argv.index("--load-mode") + 1] in ("none", "dio"):
+        return False
+    return True
+
+
 def bytes_read(runner: Runner) -> int:
-    """rchar plus the model's resident mapped pages (see the module's docstring)."""
+    """How far the runner has read the model file (the offset of its open
+    file on it, /proc/PID/fdinfo) plus the model's resident mapped pages
+    (see the module's docstring). Not rchar: that counts the runner's
+    socket reads too (ollama polls its /health four times a second)."""
     total = 0
+    real = os.path.realpath(runner.model)
     try:
-        with open(f"/proc/{runner.pid}/io", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("rchar:"):
-                    total += int(line.split()[1])
-    except (OSError, ValueError):
+        for fd in os.listdir(f"/proc/{runner.pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{runner.pid}/fd/{fd}") not in (runner.model, real):
+                    continue
+                with open(f"/proc/{runner.pid}/fdinfo/{fd}", encoding="ascii") as handle:
+                    position = next(int(line.split()[1]) for line in handle if line.startswith("pos:"))
+                total = max(total, position)
+            except (OSError, ValueError, StopIteration):
+                continue
+    except OSError:
         pass
     try:
-        real = os.path.realpath(runner.model)
         inside = False
         with open(f"/proc/{runner.pid}/smaps", encoding="utf-8", errors="replace") as handle:
             for line in handle:
@@ -131,3 +149,72 @@ class Rate:
             self.samples.popleft()
         first_t, first_n = self.samples[0]
         return (done - first_n) / (when - first_t) if when > first_t else 0.0
+
+
+def model_blob(store: str, model: str) -> str | None:
+    """The model layer's blob in ollama's store (its manifest names it), or None."""
+    import json
+
+    from .ollama import manifest_path
+
+    try:
+        with open(manifest_path(store, model), encoding="utf-8") as handle:
+            layers = json.load(handle).get("layers") or []
+        digest = next(layer["digest"] for layer in layers if layer.get("mediaType") == "application/vnd.ollama.image.model")
+    except (OSError, ValueError, StopIteration, KeyError, TypeError, AttributeError):
+        return None
+    path = os.path.join(store, "blobs", str(digest).replace(":", "-"))
+    return path if os.path.isfile(path) else None
+
+
+READ_AHEAD_MARGIN = 2 << 30  # RAM left to everything else when a model is read through the page cache
+
+
+def available_ram() -> int | None:
+    """What may still be filled with page cache: MemAvailable, or less where a
+    cgroup limit (v2 or v1) says so."""
+    values = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    values.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file, encoding="ascii") as handle:
+                limit = handle.read().strip()
+            with open(usage_file, encoding="ascii") as handle:
+                usage = int(handle.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            values.append(max(0, int(limit) - usage))
+    return min(values) if values else None
+
+
+def read_through(path: str, on_progress, stop, chunk: int = 16 << 20) -> int:
+    """Read `path` once, in order, into the page cache; `on_progress(bytes)`
+    about once a second; stops early when `stop` is set. Returns the bytes read."""
+    import time
+
+    done, last = 0, 0.0
+    with open(path, "rb", buffering=0) as handle:
+        try:
+            os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except (AttributeError, OSError):
+            pass
+        view = memoryview(bytearray(chunk))
+        while not stop.is_set():
+            count = handle.readinto(view)
+            if not count:
+                break
+            done += count
+            now = time.monotonic()
+            if now - last >= 1.0:
+                on_progress(done)
+                last = now
+    on_progress(done)
+    return done

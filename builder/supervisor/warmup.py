@@ -108,7 +108,8 @@ class Warmer(threading.Thread):
 
     def __init__(self, base: str, model: str, keep_alive: str, load_timeout: int, stop: threading.Event,
                  generation: Callable[[], int | None], tail: OutputTail,
-                 server_pid: Callable[[], int | None] = lambda: None, model_bytes: int = 0, auto_timeout: bool = True):
+                 server_pid: Callable[[], int | None] = lambda: None, model_bytes: int = 0, auto_timeout: bool = True,
+                 store: str | None = None, read_ahead: bool = True):
         super().__init__(name="warmer", daemon=True)
         self.base = base
         self.model = model
@@ -120,6 +121,8 @@ class Warmer(threading.Thread):
         self.server_pid = server_pid
         self.model_bytes = model_bytes
         self.auto_timeout = auto_timeout
+        self.store = store
+        self.read_ahead = read_ahead
         self.state: dict = {}
         self.restarts = 0
 
@@ -168,15 +171,52 @@ class Warmer(threading.Thread):
         log(f"serve: {self.model} loaded in {seconds:.1f} s ({human_bytes(size)}, {human_bytes(vram)} of it in GPU memory"
             + (f"; {human_bytes(read)} read, {mode})" if runner else ")"))
 
+    def _read_ahead(self, since: float) -> None:
+        """Read the model through the page cache before ollama is asked to
+        load it, when the free RAM holds it: ollama's timer is not running
+        yet, so storage of any speed is fine, `up` shows the progress, and the
+        load itself then reads memory (with mmap, llama.cpp's MAP_POPULATE
+        reads the whole file before it reports progress; see the module)."""
+        path = loadwatch.model_blob(self.store, self.model) if self.store and self.read_ahead else None
+        if path is None:
+            return
+        size = os.path.getsize(path)
+        free = loadwatch.available_ram()
+        if free is None or free < size + loadwatch.READ_AHEAD_MARGIN:
+            log(f"serve: not reading the model ahead: {human_bytes(size)} would not fit the free RAM "
+                f"({'unknown' if free is None else human_bytes(free)}); ollama reads it itself (without mmap when RAM is short)")
+            return
+        log(f"serve: reading {self.model} ({human_bytes(size)}) through the page cache before ollama loads it")
+        rate, began = loadwatch.Rate(), time.monotonic()
+        progress = Progress(f"reading {self.model}", size)
+
+        def note(done: int) -> None:
+            progress.update(done)
+            self.record(state="loading", since=since, read=done, total=size, rate=round(rate.add(time.monotonic(), done)),
+                        mode="read-ahead", idle_s=0)
+
+        try:
+            done = loadwatch.read_through(path, note, self.stop)
+        except OSError as exc:
+            log(f"serve: reading the model ahead stopped ({exc.strerror}); ollama reads it itself")
+            return
+        seconds = progress.finish()
+        if done:
+            log(f"serve: read {human_bytes(done)} in {seconds:.0f} s ({human_bytes(done / max(seconds, 0.001))}/s)")
+
     def _load(self, generation: int) -> None:
-        log(f"serve: loading {self.model} (ollama gives up after {self.load_timeout} s without progress)")
         since = time.time()
+        self.record(state="loading", since=since)
+        self._read_ahead(since)
+        if self.stop.is_set():
+            return
+        log(f"serve: loading {self.model} (ollama gives up after {self.load_timeout} s without progress)")
         self.record(state="loading", since=since)
         started = time.monotonic()
         body = {"model": self.model, "keep_alive": keep_alive_value(self.keep_alive)}
         call = LoadCall(self.base, body)
         call.start()
-        runner, read, last_read_at, advice, speed = None, 0, time.monotonic(), None, 0.0
+        runner, read, last_read_at, advice, speed, first_read_at = None, 0, time.monotonic(), None, 0.0, 0.0
         rate = loadwatch.Rate()
         progress = Progress(f"loading {self.model}", self.model_bytes) if self.model_bytes else None
         while not call.done.wait(SAMPLE_SECONDS):
@@ -189,8 +229,10 @@ class Warmer(threading.Thread):
             current = loadwatch.bytes_read(runner) if runner is not None else 0
             if current > read:
                 read, last_read_at = current, now
-            speed = rate.add(now, read)
-            if advice is None and runner is not None and runner.mmap and now - started >= min(5.0, self.load_timeout / 2):
+                first_read_at = first_read_at or now
+            speed = rate.add(now, read) if first_read_at else 0.0  # from the first byte: starting the runner is no read
+            if (advice is None and runner is not None and runner.mmap and first_read_at
+                    and now - first_read_at >= min(10.0, self.load_timeout / 2)):
                 advice = mmap_advice(self.model_bytes, read, speed, self.load_timeout, self.auto_timeout)
                 if advice:
                     log(f"serve: warning: {advice}")

@@ -71,7 +71,7 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
     if target.deploys:
         from builder.targets.keys import ensure_keys
 
-        ensure_keys(blueprint, echo)
+        ensure_keys(blueprint, target_name, echo)
     engine = engine_for(target) if target.deploys else None
     target.prepare(blueprint, context, config_path, fetch_settings, engine, force_build, echo)
     endpoint = target.up(blueprint, context, engine, echo)

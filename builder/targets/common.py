@@ -347,7 +347,7 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
     from builder.targets.keys import endpoint_headers
 
     url = endpoint_url(blueprint)
-    headers = endpoint_headers(blueprint)
+    headers = endpoint_headers(blueprint, target)
     names = listed_models(url, headers)
     listed = None if names is None else full_name(blueprint.config.model.name) in names
     return {

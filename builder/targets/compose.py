@@ -56,7 +56,7 @@ def up(blueprint: Blueprint, context: Path, engine, echo: Callable[[str], None])
             hint = "; the NVIDIA container toolkit is missing on this host (or set gpus: none)"
         raise BuilderError(f"serve did not start: {detail}{hint}")
     url = endpoint_url(blueprint)
-    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint))
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint, "compose"))
     return Endpoint(url, blueprint.config.model.name)
 
 def _replace_stale_volume(blueprint: Blueprint, context: Path, engine, echo) -> None:

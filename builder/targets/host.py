@@ -180,7 +180,7 @@ class HostTarget(Target):
             self._start(prefix, env, wanted, echo)
         url = local_url(blueprint)
         _wait_for_our_model(prefix, url, blueprint.config.model.name, float(blueprint.config.serve.ready_timeout),
-                            endpoint_headers(blueprint))
+                            endpoint_headers(blueprint, "host"))
         return Endpoint(url, blueprint.config.model.name)
 
     def _start(self, prefix: Path, env: dict[str, str], wanted: str, echo) -> None:
@@ -277,7 +277,7 @@ class HostTarget(Target):
         if runtime.get("ollama_generation"):  # ollama 0.30+ creates from the shards
             records["merge"] = {"state": "none needed (this ollama reads the shards)"}
         url = local_url(blueprint)
-        names = listed_models(url, endpoint_headers(blueprint))
+        names = listed_models(url, endpoint_headers(blueprint, "host"))
         listed = None if names is None else full_name(blueprint.config.model.name) in names
         return {
             "project": blueprint.config.project,
@@ -289,7 +289,7 @@ class HostTarget(Target):
             "endpoint": url,
             "model": blueprint.config.model.name,
             "model_listed": listed,
-            "loaded": loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint)) if listed else None,
+            "loaded": loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint, "host")) if listed else None,
             "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
             "services": {**records, "serve": serve},
         }

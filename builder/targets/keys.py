@@ -18,29 +18,34 @@ from builder.errors import ConfigError, Problem
 from builder.render.blueprint import Blueprint, keys_file
 
 
-def keys_path(config) -> str | None:
-    """The keys file this config's target uses, or None with serve.auth: none."""
+def keys_path(config, target: str | None = None) -> str | None:
+    """The keys file `target` (default: the config's) uses, or None with serve.auth: none."""
     if config.serve.auth != "keys":
         return None
-    if config.target == "host" and not config.serve.keys_file:
+    if (target or config.target) == "host" and not config.serve.keys_file:
         from builder.targets.host import _prefix
 
         return keys_file(config, str(_prefix(config.project, config)))
     return keys_file(config)
 
 
-def ensure_keys(blueprint: Blueprint, echo: Callable[[str], None]) -> None:
+def ensure_keys(blueprint: Blueprint, target: str, echo: Callable[[str], None]) -> None:
     """Make the keys file with one key when there is none; check the one
     there is (its mode, its lines, who can read it). For containers the file
     belongs to the containers' user, which reads it through a bind mount."""
     from builder.supervisor.keys import KeysFileError, add_key, read_entries
 
-    path = keys_path(blueprint.config)
+    path = keys_path(blueprint.config, target)
     if path is None:
         return
     config = blueprint.config
-    container = config.target != "host"
+    container = target != "host"
     if not os.path.exists(path):
+        if container and os.geteuid() not in (0, config.uid):
+            raise ConfigError(Problem(
+                "serve.keys_file", f"the containers run as uid {config.uid} and must own {path} (mode 0600), which uid "
+                f"{os.geteuid()} cannot arrange: run `builder up` as root or as uid {config.uid}, or set image.uid to {os.geteuid()}",
+                None, config.source))
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         add_key(path, "default")
         if container and os.geteuid() == 0:
@@ -61,12 +66,12 @@ def ensure_keys(blueprint: Blueprint, echo: Callable[[str], None]) -> None:
             f"chown {config.uid} {path} (or set image.uid)", None, config.source))
 
 
-def endpoint_headers(blueprint: Blueprint) -> dict[str, str]:
+def endpoint_headers(blueprint: Blueprint, target: str) -> dict[str, str]:
     """What builder's own requests to the endpoint send: the first key, when
     the endpoint asks for one."""
     from builder.supervisor.keys import KeysFileError, read_entries
 
-    path = keys_path(blueprint.config)
+    path = keys_path(blueprint.config, target)
     if path is None:
         return {}
     try:

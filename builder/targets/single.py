@@ -155,7 +155,7 @@ def up_single(blueprint: Blueprint, context: Path, engine, echo: Callable[[str],
             raise BuilderError(f"{name} was not healthy within {timeout} s; see `docker logs {name}`")
         time.sleep(0.5)
     url = endpoint_url(blueprint)
-    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint))
+    wait_for_model(url, blueprint.config.model.name, max(5.0, deadline - time.monotonic()), endpoint_headers(blueprint, "single"))
     return Endpoint(url, blueprint.config.model.name)
 
 

@@ -26,7 +26,7 @@ export LD_LIBRARY_PATH=/opt/llama.cpp/build/bin
 export PYTHONPATH=/opt/builder
 export PYTHONDONTWRITEBYTECODE=1
 export BUILDER_GATE='{"keys":"/root/autodl-tmp/api-keys","listen":"0.0.0.0:6006","upstream":11435}'
-export BUILDER_SERVE='{"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}'
+export BUILDER_SERVE='{"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null},"read_ahead":true}'
 
 if [ ! -e /root/autodl-tmp/api-keys ]; then
   python3 -m supervisor.keys --file /root/autodl-tmp/api-keys add default >/dev/null

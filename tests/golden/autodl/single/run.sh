@@ -24,5 +24,5 @@ docker run -d \
   --health-retries 3 \
   --health-start-period 30s \
   --gpus 2 \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' \
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":500,"seconds":null},"parallel":{"single_above_gib":16,"value":null},"read_ahead":true}' \
   --env 'BUILDER_GATE={"keys":"/run/secrets/builder-keys","listen":"0.0.0.0:11434","upstream":11435}' builder-deepseek-r1:ud-iq1-m all

@@ -23,5 +23,5 @@ docker run -d \
   --health-retries 3 \
   --health-start-period 30s \
   --gpus 2 \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' \
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null},"read_ahead":true}' \
   --env OLLAMA_KEEP_ALIVE=-1 builder-deepseek-r1:ud-iq1-s all

@@ -23,7 +23,7 @@ export OLLAMA_MODELS=/models/ollama
 export LD_LIBRARY_PATH=/opt/llama.cpp/build/bin
 export PYTHONPATH=/opt/builder
 export PYTHONDONTWRITEBYTECODE=1
-export BUILDER_SERVE='{"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}'
+export BUILDER_SERVE='{"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null},"read_ahead":true}'
 export OLLAMA_KEEP_ALIVE=-1
 
 nohup python3 -m supervisor all >> /root/autodl-tmp/builder-serve.log 2>&1 &

@@ -22,4 +22,4 @@ docker run -d \
   --health-timeout 5s \
   --health-retries 3 \
   --health-start-period 30s \
-  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null}}' builder-tiny:demo all
+  --env 'BUILDER_SERVE={"keep_alive":"-1","load_timeout":{"read_mb_s":200,"seconds":null},"parallel":{"single_above_gib":16,"value":null},"read_ahead":true}' builder-tiny:demo all
