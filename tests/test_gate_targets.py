@@ -112,3 +112,18 @@ def test_auth_none_beyond_loopback_is_a_config_error(gated: HostProject) -> None
     assert result.returncode == 2
     assert result.stderr.strip().endswith(f"serve.auth: none would let anyone who reaches 0.0.0.0:{gated.port} run prompts and "
                                           "delete the model; use keys (the default), or bind 127.0.0.1"), result.stderr
+
+
+def test_keys_follow_the_target_given_on_the_command_line(gated: HostProject) -> None:
+    """A compose config brought up with --target host: the gate, `up` and
+    `builder keys --target host` all use the prefix's keys file."""
+    project = gated
+    config = project.root / "builder.yaml"
+    config.write_text(config.read_text().replace("target: host\n", "", 1))
+    result = project.builder("up", "--target", "host")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"made an API key named default in {project.prefix / 'api-keys'}" in result.stderr
+    assert not (project.root / "api-keys").exists()
+    key = project.builder("keys", "show", "default", "--target", "host").stdout.strip()
+    assert curl("-H", f"Authorization: Bearer {key}", f"{project.url}/api/tags")[0] == 200
+    assert project.builder("down", "--target", "host").returncode == 0

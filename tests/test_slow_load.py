@@ -294,3 +294,44 @@ def test_up_gives_up_when_the_supervisor_stops_reporting_or_never_starts_loading
         wait_for_load(_blueprint(1800), _scripted_probe([stale]), lambda line: None, False)
     with pytest.raises(LoadFailed, match=r"did not start loading within serve.ready_timeout \(1 s\)"):
         wait_for_load(_blueprint(1), _scripted_probe([{"state": "unknown"}]), lambda line: None, False)
+
+
+def test_the_load_watch_reads_what_a_runner_reads(tmp_path: Path) -> None:
+    """find_runner and bytes_read on a real process: a child of `server` that
+    names --model (0.5.7's runner, 0.30+'s llama-server) or -m, reading the
+    model with read() (the file offset counts, socket reads do not) or
+    mapping it (its resident pages count); --no-mmap and --load-mode
+    none|dio are no-mmap."""
+    import sys
+
+    from builder.supervisor import loadwatch
+
+    model = tmp_path / "blob"
+    model.write_bytes(os.urandom(3 << 20))
+    script = (
+        "import mmap, os, sys, time\n"
+        "path, how = sys.argv[-2], sys.argv[-1]\n"
+        "f = open(path, 'rb')\n"
+        "if how == 'read':\n    f.read(2 << 20)\n"
+        "else:\n    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); sum(m[i] for i in range(0, 1 << 20, 4096))\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    cases = [(["--model", str(model), "--no-mmap"], "read", False, 2 << 20),
+             (["-m", str(model), "--load-mode", "none"], "read", False, 2 << 20),
+             (["--model", str(model)], "map", True, 1 << 20)]
+    for flags, how, mapped, expected in cases:
+        server = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                   f"p = subprocess.Popen([sys.executable, '-c', {script!r}, *{flags!r}, {str(model)!r}, {how!r}], stdout=subprocess.PIPE); "
+                                   "p.stdout.readline(); print('up', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
+        try:
+            assert server.stdout.readline().strip() == b"up"
+            runner = loadwatch.find_runner(server.pid)
+            assert runner is not None and runner.model == str(model) and runner.mmap is mapped, (flags, runner)
+            read = loadwatch.bytes_read(runner)
+            # read(): the offset exactly; mapped: the pages touched, and what the kernel maps around them
+            assert (read == expected) if how == "read" else (expected <= read <= 3 << 20), (flags, read)
+        finally:
+            server.kill()
+            server.wait()
+            for child in loadwatch.children(server.pid):
+                os.kill(child, signal.SIGKILL)
