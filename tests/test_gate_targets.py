@@ -89,6 +89,17 @@ def test_a_bind_beyond_loopback_gets_keys_and_a_gate(gated: HostProject) -> None
     code, body = curl("-H", f"Authorization: Bearer {key}", f"{url}/api/tags")
     assert "tiny:latest" in body
 
+    # A key that is not admin cannot unload the model or reload it with other
+    # runner options: those fields are dropped (the gate's log says so).
+    starts = (project.prefix / "run" / "serve.log").read_text().count("starting llama server")
+    for body in ({"model": "tiny", "keep_alive": 0}, {"model": "tiny", "prompt": "a", "stream": False, "options": {"num_ctx": 1024}}):
+        assert curl("-H", f"Authorization: Bearer {key}", "-d", json.dumps(body), f"{url}/api/generate")[0] == 200
+    ps = httpx.get(f"{url}/api/ps", headers={"Authorization": f"Bearer {key}"}, trust_env=False).json()
+    assert [m["name"] for m in ps["models"]] == ["tiny:latest"]
+    serve_log = (project.prefix / "run" / "serve.log").read_text()
+    assert serve_log.count("starting llama server") == starts, "not reloaded"
+    assert "dropped keep_alive" in serve_log and "dropped options.num_ctx" in serve_log
+
     # status and up see through the gate with the file's key.
     status = json.loads(project.builder("status", "--json").stdout)
     assert status["model_listed"] is True and status["loaded"]["size"] > 0

@@ -139,7 +139,7 @@ class _Connection(_Proxy):
                 else self.limits.max_body
             if limit is not None and request.length is not None and request.length > limit:
                 raise HttpError(413, f"request body too large: {request.length} bytes; the limit is {limit} bytes")
-            keep = self._forward(request, limit)
+            keep = self._forward(request, limit, route, key.admin)
         except HttpError as error:
             if not self.sent_head:  # else too late for an answer of our own: the response is cut short
                 self._refuse(error)
@@ -147,7 +147,8 @@ class _Connection(_Proxy):
         except (_ClientGone, _Closed):
             self._access(name, request.method, request.target, started, "client hung up")
             raise
-        self._access(name, request.method, request.target, started)
+        self._access(name, request.method, request.target, started, getattr(self, "note", ""))
+        self.note = ""
         return keep and not request.close and not self.gate.stopping.is_set()
 
     def _authorize(self, request: Request):

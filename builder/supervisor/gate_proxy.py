@@ -15,14 +15,44 @@ from .gate_http import (
 )
 
 
+# What only an admin key may ask of a loaded model: unloading it
+# (keep_alive) or reloading it with other runner options (api.Runner in
+# ollama's api/types.go: a change there makes the scheduler reload the model,
+# 150 GB for R1). Dropped from other keys' requests, which still run.
+RUNNER_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "low_vram", "f16_kv", "logits_all", "vocab_only",
+                  "use_mmap", "use_mlock", "num_thread", "numa")
+MODEL_ROUTES = ("/api/generate", "/api/chat", "/api/embed", "/api/embeddings",
+                "/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+
+
+def _strip(body: bytes) -> tuple[bytes, list[str]]:
+    """A JSON body without keep_alive and the runner options; what was dropped."""
+    import json
+
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body, []
+    if not isinstance(data, dict):
+        return body, []
+    dropped = ["keep_alive"] if "keep_alive" in data else []
+    data.pop("keep_alive", None)
+    options = data.get("options")
+    if isinstance(options, dict):
+        dropped += [f"options.{name}" for name in RUNNER_OPTIONS if options.pop(name, None) is not None]
+    return (json.dumps(data, ensure_ascii=False).encode() if dropped else body), dropped
+
+
 class _Proxy:
     """_Connection's forwarding half: uses its gate, limits, sock, peer,
     status, sent_head, _send() and _body()."""
 
-    def _forward(self, request: Request, limit: int | None) -> bool:
+    def _forward(self, request: Request, limit: int | None, route: str = "", admin: bool = True) -> bool:
         """Read the body's first MiB (all of it, mostly) before ollama hears of
         the request, so that a malformed or oversized small body never reaches
-        it; then connect, send, relay the rest and the answer."""
+        it; then connect, send, relay the rest and the answer. Without an
+        admin key, a model route's body loses keep_alive and the runner
+        options (RUNNER_OPTIONS), and may not exceed that first MiB."""
         gate = self.gate
         body = self._body(request, limit)
         if request.has_body and request.expect_continue:
@@ -33,6 +63,13 @@ class _Proxy:
             if len(prefix) >= PREFETCH:
                 complete = False
                 break
+        if not admin and route in MODEL_ROUTES:
+            if not complete:
+                raise HttpError(413, f"request body too large: over {PREFETCH} bytes on {route} needs an admin key")
+            stripped, dropped = _strip(bytes(prefix))
+            if dropped:
+                prefix = bytearray(stripped)
+                self.note = "dropped " + ",".join(dropped)
         upstream = socket.socket(gate.upstream_family, socket.SOCK_STREAM)
         try:
             upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
