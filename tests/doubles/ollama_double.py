@@ -3307,8 +3307,8 @@ class Client:
             message = json.loads(body).get("error") or ""
         except (ValueError, AttributeError):
             message = body.decode("utf-8", errors="replace")
-        if not message:
-            message = f"{response.status} {response.reason}"
+        if not message:  # api.StatusError with neither Status nor ErrorMessage (a HEAD's empty 401, say)
+            message = "something went wrong, please see the ollama server logs for details"
         raise OllamaError(message, response.status)
 
     def do(self, method: str, path: str, payload=None) -> dict | None:
