@@ -107,6 +107,11 @@ def bytes_read(runner: Runner) -> int:
     file on it, /proc/PID/fdinfo) plus the model's resident mapped pages
     (see the module's docstring). Not rchar: that counts the runner's
     socket reads too (ollama polls its /health four times a second)."""
+    return file_offset(runner) + mapped_resident(runner)
+
+
+def file_offset(runner: Runner) -> int:
+    """The largest offset of the runner's open files on the model."""
     total = 0
     real = os.path.realpath(runner.model)
     try:
@@ -121,6 +126,14 @@ def bytes_read(runner: Runner) -> int:
                 continue
     except OSError:
         pass
+    return total
+
+
+def mapped_resident(runner: Runner) -> int:
+    """The resident bytes of the runner's mappings of the model (/proc/PID/smaps:
+    a walk of the mapping's page tables, so not every second for a big one)."""
+    total = 0
+    real = os.path.realpath(runner.model)
     try:
         inside = False
         with open(f"/proc/{runner.pid}/smaps", encoding="utf-8", errors="replace") as handle:

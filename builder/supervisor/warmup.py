@@ -217,6 +217,7 @@ class Warmer(threading.Thread):
         call = LoadCall(self.base, body)
         call.start()
         runner, read, last_read_at, advice, speed, first_read_at = None, 0, time.monotonic(), None, 0.0, 0.0
+        ticks, mapped = 0, 0
         rate = loadwatch.Rate()
         progress = Progress(f"loading {self.model}", self.model_bytes) if self.model_bytes else None
         while not call.done.wait(SAMPLE_SECONDS):
@@ -226,7 +227,10 @@ class Warmer(threading.Thread):
                 return
             if runner is None or not os.path.exists(f"/proc/{runner.pid}"):
                 runner = loadwatch.find_runner(self.server_pid())
-            current = loadwatch.bytes_read(runner) if runner is not None else 0
+            if runner is not None and runner.mmap and (ticks % 5 == 0 or mapped < (1 << 30)):
+                mapped = loadwatch.mapped_resident(runner)  # past 1 GiB, every 5th sample: smaps walks the page tables
+            ticks += 1
+            current = (loadwatch.file_offset(runner) + mapped) if runner is not None else 0
             if current > read:
                 read, last_read_at = current, now
                 first_read_at = first_read_at or now
