@@ -612,3 +612,67 @@ def test_a_num_gpu_above_the_plan_is_a_warning_with_the_numbers(tmp_path: Path) 
     result = run_builder("validate", "-c", str(over), cwd=models)
     assert result.returncode == 0 and "but the plan fits 16 on the GPUs" in result.stderr, result.stderr
     assert "then set num_gpu to 16" in result.stderr and "PARALLEL" not in result.stderr
+
+
+FAKE_SMI = """#!/bin/sh
+# nvidia-smi as the test sets it: one GPU, its free memory and its compute processes
+case "$1" in
+  --query-gpu=*) echo "0, NVIDIA GeForce RTX 4090, 24564, $FAKE_FREE_MIB, GPU-fake-0" ;;
+  --query-compute-apps=*) [ -n "$FAKE_APPS" ] && printf '%s\\n' "$FAKE_APPS" ;;
+  *) exit 9 ;;
+esac
+"""
+
+
+@pytest.fixture
+def fake_smi(tmp_path: Path) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nvidia-smi").write_text(FAKE_SMI)
+    (bin_dir / "nvidia-smi").chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_plans_from_free_memory_and_counts_its_own_runner_as_free(models: Path, fake_smi: dict[str, str]) -> None:
+    """Another process holds 8 GiB of a 24 GB card: the plan is the one for
+    the free 16 GiB, as ollama itself plans. A runner of this stack (its
+    model is a blob of this stack's store) holding the same 8 GiB gives the
+    memory back: redeploying must not plan around its own loaded model. A
+    runner of another store's model does not."""
+    import subprocess
+    import sys
+
+    config = config_for(models, "DeepSeek-R1-UD-IQ1_S", None)
+    digest = "sha256-" + "ab" * 32
+
+    def planned(env: dict[str, str], *args: str) -> dict:
+        result = run_builder("plan", "-c", str(config), "--json", *args, cwd=models, env={**fake_smi, **env})
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    free = 24564 - 8192
+    alone = planned({"FAKE_FREE_MIB": str(free)})
+    assert alone["num_gpu"] == planned({}, "--gpu-memory", str(free / 1024))["num_gpu"]
+    assert alone["gpus"][0]["memory_bytes"] == free * MIB
+    assert alone["gpu_memory_source"].startswith(f"nvidia-smi free memory, as ollama plans (GPU 0 {free} of 24564 MiB free (8192 MiB held by other")
+    whole = planned({}, "--gpu-memory", str(RTX_4090))["num_gpu"]
+    assert whole > alone["num_gpu"]
+
+    store = models / "models" / "ollama" / "blobs"
+    store.mkdir(parents=True, exist_ok=True)
+    (store / digest).write_bytes(b"")
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", f"/root/.ollama/models/blobs/{digest}"])
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", f"/elsewhere/blobs/sha256-{'cd' * 32}"])
+    try:
+        ours = planned({"FAKE_FREE_MIB": str(free), "FAKE_APPS": f"{runner.pid}, GPU-fake-0, 8192"})
+        assert ours["num_gpu"] == whole
+        assert "+ 8192 MiB this stack's runner holds" in ours["gpu_memory_source"]
+        theirs = planned({"FAKE_FREE_MIB": str(free), "FAKE_APPS": f"{other.pid}, GPU-fake-0, 8192"})
+        assert theirs["num_gpu"] == alone["num_gpu"]
+    finally:
+        for process in (runner, other):
+            process.kill()
+            process.wait()
+        (store / digest).unlink()
+    text = run_builder("plan", "-c", str(config), cwd=models, env={**fake_smi, "FAKE_FREE_MIB": str(free)})
+    assert "nvidia-smi free memory, as ollama plans" in text.stdout + text.stderr

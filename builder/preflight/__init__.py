@@ -82,7 +82,7 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
             raise
         facts = None
     needs_gpus = (gpus_required or parameters.get("num_gpu") == "auto") and config.gpus.kind != "none" and facts is not None
-    memory, source = gpu_memory(config, required=needs_gpus) if config.gpus.kind != "none" else ([], "")
+    memory, source = gpu_memory(config, required=needs_gpus, stores=local_stores(config)) if config.gpus.kind != "none" else ([], "")
     config, reason = resolve_num_gpu(config, facts, memory, source)
     if facts is None:
         return Preflight(config, None, tuple(memory), source, notes=tuple(filter(None, [reason])))
@@ -94,6 +94,16 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
     if system is None:
         system = planned_ram(config) or read_system_memory(cgroup=cgroup)
     return Preflight(config, facts, tuple(memory), source, need, system, tuple(filter(None, [reason, warning])))
+
+
+def local_stores(config: Config) -> list[Path]:
+    """Where this stack's ollama store is on this machine, if anywhere (a
+    local model volume): its runners are told apart by their blobs."""
+    from builder.render.blueprint import MODELS_DIR, OLLAMA_STORE
+
+    if config.storage.kind != "local" or not config.storage.path:
+        return []
+    return [Path(config.storage.path) / Path(OLLAMA_STORE).relative_to(MODELS_DIR)]
 
 
 def planned_ram(config: Config) -> SystemMemory | None:

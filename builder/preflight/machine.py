@@ -22,26 +22,83 @@ from builder.errors import ConfigError, Problem
 UNLIMITED = 1 << 62  # what a cgroup limit above this means: none (v1 writes 2^63 rounded down to pages)
 
 
-def query_gpus() -> list[tuple[int, str, int]] | None:
-    """(index, name, memory bytes) of each GPU nvidia-smi sees; None without nvidia-smi."""
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as nvidia-smi reports it, in bytes."""
+
+    index: int
+    name: str
+    total: int
+    free: int
+    uuid: str = ""
+
+
+def _smi(*query: str) -> list[list[str]] | None:
     if shutil.which("nvidia-smi") is None:
         return None
-    result = subprocess.run(
-        ["nvidia-smi", "--query-gpu=index,name,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True, text=True, timeout=30,
-    )
+    try:
+        result = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
     if result.returncode != 0:
         return None
-    gpus = []
-    for line in result.stdout.strip().splitlines():
-        index, name, memory = (part.strip() for part in line.split(","))
-        gpus.append((int(index), name, int(float(memory)) << 20))
-    return gpus
+    return [[part.strip() for part in line.split(",")] for line in result.stdout.strip().splitlines() if line.strip()]
 
 
-def gpu_memory(config: Config, required: bool = True) -> tuple[list[int], str]:
-    """Each GPU's memory in bytes, and where that came from (([], "") when
-    none is known and not `required`)."""
+def _mib(text: str) -> int:
+    try:
+        return int(float(text)) << 20
+    except ValueError:  # "[N/A]" where the driver does not say
+        return 0
+
+
+def query_gpus() -> list[Gpu] | None:
+    """Each GPU nvidia-smi sees; None without nvidia-smi."""
+    rows = _smi("--query-gpu=index,name,memory.total,memory.free,uuid")
+    if rows is None:
+        return None
+    return [Gpu(int(r[0]), r[1], _mib(r[2]), _mib(r[3]), r[4] if len(r) > 4 else "") for r in rows if len(r) >= 4]
+
+
+def runner_model(pid: int, proc: Path = Path("/proc")) -> str | None:
+    """The model file an ollama runner process was started with (its
+    `--model`/`-m` argument), or None for any other process."""
+    try:
+        argv = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    args = [a.decode(errors="replace") for a in argv]
+    for flag, value in zip(args, args[1:]):
+        if flag in ("--model", "-m"):
+            return value
+    return None
+
+
+def own_gpu_use(stores: list[Path], proc: Path = Path("/proc")) -> dict[str, int]:
+    """GPU memory (by GPU uuid) held by runners of this stack: processes
+    whose model is a blob of one of `stores` (ollama's blobs are named by
+    their digest, so a runner of this model, in a container or not, names a
+    file that is in this store). Planning counts it as free: ollama unloads
+    its own model before loading the new plan."""
+    rows = _smi("--query-compute-apps=pid,gpu_uuid,used_memory") or []
+    held: dict[str, int] = {}
+    for row in rows:
+        if len(row) < 3 or not row[0].isdigit():
+            continue
+        model = runner_model(int(row[0]), proc)
+        if model is None or not Path(model).name.startswith("sha256-"):
+            continue
+        if any((store / "blobs" / Path(model).name).is_file() for store in stores):
+            held[row[1]] = held.get(row[1], 0) + _mib(row[2])
+    return held
+
+
+def gpu_memory(config: Config, required: bool = True, stores: list[Path] | None = None) -> tuple[list[int], str]:
+    """The memory of each GPU this stack may use, in bytes, and where that
+    came from (([], "") when none is known and not `required`):
+    plan.gpu_memory_gib, else what is free on each GPU now (what ollama
+    itself plans from) plus what this stack's own runners hold (`stores`:
+    its ollama stores on this machine)."""
     if config.plan.gpu_memory_gib:
         return [int(g * (1 << 30)) for g in config.plan.gpu_memory_gib], "plan.gpu_memory_gib"
     found = query_gpus()
@@ -54,10 +111,26 @@ def gpu_memory(config: Config, required: bool = True) -> tuple[list[int], str]:
     gpus = config.gpus
     if gpus.kind == "ids":
         wanted = set(gpus.ids)
-        found = [g for g in found if str(g[0]) in wanted]
+        found = [g for g in found if str(g.index) in wanted]
     elif gpus.kind == "count":
         found = found[: gpus.count]
-    return [g[2] for g in found], "nvidia-smi"
+    own = own_gpu_use(stores or []) if found and any(g.free < g.total for g in found) else {}
+    usable = [min(g.total, g.free + own.get(g.uuid, 0)) for g in found]
+    return usable, free_memory_source(found, own)
+
+
+def free_memory_source(found: list[Gpu], own: dict[str, int]) -> str:
+    """How `gpu_memory` read the GPUs, for plan's output."""
+    parts = []
+    for g in found:
+        others = g.total - g.free - own.get(g.uuid, 0)
+        text = f"GPU {g.index} {g.free >> 20} of {g.total >> 20} MiB free"
+        if own.get(g.uuid):
+            text += f" + {own[g.uuid] >> 20} MiB this stack's runner holds"
+        if others > 256 << 20:
+            text += f" ({others >> 20} MiB held by other processes)"
+        parts.append(text)
+    return "nvidia-smi free memory, as ollama plans (" + "; ".join(parts) + "; plan.gpu_memory_gib overrides)"
 
 
 @dataclass(frozen=True)

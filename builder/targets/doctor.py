@@ -87,7 +87,7 @@ def _gpu_list() -> list[Check]:
     if not gpus:
         out.append(Check("gpus", FAIL, "nvidia-smi is missing or sees no GPU", "install the NVIDIA driver (nvidia-smi must list the GPUs)"))
     else:
-        listed = ", ".join(f"{i}: {name} {memory / (1 << 30):.0f} GiB" for i, name, memory in gpus)
+        listed = ", ".join(f"{g.index}: {g.name} {g.total / (1 << 30):.0f} GiB ({g.free / (1 << 30):.0f} GiB free)" for g in gpus)
         out.append(Check("gpus", OK, listed))
     return out
 
