@@ -281,11 +281,25 @@ def _resolve_storage(storage: dict[str, Any], base_dir: Path, fail: Any) -> Stor
         export = nfs["export"]
         if len(export) > 1:
             export = export.rstrip("/")
-        return Storage("nfs", server=server, export=export, options=options)
+        return Storage("nfs", server=server, export=export, options=options, model_cache=_model_cache(storage, None, base_dir, fail))
     local = Path(storage["local"]).expanduser()
     if not local.is_absolute():
         local = base_dir / local
-    return Storage("local", path=os.path.normpath(str(local)))
+    path = os.path.normpath(str(local))
+    return Storage("local", path=path, model_cache=_model_cache(storage, path, base_dir, fail))
+
+
+def _model_cache(storage: dict[str, Any], local: str | None, base_dir: Path, fail: Any) -> str | None:
+    """storage.model_cache as an absolute path: never the model storage, or a folder in or above it."""
+    if "model_cache" not in storage:
+        return None
+    cache = Path(storage["model_cache"]).expanduser()
+    path = os.path.normpath(str(cache if cache.is_absolute() else base_dir / cache))
+    if local is not None and (path == local or path.startswith(local.rstrip("/") + "/") or local.startswith(path.rstrip("/") + "/")):
+        fail(("storage", "model_cache"), f"{path} is {'the model storage' if path == local else 'inside or above the model storage'} "
+             f"({local}); give a folder on this machine's own disk beside it, e.g. /var/cache/builder")
+        return None
+    return path
 
 
 def _resolve_gpus(value: Any) -> Gpus:

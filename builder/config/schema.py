@@ -61,6 +61,12 @@ def _str(description: str, expect: str | None = None, **extra: Any) -> dict[str,
     return schema
 
 
+_MODEL_CACHE = _str(
+    "A folder on the serving machine's own fast disk for the merged model and ollama's store; the model storage is then "
+    "only read (the shards, once per machine). Relative paths are relative to the config file.", minLength=1,
+)
+
+
 def _parameter_schema(kind: str) -> dict[str, Any]:
     if kind == "stop":
         return {
@@ -237,11 +243,13 @@ def config_schema() -> dict[str, Any]:
                                     "options": _str("Mount options (addr= is added).", "comma-separated options such as rw,nfsvers=4.1,hard", pattern="^[A-Za-z0-9_.=:-]+(,[A-Za-z0-9_.=:-]+)*$"),
                                 },
                                 ("server", "export"),
-                            )
+                            ),
+                            "model_cache": _MODEL_CACHE,
                         },
                         ("nfs",),
                     ),
-                    _obj({"local": _str("Host folder; relative paths are relative to the config file.", minLength=1)}, ("local",)),
+                    _obj({"local": _str("Host folder; relative paths are relative to the config file.", minLength=1),
+                          "model_cache": _MODEL_CACHE}, ("local",)),
                 ],
             },
             "gpus": {

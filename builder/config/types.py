@@ -82,6 +82,7 @@ class Storage:
     export: str = ""
     options: str = ""
     path: str = ""
+    model_cache: str | None = None  # the merged model and ollama's store on the serving machine's own disk
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 from builder.config import Config
+from builder.config.places import cache_root  # noqa: F401 - where callers find it
 from builder.errors import BuilderError
 from builder.fsutil import sha256_file, write_atomic
 from builder.image.lock import LockEntry
@@ -295,16 +296,6 @@ def fetch_all(
         expected = resolve_expected(artifact, locked.get(artifact.key))
         entries[artifact.key] = ensure_artifact(artifact, expected, settings, fresh=fresh)
     return entries
-
-
-def cache_root(config: Config | None = None) -> Path:
-    """Where downloads and scratch files live: $BUILDER_CACHE_DIR, the config's
-    cache_dir, else ~/.cache/builder."""
-    if os.environ.get("BUILDER_CACHE_DIR"):
-        return Path(os.environ["BUILDER_CACHE_DIR"])
-    if config is not None and config.cache_dir:
-        return Path(config.cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "builder"
 
 
 def fetch_and_lock(

@@ -40,7 +40,7 @@ class Need:
     bytes: int
 
 
-def check_space(needs: list[Need], free=free_space) -> list[str]:
+def check_space(needs: list[Need], free=free_space, move: str = "cache_dir, host.prefix, --out, the engine's data-root") -> list[str]:
     """Refuse in one line when the places on some file system need more than
     it has free; return one line per file system for the log."""
     by_device: dict[int, list[tuple[Need, int]]] = {}
@@ -57,7 +57,7 @@ def check_space(needs: list[Need], free=free_space) -> list[str]:
         if total > available:
             raise NoSpace(
                 f"not enough disk space: {parts} need {_gib(total)} with {_gib(SLACK)} slack, {_gib(available)} free there; "
-                f"free {_gib(total - available)} or move it (cache_dir, host.prefix, --out, the engine's data-root)"
+                f"free {_gib(total - available)} or move it ({move})"
             )
         lines.append(f"space: {parts}: {_gib(total)} of {_gib(available)} free")
     return lines
@@ -73,3 +73,24 @@ def engine_needs(data_root: str | None, staged_bytes: int, base_missing: bool) -
         return []
     size = int(staged_bytes * DATA_ROOT_FACTOR) + (BASE_IMAGE_BYTES if base_missing else 0)
     return [Need("image build", Path(data_root), size)]
+
+
+def model_cache_needs(config, facts) -> list[Need]:
+    """storage.model_cache: what merge and create will write there, before
+    they start. ollama 0.5.7: the merged file (none when it is there, whole);
+    0.30+: the shards copied in (a link cannot cross disks) and the model
+    twice (its rewrite and the copy under its digest), none once created."""
+    from builder.supervisor.common import CURRENT
+
+    cache = config.storage.model_cache
+    if not cache or facts is None:
+        return []
+    if config.ollama_generation == CURRENT:
+        from builder.supervisor.create import created_summary
+
+        if created_summary(str(Path(cache) / "ollama"), config.model.name):
+            return []
+        return [Need(f"ollama {config.ollama.version}'s create (the shards copied in, the model written twice)", Path(cache), 3 * facts.file_bytes)]
+    if facts.merged_present or not config.model.shards.count:
+        return []
+    return [Need("the merged model", Path(cache), facts.file_bytes)]

@@ -47,6 +47,13 @@ def shard_names(config: Config) -> list[str]:
     return shard_file_names(shards.prefix, shards.count) if shards.count else [PurePosixPath(shards.first).name]
 
 
+def merged_here(config: Config, shards: Path) -> Path:
+    """Where this machine sees the merged file: in the model cache, else beside the shards."""
+    if config.storage.model_cache:
+        return Path(config.storage.model_cache) / config.model.merged
+    return shards / PurePosixPath(config.model.merged).name
+
+
 def shard_folder(config: Config, override: Path | None = None) -> Path | None:
     """Where this machine can read the shards: `override` (--shards), plan.shards_dir, else local storage."""
     if override is not None:
@@ -99,13 +106,15 @@ def read_model(config: Config, folder: Path | None = None, whole: bool = True) -
         raise _problem(config, "model.shards", f"{folder / names[0]} {exc}") from None
     except (NotLoadable, ValueError) as exc:
         raise _problem(config, "model.shards", str(exc)) from None
-    merged = folder / PurePosixPath(config.model.merged).name
+    merged = merged_here(config, folder)
     present = False
     if whole and count and merged.is_file() and config.ollama_generation == LEGACY:  # 0.30+ never reads it
         try:
             check_file(str(merged), merged.stat().st_size)
+            present = True
         except GGUFError as exc:
-            raise _problem(config, "model.merged", f"{merged} {exc}; delete it and `builder up` merges again") from None
-        present = True
+            if not config.storage.model_cache:
+                raise _problem(config, "model.merged", f"{merged} {exc}; delete it and `builder up` merges again") from None
+            # In the model cache: the merge finds it does not match its record and merges again from the model volume.
     file_bytes = sum((folder / name).stat().st_size for name in names)
     return ModelFacts(folder, tuple(names), tuple(headers), file_bytes, architecture, shape, present)

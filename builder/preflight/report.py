@@ -25,6 +25,8 @@ class OffloadReport:
     ram: str | None = None  # Preflight.ram_line()
     ram_rule: str = ""
     ram_needed: dict | None = None
+    reads: dict | None = None  # where loads read the model from (preflight.where.reads)
+    read_lines: tuple[str, ...] = ()
 
     def as_dict(self) -> dict:
         shape = self.shape
@@ -41,6 +43,8 @@ class OffloadReport:
         data["ollama_env"] = self.limits
         if self.ram_needed is not None:
             data["ram"] = self.ram_needed
+        if self.reads is not None:
+            data["reads"] = self.reads
         return data
 
     def lines(self) -> list[str]:
@@ -62,6 +66,7 @@ class OffloadReport:
         out += [result.summary(), f"memory from {self.source}"] + ([self.caveat] if self.caveat else [])
         if self.ram:
             out += [f"ram     {self.ram}", f"ram     {self.ram_rule}"]
+        out += list(self.read_lines)
         for line in self.explained:
             name = line.split("=", 1)[0]
             out.append(f"ollama  {name}={self.limits[name]}: serve.env" if name in self.set_by_user else f"ollama  {line}")
@@ -97,8 +102,11 @@ def offload_report(preflight: Preflight, num_ctx: int | None) -> OffloadReport:
             f"weights and KV ({(ram.weights - shape.cpu_bytes + ram.kv_cache) / GIB:.1f} GiB): a smaller cgroup limit is an OOM kill instead"
             if config.ollama_generation != CURRENT else
             f"ollama {config.ollama.version} has no RAM check of its own: llama-server allocates, and a smaller cgroup limit is an OOM kill") if ram else ""
+    from builder.preflight.where import read_lines, reads
+
     return OffloadReport(result, shape, preflight.gpu_source, limits, explain(shape.total_bytes, config.serve.limits()),
-                         frozenset(k for k, _ in config.serve.env), caveat, preflight.ram_line(), rule, needed)
+                         frozenset(k for k, _ in config.serve.env), caveat, preflight.ram_line(), rule, needed,
+                         reads(config, facts.file_bytes), tuple(read_lines(config, facts.file_bytes)))
 
 
 def parse_gpu_memory(text: str | None) -> tuple[float, ...] | None:

@@ -20,6 +20,7 @@ from builder.modelfile import render_modelfile
 # Where things live inside the image and the containers.
 MODELS_DIR = "/models"
 OLLAMA_STORE = "/models/ollama"  # on the model volume, beside the merged file
+MODEL_CACHE_DIR = "/cache"  # storage.model_cache: the merged file and ollama's store instead (BUILDER_MODEL_CACHE)
 OLLAMA_PORT = 11434  # what the container publishes: ollama, or the gate in front of it (serve.auth: keys)
 OLLAMA_INTERNAL_PORT = 11435  # ollama behind the gate, on the container's loopback
 KEYS_IN_CONTAINER = "/run/secrets/builder-keys"
@@ -211,6 +212,15 @@ def create_env(config: Config) -> dict[str, str]:
     return {"BUILDER_NUM_GPU": str(dict(config.model.parameters)["num_gpu"])}
 
 
+def cache_env(config: Config) -> dict[str, str]:
+    """BUILDER_MODEL_CACHE when storage.model_cache is set: the supervisor
+    then keeps the merged file and ollama's store there (the image does not
+    know where the model lives)."""
+    if not config.storage.model_cache:
+        return {}
+    return {"BUILDER_MODEL_CACHE": MODEL_CACHE_DIR}
+
+
 def _compose_values(config: Config, image: str, digest: str, memory_limit: str | None = None) -> dict[str, Any]:
     storage = config.storage
     if storage.kind == "nfs":
@@ -246,11 +256,16 @@ def _compose_values(config: Config, image: str, digest: str, memory_limit: str |
         # sizes ollama's limits by, at start, from the model's size), then serve.env.
         # BUILDER_NUM_GPU too, though only create reads it: another plan recreates serve, which then loads the new model.
         "serve_env": {"BUILDER_SERVE": json.dumps(config.serve.limits(), sort_keys=True, separators=(",", ":")), **create_env(config),
+                      **cache_env(config),
                       **gate_env(config, f"0.0.0.0:{OLLAMA_PORT}", OLLAMA_INTERNAL_PORT, KEYS_IN_CONTAINER), **dict(config.serve.env)},
         # serve.auth: keys: the host file the serve container reads its keys from.
         "keys_file": keys_file(config) if config.serve.auth == "keys" else None,
         # What the create step's environment gets: num_gpu planned for the GPUs here (num_gpu: auto).
-        "create_env": create_env(config),
+        "create_env": {**create_env(config), **cache_env(config)},
+        # storage.model_cache: a bind mount of that folder; the model volume is then only read.
+        "model_cache": config.storage.model_cache,
+        "model_cache_dir": MODEL_CACHE_DIR,
+        "cache_env": cache_env(config),
         "models_dir": MODELS_DIR,
         # Compose's mem_limit takes Docker's units: 64g, not Kubernetes' 64Gi
         "mem_limit": memory_limit.replace("Gi", "g").replace("Mi", "m").replace("Ki", "k").replace("Ti", "t") if memory_limit else None,

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 
-from .common import StepError, Stopped, is_current, log, shard_paths
+from .common import StepError, Stopped, is_current, log, shard_paths, with_model_cache
 from .create import create, created_summary
 from .limits import explain, load_timeout_seconds, ollama_limits
 from .merge import merge
@@ -41,8 +41,9 @@ RESTART_DELAY = float(os.environ.get("BUILDER_RESTART_DELAY", "0.5"))  # first b
 
 
 def load_runtime(path: str) -> dict:
+    """runtime.json, with the model cache the target gives (BUILDER_MODEL_CACHE)."""
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        return with_model_cache(json.load(handle), os.environ.get("BUILDER_MODEL_CACHE"))
 
 
 def serve(runtime: dict) -> int:

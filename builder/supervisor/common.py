@@ -26,6 +26,20 @@ def is_current(runtime: dict) -> bool:
     return runtime.get("ollama_generation") == CURRENT
 
 
+def with_model_cache(runtime: dict, cache: str | None) -> dict:
+    """runtime.json with the merged file and ollama's store moved into the
+    model cache (storage.model_cache; BUILDER_MODEL_CACHE in a container):
+    the same names under the cache instead of the model volume, which the
+    stack then only reads."""
+    if not cache:
+        return runtime
+    models = runtime["models_dir"]
+    moved = dict(runtime, model_cache=cache)
+    for key in ("merged", "ollama_store"):
+        moved[key] = os.path.join(cache, os.path.relpath(runtime[key], models))
+    return moved
+
+
 def shard_paths(runtime: dict) -> list[str]:
     """Every shard's path, in order (the one file of an unsplit model)."""
     from .shards import shard_file_names
@@ -189,7 +203,10 @@ def place_blob(merged: str, store: str, digest: str, may_link=lambda path: None)
     os.makedirs(blobs, exist_ok=True)
     blob = os.path.join(blobs, f"sha256-{digest}")
     if os.path.exists(blob) and os.path.getsize(blob) == os.path.getsize(merged):
-        return "present"
+        if os.path.samefile(blob, merged) or os.stat(blob).st_dev != os.stat(merged).st_dev or may_link(merged):
+            return "present"  # the file itself, or a copy where no link can be made
+        # Another file under this digest on the same disk (the old link of a
+        # merged file merged again): link the file the record describes.
     refused = may_link(merged)
     if refused:
         return f"not linked ({refused})"

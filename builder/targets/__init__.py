@@ -66,8 +66,22 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
         echo(note)
     if target.deploys:
         check_ram(preflight)
+        if preflight.facts is not None:
+            from builder.preflight.where import slow_volume_warning
+            from builder.targets.common import remember_rate
+
+            slow, rate = slow_volume_warning(preflight.config, preflight.facts.file_bytes)
+            if rate is not None:
+                remember_rate(config, rate)
+            if slow:
+                echo(f"warning: {slow}")
     blueprint = blueprint_for(preflight)
     target.check(blueprint)
+    if target.deploys:
+        from builder.preflight.disk import check_space, model_cache_needs
+
+        for line in check_space(model_cache_needs(config, preflight.facts), move="storage.model_cache"):
+            echo(f"model cache: {line.removeprefix('space: ')}")
     if target.deploys:
         from builder.targets.keys import ensure_keys
 

@@ -4,12 +4,14 @@ model to be listed, the warm-up's load, the storage the containers write."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from builder.config import Config
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint
 
@@ -26,11 +28,17 @@ def endpoint_url(blueprint: Blueprint) -> str:
         host = f"[{host}]"
     return f"http://{host}:{serve.port}"
 
-def check_storage(blueprint: Blueprint) -> None:
+def check_storage(blueprint: Blueprint, uid: int | None = None, gid: int | None = None) -> None:
     """Local storage must exist and be writable by the containers' user
-    (merge writes the merged file, create ollama's store)."""
+    (merge writes the merged file, create ollama's store), unless a model
+    cache takes the writes: then the cache must be (it is made when
+    missing). `uid`/`gid`: who writes (default: the containers' user)."""
     config = blueprint.config
     storage = config.storage
+    uid = config.uid if uid is None else uid
+    gid = config.gid if gid is None else gid
+    if storage.model_cache:
+        check_model_cache(config, Path(storage.model_cache), uid, gid)
     if storage.kind != "local":
         return
     root = Path(storage.path)
@@ -38,17 +46,42 @@ def check_storage(blueprint: Blueprint) -> None:
         raise ConfigError(
             Problem("storage.local", f"the folder {root} does not exist; create it and put the shards there", None, config.source)
         )
+    if storage.model_cache:
+        return  # only read: the shards' own checks say when one cannot be
     for folder in (root, root / config.model.shards.folder):
-        if folder.is_dir() and not writable_by(folder, config.uid, config.gid):
+        if folder.is_dir() and not writable_by(folder, uid, gid):
             raise ConfigError(
                 Problem(
                     "storage.local",
-                    f"{folder} is not writable by the containers' user {config.uid}:{config.gid}; "
-                    f"chown -R {config.uid}:{config.gid} {root} (or set image.uid and image.gid)",
+                    f"{folder} is not writable by {_who(config, uid, gid)}; "
+                    f"chown -R {uid}:{gid} {root}" + (" (or set image.uid and image.gid)" if uid == config.uid else ""),
                     None,
                     config.source,
                 )
             )
+
+def check_model_cache(config: Config, cache: Path, uid: int, gid: int) -> None:
+    """storage.model_cache: made when missing (owned by the writer where this
+    process may give it away), then writable by the writer."""
+    if not cache.exists():
+        try:
+            cache.mkdir(parents=True)
+            if os.geteuid() == 0 and (uid, gid) != (0, 0):
+                os.chown(cache, uid, gid)
+        except OSError as exc:
+            raise ConfigError(Problem("storage.model_cache", f"cannot make {cache}: {exc.strerror}; make it on this machine's "
+                                      f"local disk, owned by {uid}:{gid}", None, config.source)) from None
+    if not cache.is_dir():
+        raise ConfigError(Problem("storage.model_cache", f"{cache} is not a folder; give a folder on this machine's local disk",
+                                  None, config.source))
+    if not writable_by(cache, uid, gid):
+        raise ConfigError(Problem("storage.model_cache", f"{cache} is not writable by {_who(config, uid, gid)}; "
+                                  f"chown -R {uid}:{gid} {cache}", None, config.source))
+
+
+def _who(config: Config, uid: int, gid: int) -> str:
+    return f"the containers' user {uid}:{gid}" if (uid, gid) == (config.uid, config.gid) else f"this user ({uid}:{gid})"
+
 
 def writable_by(path: Path, uid: int, gid: int) -> bool:
     info = path.stat()
@@ -324,6 +357,38 @@ def status_lines(report: dict) -> list[str]:
         out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {share} in GPU memory, until {loaded['expires_at']}")
     elif report["model_listed"]:
         out.append("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
+    out += [f"reads     {line.removeprefix('reads   ')}" for line in report_read_lines(report)]
+    return out
+
+
+def remember_rate(config: Config, rate) -> None:
+    """Keep a read-rate measurement for plan and status, which only read
+    (best effort: a download cache that cannot be written loses it)."""
+    from builder.fsutil import write_atomic
+    from builder.preflight.where import known_rates, rates_path
+
+    path = rates_path(config)
+    known = known_rates(path)
+    known[str(Path(rate.path).resolve())] = {"mb_s": round(rate.mb_s, 1), "at": int(time.time())}
+    try:
+        write_atomic(path, (json.dumps(known, indent=2, sort_keys=True) + "\n").encode())
+    except OSError:
+        pass
+
+
+def report_read_lines(report: dict) -> list[str]:
+    """status's `reads` lines, from the report alone."""
+    from builder.preflight.where import decimal_size, duration
+
+    reads = report.get("reads")
+    if not reads:
+        return []
+    size = decimal_size(reads["model_bytes"]) if reads.get("model_bytes") else "the model"
+    took = f": {duration(reads['load_seconds'])} at {reads['mb_s']:g} MB/s" if "load_seconds" in reads else (
+        f" at {reads['mb_s']:g} MB/s" if "mb_s" in reads else " (`builder doctor` measures the rate)")
+    out = [f"reads   a load reads {size} from the {reads['place']} {reads['where']}{took}"]
+    if reads.get("volume"):
+        out.append(f"reads   the model volume ({reads['volume']['where']}) is read {reads['volume']['read']}")
     return out
 
 
@@ -343,6 +408,7 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
     whether it is stale, the endpoint, how the model was created, whether it
     is listed and loaded."""
     from builder.image.build import image_staleness
+    from builder.preflight.where import model_bytes_here, reads
 
     from builder.targets.keys import endpoint_headers
 
@@ -361,5 +427,6 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
         "model_listed": listed,
         "loaded": loaded_model(url, blueprint.config.model.name, headers) if listed else None,
         "created": created_via(probe),
+        "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
         "services": services,
     }

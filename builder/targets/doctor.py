@@ -164,24 +164,28 @@ def check_model_space(config: Config, facts) -> Check:
     """Free space on the model storage for the merge (0.5.7) or create's rewrite (0.30+)."""
     from builder.supervisor.common import CURRENT
 
-    total, free = facts.file_bytes, os.statvfs(facts.folder).f_bavail * os.statvfs(facts.folder).f_frsize
+    place = Path(config.storage.model_cache) if config.storage.model_cache else facts.folder
+    while not place.exists() and place != place.parent:  # a model cache up has not made yet: the disk it will be on
+        place = place.parent
+    total, free = facts.file_bytes, os.statvfs(place).f_bavail * os.statvfs(place).f_frsize
     if config.ollama_generation == CURRENT:
         # No merge; create writes the model twice into ollama's store before deleting one copy.
         from builder.supervisor.create import created_summary
         from builder.supervisor.create_shards import MARGIN
 
-        need = 2 * total + MARGIN
+        need = (3 if config.storage.model_cache else 2) * total + MARGIN  # a cache on another disk: the shards copied in too
         what = f"{_size(free)} free, ollama {config.ollama.version}'s create needs {_size(need)} at its peak (no merge)"
-        if config.storage.kind == "local" and created_summary(str(Path(config.storage.path) / "ollama"), config.model.name):
+        store = Path(config.storage.model_cache or config.storage.path) / "ollama"
+        if (config.storage.kind == "local" or config.storage.model_cache) and created_summary(str(store), config.model.name):
             return Check("space", OK, f"{_size(free)} free; {config.model.name} is already created")
         if free >= need:
             return Check("space", OK, what)
-        return Check("space", FAIL, what, f"free {_size(need - free)} on the model storage, or use ollama.version 0.5.7 (its merge writes one copy, its create none)")
+        return Check("space", FAIL, what, f"free {_size(need - free)} in {place}, or use ollama.version 0.5.7 (its merge writes one copy, its create none)")
     if facts.merged_present or not config.model.shards.count:
         return Check("space", OK, f"{_size(free)} free; the merged file is already there")
     if free >= total:
         return Check("space", OK, f"{_size(free)} free, the merge needs {_size(total)}")
-    return Check("space", FAIL, f"{_size(free)} free, the merge needs {_size(total)}", f"free {_size(total - free)} in {facts.folder}")
+    return Check("space", FAIL, f"{_size(free)} free in {place}, the merge needs {_size(total)}", f"free {_size(total - free)} in {place}")
 
 
 def check_ram(preflight) -> Check:
@@ -190,6 +194,60 @@ def check_ram(preflight) -> Check:
     if preflight.fits_in_ram:
         return Check("ram", OK, line)
     return Check("ram", FAIL, line, "put more layers on the GPUs (model.parameters.num_gpu), add RAM or swap, or raise the memory limit")
+
+
+def check_read_rates(config: Config, seconds: float = 3.0) -> list[Check]:
+    """How fast the model volume and the model cache read (a few seconds
+    each), and how long a full read of the model takes from each: every
+    load without a model cache reads the volume again."""
+    from builder.preflight import where
+    from builder.preflight.model import shard_folder
+
+    cache = config.storage.model_cache
+    volume = shard_folder(config)
+    if volume is not None and not volume.is_dir() and config.storage.kind == "local" and not config.plan.shards_dir:
+        volume = Path(config.storage.path)
+    out = []
+    if volume is None:
+        out.append(Check("read-rate", WARN, f"model volume {config.storage.server}:{config.storage.export}: cannot measure it from here (NFS)",
+                         "mount the export here and set plan.shards_dir to where it is mounted"))
+        size = None
+    else:
+        size = where.model_bytes_here(config)
+        out.append(_rate_check(config, "model volume", volume, size, seconds, slow_fix=None if cache else
+                               "set storage.model_cache to a folder on this machine's local disk (README: Model cache)"))
+    if cache and not Path(cache).exists():
+        out.append(Check("read-rate", OK, f"model cache {cache}: not made yet (`builder up` makes it)"))
+    elif cache:
+        out.append(_rate_check(config, "model cache", Path(cache), size, seconds, slow_fix=None))
+    return out
+
+
+def _rate_check(config: Config, what: str, place: Path, size: int | None, seconds: float, slow_fix: str | None) -> Check:
+    """One read-rate line; a warn with `slow_fix` when a full read of the model takes over SLOW_LOAD_S."""
+    from builder.preflight import where
+    from builder.preflight.readrate import load_seconds, measure
+    from builder.targets.common import remember_rate
+
+    try:
+        rate = measure(place, seconds=seconds, what=what)
+        remember_rate(config, rate)  # for plan and status, which only read
+    except OSError as exc:
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else (exc.strerror or str(exc))
+        return Check("read-rate", WARN, f"{what} {place}: cannot measure ({reason})", f"check that {place} exists and can be read")
+    if size is None:
+        return Check("read-rate", OK, rate.line())
+    took = load_seconds(size, rate)
+    detail = f"{rate.line()}; a {where.decimal_size(size)} model reads in {_duration(took)}"
+    if slow_fix and took > where.SLOW_LOAD_S:
+        return Check("read-rate", WARN, f"{detail}, at every load", slow_fix)
+    return Check("read-rate", OK, detail)
+
+
+def _duration(seconds: float) -> str:
+    from builder.preflight.where import duration
+
+    return "forever (nothing was read)" if seconds == float("inf") else duration(seconds)
 
 
 def check_image(blueprint: Blueprint, lock_sha256: str | None, engine) -> Check:
@@ -238,7 +296,7 @@ def check_host(config: Config) -> list[Check]:
 
 def run_checks(config: Config, blueprint: Blueprint, lock_sha256: str | None) -> list[Check]:
     if config.target == "host":
-        return check_host(config) + check_gpus(config, None, toolkit=False) + check_shards(config)
+        return check_host(config) + check_gpus(config, None, toolkit=False) + check_shards(config) + check_read_rates(config)
     check, info, engine = check_engine()
     checks = [check]
     if engine is not None:
@@ -246,5 +304,6 @@ def run_checks(config: Config, blueprint: Blueprint, lock_sha256: str | None) ->
     checks += check_gpus(config, info)
     checks += check_storage(config, blueprint)
     checks += check_shards(config)
+    checks += check_read_rates(config)
     checks.append(check_image(blueprint, lock_sha256, engine))
     return checks

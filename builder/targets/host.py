@@ -25,6 +25,7 @@ from pathlib import Path
 
 from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint, gate_env, keys_file
+from builder.supervisor.common import with_model_cache
 from builder.targets.base import Target
 from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step
 from builder.targets.keys import endpoint_headers
@@ -50,6 +51,7 @@ def host_runtime(blueprint: Blueprint, prefix: Path) -> dict:
     runtime["shards"]["first"] = here(runtime["shards"]["first"])
     runtime["ollama_store"] = here(runtime["ollama_store"])
     runtime["models_dir"] = str(storage)
+    runtime = with_model_cache(runtime, blueprint.config.storage.model_cache)  # the paths are this machine's already
     runtime["ollama"] = str(prefix / "staged" / "ollama" / "bin" / "ollama")
     runtime["gguf_split"] = str(prefix / "staged" / "llama.cpp" / "llama.cpp" / "build" / "bin" / "llama-gguf-split")
     runtime["modelfile"] = str(prefix / "Modelfile")
@@ -76,6 +78,7 @@ def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str
     )
     env.update(blueprint.compose["create_env"])
     env.update(blueprint.compose["serve_env"])
+    env.pop("BUILDER_MODEL_CACHE", None)  # the containers' path; runtime.json holds this machine's
     env.pop("BUILDER_GATE", None)  # the containers' own; here: this machine's port and keys
     env.update(gate_env(config, f"{_bracketed(config.serve.bind)}:{config.serve.port}", config.serve.port + 1, host_keys_file(blueprint)))
     gpus = config.gpus
@@ -142,6 +145,18 @@ class HostTarget(Target):
                 "storage", "the host target reads the model from a folder on this machine: mount the NFS export and set storage.local to it",
                 None, config.source,
             ))
+        if config.storage.model_cache:
+            from builder.targets.common import check_model_cache
+
+            check_model_cache(config, Path(config.storage.model_cache), os.geteuid(), os.getegid())
+            return
+        root = Path(config.storage.path)
+        for folder in (root, root / config.model.shards.folder):  # merge writes beside the shards, create the store
+            if folder.is_dir() and not os.access(folder, os.W_OK):
+                raise ConfigError(Problem(
+                    "storage.local", f"{folder} is not writable here (merge and create write the merged model and ollama's store "
+                    "there); make it writable, or set storage.model_cache to a folder on this machine's disk", None, config.source,
+                ))
 
     def prepare(self, blueprint: Blueprint, context: Path, config_path: str, fetch_settings, engine, force_build: bool, echo) -> None:
         """Fetch and stage the release archives into the prefix; lay out the supervisor."""
@@ -255,6 +270,7 @@ class HostTarget(Target):
         return f"nothing to stop: no serve of {project} runs from {prefix}"
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
+        from builder.preflight.where import model_bytes_here, reads
         from builder.supervisor.create import created_summary
 
         prefix = prefix_for(blueprint)
@@ -291,6 +307,7 @@ class HostTarget(Target):
             "model_listed": listed,
             "loaded": loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint, "host")) if listed else None,
             "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
+            "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
             "services": {**records, "serve": serve},
         }
 

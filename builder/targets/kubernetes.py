@@ -10,7 +10,7 @@ from pathlib import Path
 import copy
 import dataclasses
 
-from builder.render.blueprint import KEYS_FILE_NAME, MODELS_DIR, OLLAMA_INTERNAL_PORT, OLLAMA_PORT, Blueprint, gate_env
+from builder.render.blueprint import KEYS_FILE_NAME, MODEL_CACHE_DIR, MODELS_DIR, OLLAMA_INTERNAL_PORT, OLLAMA_PORT, Blueprint, gate_env
 
 from builder.errors import ConfigError, Problem
 from builder.targets.base import Declined, Target
@@ -123,6 +123,13 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         pvc_meta = dict(meta, name=f"{name}-models")
         storage_docs.append({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": pvc_meta, "spec": claim})
         volume = {"name": "models", "persistentVolumeClaim": {"claimName": f"{name}-models"}}
+    cache_volumes: list[dict] = []
+    if storage.model_cache:  # the node's own disk: merge and create write there, the model volume is only read
+        mount = [dict(mount[0], readOnly=True), {"name": "cache", "mountPath": MODEL_CACHE_DIR}]
+        cache_volumes = [{"name": "cache", "hostPath": {"path": storage.model_cache, "type": "Directory"}}]
+        notes.append(f"storage.model_cache becomes a hostPath volume: on every node that may run the pod, "
+                     f"`mkdir -p {storage.model_cache} && chown {config.uid}:{config.gid} {storage.model_cache}` on its local disk; "
+                     "each node fills it from the model volume once")
     gpu_count, note = kubernetes_gpu_count(blueprint)
     if note:
         notes.append(note)
@@ -137,8 +144,10 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         container = {"name": role, "image": blueprint.image, "imagePullPolicy": "IfNotPresent", "args": [role],
                      "securityContext": dict(hardened), "resources": copy.deepcopy(STEP_RESOURCES[step_kind(config, role)]),
                      "volumeMounts": [*mount, scratch]}
-        if role == "create" and blueprint.compose["create_env"]:  # num_gpu planned for plan.gpu_memory_gib's GPUs
-            container["env"] = [{"name": k, "value": v} for k, v in blueprint.compose["create_env"].items()]
+        # create: num_gpu planned for plan.gpu_memory_gib's GPUs; both: the model cache
+        env = blueprint.compose["create_env"] if role == "create" else blueprint.compose["cache_env"]
+        if env:
+            container["env"] = [{"name": k, "value": v} for k, v in env.items()]
         return container
 
     # Ready means the model answers: the supervisor's warm-up loaded it
@@ -173,7 +182,7 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
         # GPUs (`builder plan`): ollama reads /proc/meminfo, which shows the
         # node, so a smaller cgroup limit is an OOM kill after ollama's own check passed.
         "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": k8s.cpu_limit, "memory": memory_limit}},
-        "volumeMounts": [dict(mount[0], readOnly=True), scratch, {"name": "keys", "mountPath": K8S_KEYS_DIR, "readOnly": True}],
+        "volumeMounts": [*(dict(m, readOnly=True) for m in mount), scratch, {"name": "keys", "mountPath": K8S_KEYS_DIR, "readOnly": True}],
     }
     keys_secret = f"{name}-keys"
     notes.append(f"API keys: every request needs Authorization: Bearer KEY. Create the Secret before applying: "
@@ -208,7 +217,7 @@ def kubernetes_manifests(blueprint: Blueprint) -> tuple[dict[str, list[dict]], l
                     # Pods sharing the export take a lock on it, so only one merges.
                     "initContainers": [step("merge"), step("create")],
                     "containers": [serve],
-                    "volumes": [volume, {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                    "volumes": [volume, *cache_volumes, {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
                                 # 0440, group fsGroup: the gate (runAsUser) reads it through its group.
                                 {"name": "keys", "secret": {"secretName": keys_secret, "defaultMode": 0o440,
                                                             "items": [{"key": KEYS_FILE_NAME, "path": KEYS_FILE_NAME}]}}],

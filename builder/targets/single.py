@@ -35,8 +35,9 @@ def _csv(fields: list[str]) -> str:
 
 def single_mount(blueprint: Blueprint) -> str:
     opts = blueprint.compose["driver_opts"]
+    readonly = ["readonly"] if blueprint.compose["model_cache"] else []  # the cache takes every write
     if opts["type"] == "none":
-        return _csv(["type=bind", f"source={opts['device']}", f"target={MODELS_DIR}"])
+        return _csv(["type=bind", f"source={opts['device']}", f"target={MODELS_DIR}", *readonly])
     return _csv([
         "type=volume",
         f"source={blueprint.config.project}_models",
@@ -45,6 +46,7 @@ def single_mount(blueprint: Blueprint) -> str:
         f"volume-opt=type={opts['type']}",
         f"volume-opt=o={opts['o']}",
         f"volume-opt=device={opts['device']}",
+        *readonly,
     ])
 
 def single_gpus(blueprint: Blueprint) -> list[str]:
@@ -72,6 +74,8 @@ def single_argv(blueprint: Blueprint) -> list[str]:
     argv += ["--publish", f"{config.serve.bind}:{config.serve.port}:{OLLAMA_PORT}" if ":" not in config.serve.bind
              else f"[{config.serve.bind}]:{config.serve.port}:{OLLAMA_PORT}"]
     argv += ["--mount", single_mount(blueprint)]
+    if blueprint.compose["model_cache"]:  # storage.model_cache: the merged file and ollama's store
+        argv += ["--mount", _csv(["type=bind", f"source={blueprint.compose['model_cache']}", f"target={blueprint.compose['model_cache_dir']}"])]
     if blueprint.compose["keys_file"]:  # serve.auth: keys: the gate's keys, read-only
         argv += ["--mount", _csv(["type=bind", f"source={blueprint.compose['keys_file']}", f"target={KEYS_IN_CONTAINER}", "readonly"])]
     argv += ["--health-cmd", "python3 -m supervisor health", "--health-interval", "10s",
@@ -81,6 +85,10 @@ def single_argv(blueprint: Blueprint) -> list[str]:
         argv += ["--env", f"{name}={value}"]
     argv += [blueprint.image, "all"]
     return argv
+
+def without_cache(env: dict[str, str]) -> dict[str, str]:
+    """autodl.sh keeps everything on the instance's data disk, a local disk: no model cache."""
+    return {k: v for k, v in env.items() if k != "BUILDER_MODEL_CACHE"}
 
 def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
     from builder import __version__
@@ -101,8 +109,8 @@ def render_single(blueprint: Blueprint, env) -> dict[str, bytes]:
         ("LD_LIBRARY_PATH", LLAMA_CPP_BIN),
         ("PYTHONPATH", SUPERVISOR_HOME),
         ("PYTHONDONTWRITEBYTECODE", "1"),
-        *blueprint.compose["create_env"].items(),
-        *sorted(serve_env.items()),
+        *without_cache(blueprint.compose["create_env"]).items(),
+        *sorted(without_cache(serve_env).items()),
     ]
     autodl = env.get_template("targets/single/autodl.sh.j2").render(
         builder_version=__version__,
