@@ -24,9 +24,11 @@ import os
 import re
 import shutil
 
-from .common import StepError, human_bytes, log, place_blob, read_json, sha256_of, shard_paths, write_json_atomic
+from .common import Progress, StepError, human_bytes, log, place_blob, read_json, sha256_of, shard_paths, write_json_atomic
 
 SHARD_DIGESTS = ".builder-shards.json"
+COPY_MARK = ".builder-copy-"  # a shard being copied in from another disk (killed: removed at the next create)
+COPY_CHUNK = 8 << 20
 MARGIN = 64 << 20
 # ollama's os.CreateTemp/MkdirTemp names in blobs/ (create.go, manifest/layer.go): never a blob.
 _OLLAMA_TEMP = re.compile(r"^(COPY.*|split-gguf-.*|split-copy.*|projector-metadata.*|sha256-(?![0-9a-f]{64}$).*)$")
@@ -67,6 +69,60 @@ def shard_identity(runtime: dict) -> dict:
 
 def _key(info: os.stat_result) -> dict:
     return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": [info.st_dev, info.st_ino]}
+
+
+def known_digest(path: str, store: str) -> str | None:
+    """The shard's sha256 as last read, if the shard has not changed since."""
+    entry = (read_json(os.path.join(store, SHARD_DIGESTS)) or {}).get(path)
+    key = _key(os.stat(path))
+    if isinstance(entry, dict) and {k: entry.get(k) for k in key} == key and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    return None
+
+
+def _remember_digest(store: str, path: str, key: dict, digest: str) -> None:
+    record_file = os.path.join(store, SHARD_DIGESTS)
+    known = read_json(record_file) or {}
+    known[path] = dict(key, sha256=digest)
+    write_json_atomic(record_file, known)
+
+
+def elsewhere(path: str, store: str) -> bool:
+    """A shard on another file system than the store (the model volume, with
+    a model cache): no hard link can reach it."""
+    return os.stat(path).st_dev != os.stat(os.path.join(store, "blobs")).st_dev
+
+
+def copy_into_store(path: str, store: str) -> str:
+    """A shard no link can reach, copied into blobs/ under its digest, hashed
+    as it is read: one read of the model volume, no upload through ollama.
+    Returns the digest."""
+    blobs = os.path.join(store, "blobs")
+    key = _key(os.stat(path))
+    temp = os.path.join(blobs, f"{COPY_MARK}{os.getpid()}-{os.path.basename(path)}")
+    progress = Progress(f"copying {os.path.basename(path)}", key["size"])
+    digest = hashlib.sha256()
+    done = 0
+    try:
+        with open(path, "rb", buffering=0) as source, open(temp, "wb", buffering=0) as target:
+            while chunk := source.read(COPY_CHUNK):
+                digest.update(chunk)
+                target.write(chunk)
+                done += len(chunk)
+                progress.update(done)
+            os.fsync(target.fileno())
+        if _key(os.stat(path)) != key:
+            raise StepError(f"create: shard {path} changed while it was read; wait until it is copied whole and run again")
+        os.replace(temp, os.path.join(blobs, f"sha256-{digest.hexdigest()}"))
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise
+    progress.finish()
+    _remember_digest(store, path, key, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def shard_digests(paths: list[str], store: str) -> list[str]:
@@ -115,7 +171,7 @@ def may_set_times(path: str) -> bool:
     try:
         os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))  # the same times: only ctime changes
         return True
-    except PermissionError:
+    except OSError:  # not the owner, or a read-only mount
         return False
 
 
@@ -135,7 +191,7 @@ def remove_ollama_temporaries(store: str) -> None:
     blobs = os.path.join(store, "blobs")
     freed = 0
     for name in sorted(os.listdir(blobs)) if os.path.isdir(blobs) else []:
-        if not _OLLAMA_TEMP.match(name):
+        if not _OLLAMA_TEMP.match(name) and not name.startswith(COPY_MARK):
             continue
         path = os.path.join(blobs, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -169,11 +225,31 @@ def place_shards(runtime: dict, store: str, identity: dict, placed: dict[str, tu
     paths = [s["path"] for s in identity["shards"]]
     total = sum(s["size"] for s in identity["shards"])
     log(f"create: registering {runtime['model']} from {len(paths)} shard(s) ({human_bytes(total)}); ollama merges them as it creates")
-    digests = shard_digests(paths, store)
-    for path, digest in zip(paths, digests):
-        how = place_blob(path, store, digest, why_not_link)
+    os.makedirs(os.path.join(store, "blobs"), exist_ok=True)
+    # Shards on another disk (a model cache): copied in as they are hashed, one read each.
+    far = [p for p in paths if elsewhere(p, store)]
+    copies = [p for p in far if not _present(p, store)]
+    if copies:
+        check_space(store, total, sum(os.path.getsize(p) for p in copies))
+    digests = shard_digests([p for p in paths if p not in far], store)
+    near = dict(zip([p for p in paths if p not in far], digests))
+    for path in paths:
+        if path in far:
+            digest = known_digest(path, store) if path not in copies else copy_into_store(path, store)
+            how = "copied from the model volume" if path in copies else "present"
+        else:
+            digest = near[path]
+            how = place_blob(path, store, digest, why_not_link)
+        assert digest is not None
         placed[digest] = (path, how)
         log(f"create: {os.path.basename(path)} (sha256 {digest[:12]}...) {how} in {store}/blobs")
-    uploads = sum(os.path.getsize(p) for p, how in placed.values() if how not in ("linked", "present"))
+    uploads = sum(os.path.getsize(p) for p, how in placed.values() if how not in ("linked", "present") and not how.startswith("copied"))
     check_space(store, total, uploads)
-    return {os.path.basename(p): d for p, d in zip(paths, digests)}
+    return {os.path.basename(p): d for p, d in ((p, next(d for d, (q, _) in placed.items() if q == p)) for p in paths)}
+
+
+def _present(path: str, store: str) -> bool:
+    """A far shard already in blobs/ under the digest last read for it (a create that failed after copying)."""
+    digest = known_digest(path, store)
+    blob = os.path.join(store, "blobs", f"sha256-{digest}")
+    return digest is not None and os.path.isfile(blob) and os.path.getsize(blob) == os.path.getsize(path)
