@@ -50,7 +50,8 @@ import yaml  # noqa: E402
 from bench.benchmark import drop_caches  # noqa: E402
 from builder.sample import write_split_model  # noqa: E402
 from tests.fixtures.llama_cpp_release import llama_cpp_release_zip  # noqa: E402
-from tests.fixtures.throttle import missing  # noqa: E402
+from tests.fixtures.throttle import missing, rclone_io  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 MIB = 1 << 20
 PROMPT = "Why is the sky blue?"
@@ -60,32 +61,6 @@ WIDTH = 2048
 
 def log(message: str) -> None:
     print(f"# {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rclone_pid(mount_point: Path) -> int:
-    target = str(mount_point).encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"rclone") and b"mount" in argv and target in argv:
-            return int(entry.name)
-    raise RuntimeError(f"no rclone process serves {mount_point}")
-
-
-def rclone_io(mount_point: Path) -> tuple[int, int]:
-    """(rchar, wchar) of the rclone process serving `mount_point`."""
-    fields = dict(line.split(": ") for line in Path(f"/proc/{rclone_pid(mount_point)}/io").read_text().splitlines())
-    return int(fields["rchar"]), int(fields["wchar"])
 
 
 @contextmanager

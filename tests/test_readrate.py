@@ -166,3 +166,32 @@ def test_doctor_warns_about_a_slow_model_volume_without_a_model_cache(tmp_path: 
     assert cached.status == "ok" and cached.detail.startswith(f"model cache {cache}: "), cached
     assert "; a 6.4 GB model reads in " in cached.detail, cached
     assert list(cache.iterdir()) == []
+
+
+def test_up_reuses_a_fresh_remembered_rate_and_measures_a_stale_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each measurement reads the share: `up` takes a rate remembered within
+    a day instead (here a slow one, which only the remembered figure can
+    give on this local disk), and measures again once it is older."""
+    import time
+
+    from builder.config import load_config
+    from builder.preflight.where import FRESH_S, RATES_FILE, slow_volume_warning
+
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0
+    assert run_builder("sample-model", cwd=tmp_path).returncode == 0
+    write_file(tmp_path / "models" / "tiny" / "big.gguf", 32 << 20)
+    monkeypatch.setenv("BUILDER_CACHE_DIR", str(tmp_path / "cache"))
+    config = load_config(tmp_path / "builder.yaml")
+    rates = tmp_path / "cache" / RATES_FILE
+    rates.parent.mkdir()
+    volume = str((tmp_path / "models" / "tiny").resolve())
+
+    rates.write_text(json.dumps({volume: {"mb_s": 5.0, "at": int(time.time()) - 60}}))
+    warning, new = slow_volume_warning(config, 10 * 10**9)
+    assert new is None, "a fresh remembered rate is not measured again"
+    assert warning is not None and "at 5 MB/s: 33 min" in warning, warning
+
+    rates.write_text(json.dumps({volume: {"mb_s": 5.0, "at": int(time.time()) - FRESH_S - 60}}))
+    warning, new = slow_volume_warning(config, 10 * 10**9)
+    assert new is not None and new.mb_s > 50, "a stale one is measured: local disk"
+    assert warning is None

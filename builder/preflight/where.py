@@ -28,6 +28,7 @@ from builder.preflight.readrate import ReadRate
 
 RATES_FILE = "read-rates.json"
 SLOW_LOAD_S = 300  # a full read from the volume longer than this: a model cache pays
+FRESH_S = 24 * 3600  # up measures the volume again once its remembered rate is this old
 
 
 @dataclass(frozen=True)
@@ -122,20 +123,28 @@ def read_lines(config: Config, model_bytes: int | None) -> list[str]:
 
 
 def slow_volume_warning(config: Config, model_bytes: int, seconds: float = 1.0) -> tuple[str | None, ReadRate | None]:
-    """`up` without a model cache: measure the volume for a second (the
-    caller remembers the rate); a warning when every load would read it for
-    more than SLOW_LOAD_S, or when it reads slower than serve.read_mb_s assumes."""
+    """`up` without a model cache: the volume's read rate, measured for a
+    second unless a measurement under FRESH_S old is remembered (each
+    measurement reads the share; the caller remembers a new one); a warning
+    when every load would read it for more than SLOW_LOAD_S, or when it
+    reads slower than serve.read_mb_s assumes."""
     from builder.preflight.readrate import load_seconds, measure
 
     place = volume(config)
     if config.storage.model_cache or place.path is None or not place.path.is_dir():
         return None, None
-    try:
-        rate = measure(place.path, seconds=seconds, limit=256 << 20, what="model volume")
-    except OSError:
-        return None, None
-    if rate.bytes < (16 << 20):
-        return None, None  # too little to mean anything (a tiny model)
+    known = remembered(config, place)
+    fresh = known is not None and time.time() - known[1] < FRESH_S
+    if fresh:
+        assert known is not None
+        rate, new = ReadRate(place.path, int(known[0] * 1e6), 1.0, "model volume"), None
+    else:
+        try:
+            rate = new = measure(place.path, seconds=seconds, limit=256 << 20, what="model volume")
+        except OSError:
+            return None, None
+        if rate.bytes < (16 << 20):
+            return None, None  # too little to mean anything (a tiny model)
     took = load_seconds(model_bytes, rate)
     notes = []
     if took > SLOW_LOAD_S:
@@ -145,7 +154,7 @@ def slow_volume_warning(config: Config, model_bytes: int, seconds: float = 1.0) 
     if rate.mb_s < config.serve.read_mb_s and config.serve.load_timeout is None and took > max(300, model_bytes / (config.serve.read_mb_s * 1e6)):
         notes.append(f"the model volume reads at {rate.mb_s:.0f} MB/s, below serve.read_mb_s ({config.serve.read_mb_s:g}), which sizes ollama's "
                      f"load timeout: set serve.read_mb_s: {max(1, int(rate.mb_s))}")
-    return "; ".join(notes) or None, rate
+    return "; ".join(notes) or None, new
 
 
 def model_bytes_here(config: Config) -> int | None:
