@@ -11,7 +11,6 @@ here from their rendered files; tests/engine/test_stack.py runs compose).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -237,3 +236,42 @@ def test_current_ollama_copies_the_shards_into_the_cache_once(project: HostProje
     assert rclone_reads(mount) - read < MIB
     assert post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False,
                                                  "options": {"num_predict": 8}})["response"] == expected
+
+
+def test_a_share_without_hard_links_is_not_linked_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """rclone's read-write mount has no hard links and answers link() with
+    EIO: place_blob says the blob is not linked (create then uploads it)
+    instead of stopping, and leaves no probe or temporary file on the share."""
+    from builder.supervisor.common import place_blob
+
+    source = tmp_path / "share"
+    source.mkdir()
+    (source / "merged.gguf").write_bytes(b"GGUF" + bytes(4092))
+    with throttled(source, tmp_path / "mnt", "400M", tmp_path / "rclone.log", writable=True) as mount:
+        how = place_blob(str(mount / "merged.gguf"), str(mount / "ollama"), "ab" * 32)
+        left = sorted(p.name for p in (mount / "ollama" / "blobs").iterdir())
+    assert how == "not linked (this file system answers every link() with an I/O error: it has no hard links)", how
+    assert left == [], left
+
+
+def test_an_i_o_error_on_a_disk_that_links_stays_an_error(tmp_path: Path, monkeypatch) -> None:
+    """EIO from link() on a file system that does make links (the probe
+    links) is a failing disk, not a missing feature: it is raised."""
+    import errno
+
+    from builder.supervisor import common
+
+    merged = tmp_path / "merged.gguf"
+    merged.write_bytes(b"GGUF" + bytes(4092))
+    real_link = os.link
+
+    def failing(src, dst, *args, **kwargs):
+        if os.fspath(src) == str(merged):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_link(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(common.os, "link", failing)
+    with pytest.raises(OSError) as caught:
+        common.place_blob(str(merged), str(tmp_path / "ollama"), "cd" * 32)
+    assert caught.value.errno == errno.EIO
+    assert sorted(p.name for p in (tmp_path / "ollama" / "blobs").iterdir()) == []

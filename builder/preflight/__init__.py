@@ -97,13 +97,14 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
 
 
 def local_stores(config: Config) -> list[Path]:
-    """Where this stack's ollama store is on this machine, if anywhere (a
-    local model volume): its runners are told apart by their blobs."""
+    """Where this stack's ollama store is on this machine, if anywhere (the
+    model cache, a local model volume): its runners are told apart by their
+    blobs."""
     from builder.render.blueprint import MODELS_DIR, OLLAMA_STORE
 
-    if config.storage.kind != "local" or not config.storage.path:
-        return []
-    return [Path(config.storage.path) / Path(OLLAMA_STORE).relative_to(MODELS_DIR)]
+    store = Path(OLLAMA_STORE).relative_to(MODELS_DIR)
+    places = [config.storage.model_cache, config.storage.path if config.storage.kind == "local" else None]
+    return [Path(place) / store for place in places if place]
 
 
 def planned_ram(config: Config) -> SystemMemory | None:

@@ -222,9 +222,32 @@ def place_blob(merged: str, store: str, digest: str, may_link=lambda path: None)
             os.unlink(tmp)
         except OSError:
             pass
-        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+        if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES, errno.ENOSYS):
             return f"not linked ({exc.strerror})"
+        if exc.errno == errno.EIO and not links_here(blobs):
+            # Some FUSE file systems (rclone's mount, for one) have no hard
+            # links and answer link() with EIO; a real I/O error stays fatal.
+            return "not linked (this file system answers every link() with an I/O error: it has no hard links)"
         raise
+
+
+def links_here(folder: str) -> bool:
+    """Whether `folder`'s file system makes a hard link of a new empty file."""
+    probe = os.path.join(folder, f".link-probe-{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+        try:
+            os.link(probe, probe + ".2")
+        except OSError:
+            return False
+        os.unlink(probe + ".2")
+        return True
+    finally:
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass
 
 
 # Every HTTP call the supervisor makes goes to an ollama on loopback: never

@@ -16,11 +16,16 @@ from .common import Progress, StepError, open_loopback
 
 def ollama_env(host: str | None = None, store: str | None = None) -> dict[str, str]:
     """ollama's environment: without llama.cpp's LD_LIBRARY_PATH (whose libggml
-    would shadow the one ollama's runners expect), with pruning off, so a
-    blob builder placed is never deleted before a manifest names it, and
-    without ollama's cloud features (no traffic to ollama.com)."""
+    would shadow the one ollama's runners expect) but with the one the host
+    target found (BUILDER_OLLAMA_LD_LIBRARY_PATH: ollama finds CUDA's
+    libraries along it), with pruning off, so a blob builder placed is never
+    deleted before a manifest names it, and without ollama's cloud features
+    (no traffic to ollama.com)."""
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
+    machine = env.pop("BUILDER_OLLAMA_LD_LIBRARY_PATH", "")
+    if machine:
+        env["LD_LIBRARY_PATH"] = machine
     env.setdefault("OLLAMA_NOPRUNE", "1")
     # ollama 0.30+ asks ollama.com for recommendations and cloud models unless told not to.
     env.setdefault("OLLAMA_NO_CLOUD", "1")

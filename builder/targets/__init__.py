@@ -94,7 +94,9 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
 
 def _loaded(preflight, blueprint, target, endpoint, probe, no_load: bool, echo) -> Deployed:
     """Wait for the supervisor's warm-up, unless --no-load."""
-    from builder.targets.common import LoadFailed, describe_load, wait_for_load
+    from dataclasses import replace
+
+    from builder.targets.common import LoadFailed, describe_load, runner_gpu_memory, wait_for_load
 
     config = preflight.config
     if no_load:
@@ -105,7 +107,7 @@ def _loaded(preflight, blueprint, target, endpoint, probe, no_load: bool, echo) 
         raise BuilderError(
             f"{config.model.name} did not load: {exc}{oom_advice(preflight, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
         ) from None
-    return Deployed(endpoint.url, endpoint.model, describe_load(blueprint, load))
+    return Deployed(endpoint.url, endpoint.model, describe_load(blueprint, replace(load, gpu_held=runner_gpu_memory(config))))
 
 
 def oom_advice(preflight, cause: str) -> str:

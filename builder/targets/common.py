@@ -151,6 +151,27 @@ def loaded_model(url: str, model: str, headers: dict[str, str] | None = None) ->
         return None
     return None
 
+def runner_gpu_memory(config: Config) -> int | None:
+    """GPU memory that this stack's runners hold now, as nvidia-smi counts it
+    per process (ollama's /api/ps size_vram is its estimate before the load,
+    which can be far off: 8.6 GiB where the runner held 14.5 on an H100), or
+    None when it is not known here (no nvidia-smi, no GPU, or a runner on
+    another machine)."""
+    if config.gpus.kind == "none":
+        return None
+    from builder.preflight import local_stores
+    from builder.preflight.machine import own_gpu_use
+
+    stores = local_stores(config)
+    held = own_gpu_use(stores) if stores else {}
+    return sum(held.values()) if held else None
+
+
+def with_runner_memory(loaded: dict | None, config: Config) -> dict | None:
+    """An /api/ps entry with `gpu_held` (runner_gpu_memory) added."""
+    return loaded if loaded is None else dict(loaded, gpu_held=runner_gpu_memory(config))
+
+
 @dataclass(frozen=True)
 class Load:
     seconds: float
@@ -158,6 +179,7 @@ class Load:
     size_vram: int
     read: int = 0  # bytes the runner read while loading
     mode: str | None = None  # mmap or no-mmap
+    gpu_held: int | None = None  # what the runner holds, from nvidia-smi
 
 class LoadFailed(BuilderError):
     """The model did not load: exit 1, the stack left up for `builder logs`."""
@@ -321,12 +343,20 @@ def describe_load(blueprint: Blueprint, load: Load) -> str:
 
     planned = dict(blueprint.config.model.parameters).get("num_gpu")
     share = f"{load.size_vram * 100 // load.size}%" if load.size else "0%"
-    plan_note = f"; planned num_gpu {planned}" if planned is not None else ""
+    where = f"{gpu_words(load.size_vram, share, load.gpu_held)}" + (f"; planned num_gpu {planned}" if planned is not None else "")
     if blueprint.config.gpus.kind == "none":
-        plan_note = "; planned: no GPU (gpus: none)"
+        where = "on the CPU (gpus: none)"
     read = f"; {human_bytes(load.read)} read ({load.mode})" if load.mode else ""
-    return (f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, "
-            f"{human_bytes(load.size_vram)} ({share}) in GPU memory{plan_note}{read}")
+    return f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, {where}{read}"
+
+
+def gpu_words(size_vram: int, share: str, held: int | None) -> str:
+    """`14.5 GiB held in GPU memory (nvidia-smi; ollama estimated 8.6 GiB, 30%)`, or ollama's estimate alone."""
+    from builder.supervisor.common import human_bytes
+
+    if held:
+        return f"{human_bytes(held)} held in GPU memory (nvidia-smi; ollama estimated {human_bytes(size_vram)}, {share} of the model)"
+    return f"{human_bytes(size_vram)} ({share}) in GPU memory (ollama's estimate)"
 
 
 def status_lines(report: dict) -> list[str]:
@@ -354,7 +384,8 @@ def status_lines(report: dict) -> list[str]:
     loaded = report["loaded"]
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
-        out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {share} in GPU memory, until {loaded['expires_at']}")
+        out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {gpu_words(loaded.get('size_vram') or 0, share, loaded.get('gpu_held'))}, "
+                   f"until {loaded['expires_at']}")
     elif report["model_listed"]:
         out.append("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
     out += [f"reads     {line.removeprefix('reads   ')}" for line in report_read_lines(report)]
@@ -425,7 +456,7 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
         "endpoint": url,
         "model": blueprint.config.model.name,
         "model_listed": listed,
-        "loaded": loaded_model(url, blueprint.config.model.name, headers) if listed else None,
+        "loaded": with_runner_memory(loaded_model(url, blueprint.config.model.name, headers) if listed else None, blueprint.config),
         "created": created_via(probe),
         "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
         "services": services,

@@ -27,7 +27,7 @@ from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint, gate_env, keys_file
 from builder.supervisor.common import with_model_cache
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step
+from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step, with_runner_memory
 from builder.targets.keys import endpoint_headers
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
@@ -72,6 +72,9 @@ def host_env(blueprint: Blueprint, prefix: Path, runtime: dict) -> dict[str, str
         BUILDER_LOG=str(prefix / "run" / "serve.log"),
         BUILDER_LOG_MAX_BYTES=str(LOG_MAX_BYTES),
         LD_LIBRARY_PATH=str(Path(runtime["gguf_split"]).parent),
+        # ollama looks for libcuda and libcudart along LD_LIBRARY_PATH too:
+        # where this machine's CUDA is found only through it, ollama gets it.
+        BUILDER_OLLAMA_LD_LIBRARY_PATH=os.environ.get("LD_LIBRARY_PATH", ""),
         OLLAMA_HOST=f"{_bracketed(config.serve.bind)}:{config.serve.port}",
         OLLAMA_MODELS=runtime["ollama_store"],
         HOME=str(prefix / "run" / "home"),
@@ -305,7 +308,8 @@ class HostTarget(Target):
             "endpoint": url,
             "model": blueprint.config.model.name,
             "model_listed": listed,
-            "loaded": loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint, "host")) if listed else None,
+            "loaded": with_runner_memory(loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint, "host")) if listed else None,
+                                         blueprint.config),
             "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
             "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
             "services": {**records, "serve": serve},

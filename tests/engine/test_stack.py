@@ -59,7 +59,7 @@ def test_up_serves_the_model_and_re_up_is_a_no_op(tiny_stack: TinyStack) -> None
     assert not [l for l in printed if "GIN-debug" in l or "ssh-ed25519" in l or "public key" in l], printed
     assert "merge: done in " in result.stderr and "create: done in " in result.stderr
     # up returned once the supervisor had loaded the model, and said so.
-    assert "load: tiny:latest loaded in " in result.stderr and "0 B (0%) in GPU memory; planned: no GPU (gpus: none)" in result.stderr
+    assert "load: tiny:latest loaded in " in result.stderr and ", on the CPU (gpus: none)" in result.stderr
     (loaded,) = _get(f"{tiny_stack.url}/api/ps")["models"]
     assert loaded["name"] == "tiny:latest" and int(loaded["expires_at"][:4]) > 2300  # keep_alive -1
     healthy = docker("exec", tiny_stack.container("serve"), "python3", "-m", "supervisor", "health", "--loaded", check=False)
