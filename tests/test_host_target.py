@@ -282,3 +282,25 @@ def test_a_port_another_program_holds_is_refused_not_taken_for_ours(project: Hos
     assert errors == [f"error: port {project.port} on 127.0.0.1 is taken by another program (not this project's serve); "
                       "stop it (an `ollama serve` of your own?) or set serve.port"], result.stderr
     assert not (project.prefix / "run" / "serve.pid").exists()
+
+
+def test_status_names_a_failed_load_and_a_model_kept_loaded(project: HostProject) -> None:
+    """`status` after the warm-up's load failed says so, with ollama's cause
+    (not "the first request loads it"); a model kept loaded (keep_alive -1,
+    which /api/ps shows as a date in 2300 or so) reads as such."""
+    from tests.fixtures.gguf_edit import edit_metadata
+
+    assert project.builder("sample-model").returncode == 0
+    up = project.builder("up")
+    assert up.returncode == 0, up.stderr[-3000:]
+    text = project.builder("status").stdout
+    assert "kept loaded (keep_alive -1)" in text and "until 2" not in text, text
+    assert project.builder("down").returncode == 0
+
+    shard = project.root / "models" / "tiny" / "tiny-00001-of-00003.gguf"
+    edit_metadata(shard, values={"llama.embedding_length": 32})  # llama.cpp refuses it at load
+    failed = project.builder("up")
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    status = project.builder("status")
+    assert "model     not loaded: the supervisor's load failed: llama runner process has terminated: error loading model" in status.stdout, status.stdout
+    assert json.loads(project.builder("status", "--json").stdout)["load_failed"].startswith("llama runner process has terminated")

@@ -661,18 +661,56 @@ def test_plans_from_free_memory_and_counts_its_own_runner_as_free(models: Path, 
     store = models / "models" / "ollama" / "blobs"
     store.mkdir(parents=True, exist_ok=True)
     (store / digest).write_bytes(b"")
-    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", f"/root/.ollama/models/blobs/{digest}"])
+    runner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", str(store / digest)])
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", f"/elsewhere/blobs/sha256-{'cd' * 32}"])
+    # The same model in another stack's store on this machine: the same name, another file.
+    twin_store = models / "twin" / "blobs"
+    twin_store.mkdir(parents=True, exist_ok=True)
+    (twin_store / digest).write_bytes(b"")
+    twin = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "--model", str(twin_store / digest)])
     try:
         ours = planned({"FAKE_FREE_MIB": str(free), "FAKE_APPS": f"{runner.pid}, GPU-fake-0, 8192"})
         assert ours["num_gpu"] == whole
         assert "+ 8192 MiB this stack's runner holds" in ours["gpu_memory_source"]
         theirs = planned({"FAKE_FREE_MIB": str(free), "FAKE_APPS": f"{other.pid}, GPU-fake-0, 8192"})
         assert theirs["num_gpu"] == alone["num_gpu"]
+        twins = planned({"FAKE_FREE_MIB": str(free), "FAKE_APPS": f"{twin.pid}, GPU-fake-0, 8192"})
+        assert twins["num_gpu"] == alone["num_gpu"]
     finally:
-        for process in (runner, other):
+        for process in (runner, other, twin):
             process.kill()
             process.wait()
         (store / digest).unlink()
     text = run_builder("plan", "-c", str(config), cwd=models, env={**fake_smi, "FAKE_FREE_MIB": str(free)})
     assert "nvidia-smi free memory, as ollama plans" in text.stdout + text.stderr
+
+
+def test_a_load_out_of_gpu_memory_says_what_was_tried_and_what_to_set(models: Path) -> None:
+    """`up`'s line for a load that ran out of GPU memory (as ollama 0.5.7
+    reported it on an H200 emulating a 24 GiB card with one layer too many,
+    bench/gpu/raw/call2-h200): the num_gpu tried, the number to set, then
+    ollama's words, cut to a line."""
+    from builder.config import load_config
+    from builder.preflight import assess
+    from builder.preflight.sizing import plan_for
+    from builder.targets import load_failure
+
+    cause = ("llama runner process has terminated: cudaMalloc failed: out of memory; ggml_gallocr_reserve_n: failed to allocate "
+             "CUDA0 buffer of size 1665652736" + "; more" * 80)
+    planned = plan_for(load_config(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24,))), shape_of(models, "IQ1_M"), [24 << 30]).num_gpu
+    over = assess(load_config(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24,), num_gpu=str(planned + 1))), whole=False)
+    line = load_failure(over, cause, "builder logs --target host")
+    assert line.startswith(
+        f"r1 did not load with num_gpu {planned + 1}: out of GPU memory. Fix: set model.parameters.num_gpu to {planned} (or auto): "
+        f"`builder plan` fits {planned} on the GPUs here (plan.gpu_memory_gib). The stack is left up for `builder logs --target host`. "
+        "ollama said: llama runner process has terminated: cudaMalloc failed"), line
+    assert line.endswith("...") and "\n" not in line and len(line) < 700, line
+
+    auto = assess(load_config(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24,))), whole=False)
+    line = load_failure(auto, cause, "builder logs")
+    assert line.startswith(f"r1 did not load with num_gpu {planned} (auto): out of GPU memory. Fix: the plan ({planned} layers for "
+                           "plan.gpu_memory_gib) did not fit here"), line
+    assert f"raise plan.margin_gib or set model.parameters.num_gpu below {planned}" in line
+
+    assert load_failure(auto, "error loading model: bad magic", "builder logs") == (
+        "r1 did not load: error loading model: bad magic; the stack is left up for `builder logs`")

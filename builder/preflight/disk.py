@@ -59,7 +59,7 @@ def check_space(needs: list[Need], free=free_space, move: str = "cache_dir, host
                 f"not enough disk space: {parts} need {_gib(total)} with {_gib(SLACK)} slack, {_gib(available)} free there; "
                 f"free {_gib(total - available)} or move it ({move})"
             )
-        lines.append(f"space: {parts}: {_gib(total)} of {_gib(available)} free")
+        lines.append(f"space: {parts}: needs {_gib(total)} with slack, {_gib(available)} free")
     return lines
 
 

@@ -88,9 +88,27 @@ def own_gpu_use(stores: list[Path], proc: Path = Path("/proc")) -> dict[str, int
         model = runner_model(int(row[0]), proc)
         if model is None or not Path(model).name.startswith("sha256-"):
             continue
-        if any((store / "blobs" / Path(model).name).is_file() for store in stores):
+        if any(_same_blob(int(row[0]), model, store / "blobs" / Path(model).name, proc) for store in stores):
             held[row[1]] = held.get(row[1], 0) + _mib(row[2])
     return held
+
+
+def _same_blob(pid: int, model: str, blob: Path, proc: Path) -> bool:
+    """Whether a runner's model is `blob`: the same file seen through the
+    runner's own root (its container's mounts), else, where that cannot be
+    looked into (another user's process), a blob of the same name here.
+    Another stack of the same model on this machine has its own store."""
+    try:
+        mine = blob.stat()
+    except OSError:
+        return False
+    try:
+        theirs = os.stat(proc / str(pid) / "root" / model.lstrip("/"))
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino)
 
 
 def gpu_memory(config: Config, required: bool = True, stores: list[Path] | None = None) -> tuple[list[int], str]:

@@ -104,23 +104,36 @@ def _loaded(preflight, blueprint, target, endpoint, probe, no_load: bool, echo) 
     try:
         load = wait_for_load(blueprint, probe, echo, sys.stderr.isatty())
     except LoadFailed as exc:
-        raise BuilderError(
-            f"{config.model.name} did not load: {exc}{oom_advice(preflight, str(exc))}; the stack is left up for `{target.logs_hint(blueprint)}`"
-        ) from None
+        raise BuilderError(load_failure(preflight, str(exc), target.logs_hint(blueprint))) from None
     return Deployed(endpoint.url, endpoint.model, describe_load(blueprint, replace(load, gpu_held=runner_gpu_memory(config))))
 
 
-def oom_advice(preflight, cause: str) -> str:
-    """For a load that ran out of GPU memory: the num_gpu the planner picks for the GPUs here."""
-    if not any(marker in cause for marker in ("out of memory", "cudaMalloc failed", "CUDA error")):
-        return ""
+OOM_MARKERS = ("out of memory", "cudaMalloc failed", "CUDA error")
+
+
+def load_failure(preflight, cause: str, logs: str) -> str:
+    """`up`'s one line for a load that failed. Out of GPU memory: what was
+    tried, what to set (the plan for the GPUs here), then ollama's words."""
+    config = preflight.config
+    name = config.model.name
+    if not any(marker in cause for marker in OOM_MARKERS):
+        return f"{name} did not load: {cause}; the stack is left up for `{logs}`"
     from builder.preflight.sizing import plan_for
 
+    used = dict(config.model.parameters).get("num_gpu")
+    auto = any(note.startswith("num_gpu: auto") for note in preflight.notes)
+    tried = f" with num_gpu {used}{' (auto)' if auto else ''}" if used is not None else ""
     if preflight.facts is None or not preflight.gpu_memory:
-        return "; out of GPU memory: run `builder plan` to choose a smaller model.parameters.num_gpu"
-    planned = plan_for(preflight.config, preflight.facts.shape, list(preflight.gpu_memory))
-    return (f"; out of GPU memory: for the GPUs here ({preflight.gpu_source}) builder plan puts {planned.num_gpu} layers on them "
-            f"(model.parameters.num_gpu: {planned.num_gpu})")
+        fix = "run `builder plan` and set model.parameters.num_gpu lower"
+    else:
+        planned = plan_for(config, preflight.facts.shape, list(preflight.gpu_memory)).num_gpu
+        if auto or not isinstance(used, int) or used <= planned:
+            fix = (f"the plan ({planned} layers for {preflight.gpu_source}) did not fit here: something else took GPU memory "
+                   f"since, or the plan is wrong; raise plan.margin_gib or set model.parameters.num_gpu below {used}")
+        else:
+            fix = f"set model.parameters.num_gpu to {planned} (or auto): `builder plan` fits {planned} on the GPUs here ({preflight.gpu_source})"
+    said = cause if len(cause) <= 300 else cause[:297] + "..."
+    return f"{name} did not load{tried}: out of GPU memory. Fix: {fix}. The stack is left up for `{logs}`. ollama said: {said}"
 
 
 def project_and_target(config_path: str, flag: str | None) -> tuple[str, str, object]:

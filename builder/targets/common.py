@@ -385,7 +385,10 @@ def status_lines(report: dict) -> list[str]:
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
         out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {gpu_words(loaded.get('size_vram') or 0, share, loaded.get('gpu_held'))}, "
-                   f"until {loaded['expires_at']}")
+                   f"{until_words(loaded.get('expires_at'))}")
+    elif report.get("load_failed"):
+        out.append(f"model     not loaded: the supervisor's load failed: {report['load_failed']} (`builder logs` has the rest; "
+                   "a request loads it again)")
     elif report["model_listed"]:
         out.append("model     not loaded (the first request, or the supervisor's warm-up, loads it)")
     out += [f"reads     {line.removeprefix('reads   ')}" for line in report_read_lines(report)]
@@ -423,15 +426,33 @@ def report_read_lines(report: dict) -> list[str]:
     return out
 
 
-def created_via(probe) -> dict | None:
-    """The supervisor's record of how the model was created, through `probe`'s ask."""
+def supervisor_record(probe) -> dict:
+    """The supervisor's `health --loaded --json` through `probe`'s ask: the
+    load's state (and error) and how the model was created; {} when unknown."""
     if probe is None:
-        return None
+        return {}
     try:
         _code, output = probe[0]()
-        return json.loads(output.strip().splitlines()[-1]).get("create") if output.strip() else None
+        record = json.loads(output.strip().splitlines()[-1]) if output.strip() else {}
+        return record if isinstance(record, dict) else {}
     except (ValueError, AttributeError, IndexError, OSError, BuilderError):
-        return None
+        return {}
+
+
+def load_failed(record: dict) -> str | None:
+    """The warm-up's error when its load failed (ollama may load the model later, on a request)."""
+    return str(record.get("error") or "unknown cause") if record.get("state") == "failed" else None
+
+
+def until_words(expires_at: str | None) -> str:
+    """/api/ps's expires_at for a person: keep_alive -1 is a date centuries away."""
+    if not expires_at:
+        return "until unknown"
+    try:
+        year = int(str(expires_at)[:4])
+    except ValueError:
+        return f"until {expires_at}"
+    return "kept loaded (keep_alive -1)" if year >= 2200 else f"until {expires_at}"
 
 
 def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target: str, services: dict, probe=None) -> dict:
@@ -445,6 +466,7 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
 
     url = endpoint_url(blueprint)
     headers = endpoint_headers(blueprint, target)
+    record = supervisor_record(probe)
     names = listed_models(url, headers)
     listed = None if names is None else full_name(blueprint.config.model.name) in names
     return {
@@ -457,7 +479,8 @@ def status_report(blueprint: Blueprint, engine, lock_sha256: str | None, target:
         "model": blueprint.config.model.name,
         "model_listed": listed,
         "loaded": with_runner_memory(loaded_model(url, blueprint.config.model.name, headers) if listed else None, blueprint.config),
-        "created": created_via(probe),
+        "created": record.get("create"),
+        "load_failed": load_failed(record),
         "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
         "services": services,
     }

@@ -27,7 +27,7 @@ from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint, gate_env, keys_file
 from builder.supervisor.common import with_model_cache
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, full_name, listed_models, loaded_model, relay_step, with_runner_memory
+from builder.targets.common import Endpoint, full_name, listed_models, load_failed, loaded_model, relay_step, with_runner_memory
 from builder.targets.keys import endpoint_headers
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this
@@ -311,6 +311,7 @@ class HostTarget(Target):
             "loaded": with_runner_memory(loaded_model(url, blueprint.config.model.name, endpoint_headers(blueprint, "host")) if listed else None,
                                          blueprint.config),
             "created": created_summary(runtime["ollama_store"], runtime["model"]),  # read locally
+            "load_failed": load_failed(state if isinstance(state, dict) else {}),
             "reads": reads(blueprint.config, model_bytes_here(blueprint.config)),
             "services": {**records, "serve": serve},
         }

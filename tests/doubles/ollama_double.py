@@ -2832,8 +2832,11 @@ class Runner:
         log("INFO", "starting llama server", cmd=" ".join(argv))
         started = time.monotonic()
         self.activity = started
+        # llm/llm_linux.go (0.5.7 and 0.32.15): LlamaServerSysProcAttr is an empty
+        # SysProcAttr, so the runner stays in ollama's process group and session:
+        # whoever signals ollama's group (the supervisor, after ollama died) reaches it.
         self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT)
         threading.Thread(target=self._status_writer, daemon=True).start()
         stall = load_timeout()
         deadline = started + stall

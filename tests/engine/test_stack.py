@@ -403,5 +403,8 @@ def test_a_model_llama_cpp_refuses_fails_up_with_the_cause(tiny_stack: TinyStack
     assert tiny_stack.inspect("serve")["State"]["Running"] is True, "not a restart loop: ollama itself is fine"
     unhealthy = docker("exec", tiny_stack.container("serve"), "python3", "-m", "supervisor", "health", "--loaded", check=False)
     assert unhealthy.returncode == 1 and "is not loaded (failed: llama runner process has terminated" in unhealthy.stderr
+    status = tiny_stack.builder("status")
+    assert "model     not loaded: the supervisor's load failed: llama runner process has terminated: error loading model" in status.stdout, status.stdout
+    assert json.loads(tiny_stack.builder("status", "--json").stdout)["load_failed"].startswith("llama runner process has terminated")
     status = json.loads(tiny_stack.builder("status", "--json").stdout)
     assert status["loaded"] is None
