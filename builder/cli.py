@@ -336,7 +336,7 @@ def status(config_path: str, out_dir: str | None, target: str | None, as_json: b
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
     else:
-        from builder.targets.common import status_lines
+        from builder.targets.status import status_lines
 
         click.echo("\n".join(status_lines(report)))
 

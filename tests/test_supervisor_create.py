@@ -197,7 +197,7 @@ def test_current_ollama_uploads_a_shard_it_may_not_touch_and_says_so(tmp_path: P
     assert "uploading" in out
     store = models / "ollama"
     from builder.supervisor.create import created_summary
-    from builder.targets.common import status_lines
+    from builder.targets.status import status_lines
 
     summary = created_summary(str(store), "tiny:latest")
     assert summary["path"] == "shards" and summary["uploaded"] == sum(p.stat().st_size for p in shards)

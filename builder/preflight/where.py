@@ -9,7 +9,7 @@ load.
 
 Read rates are measured by `builder doctor` (a few seconds each) and by `up`
 (one second, of the volume, when no cache is set), and remembered (by
-targets.common.remember_rate) in the download cache's read-rates.json, so that `plan` and `status`, which only
+targets.status.remember_rate) in the download cache's read-rates.json, so that `plan` and `status`, which only
 read, can say how long a load takes. serve.read_mb_s is never replaced by a
 measurement: it sizes ollama's load timeout, which must not change with a
 noisy reading; `up` says when the measured rate is below it.

@@ -68,7 +68,7 @@ def deploy(config, config_path: str, context: Path, target_name: str, force_buil
         check_ram(preflight)
         if preflight.facts is not None:
             from builder.preflight.where import slow_volume_warning
-            from builder.targets.common import remember_rate
+            from builder.targets.status import remember_rate
 
             slow, rate = slow_volume_warning(preflight.config, preflight.facts.file_bytes)
             if rate is not None:
@@ -96,7 +96,8 @@ def _loaded(preflight, blueprint, target, endpoint, probe, no_load: bool, echo) 
     """Wait for the supervisor's warm-up, unless --no-load."""
     from dataclasses import replace
 
-    from builder.targets.common import LoadFailed, describe_load, runner_gpu_memory, wait_for_load
+    from builder.targets.common import LoadFailed, describe_load, wait_for_load
+    from builder.targets.status import runner_gpu_memory
 
     config = preflight.config
     if no_load:

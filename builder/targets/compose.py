@@ -18,7 +18,8 @@ from builder.image.engine import compose_argv
 from builder.render.blueprint import Blueprint
 from builder.targets.base import ContainerTarget
 from builder.targets.keys import endpoint_headers
-from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, relay_step, status_report, wait_for_model
+from builder.targets.common import Endpoint, check_storage, container_probe, endpoint_url, relay_step, wait_for_model
+from builder.targets.status import status_report
 
 
 ONE_SHOT = ("merge", "create")

@@ -227,7 +227,7 @@ def _rate_check(config: Config, what: str, place: Path, size: int | None, second
     """One read-rate line; a warn with `slow_fix` when a full read of the model takes over SLOW_LOAD_S."""
     from builder.preflight import where
     from builder.preflight.readrate import load_seconds, measure
-    from builder.targets.common import remember_rate
+    from builder.targets.status import remember_rate
 
     try:
         rate = measure(place, seconds=seconds, what=what)

@@ -27,7 +27,8 @@ from builder.errors import BuilderError, ConfigError, Problem
 from builder.render.blueprint import Blueprint, gate_env, keys_file
 from builder.supervisor.common import with_model_cache
 from builder.targets.base import Target
-from builder.targets.common import Endpoint, full_name, listed_models, load_failed, loaded_model, relay_step, with_runner_memory
+from builder.targets.common import Endpoint, full_name, listed_models, relay_step
+from builder.targets.status import load_failed, loaded_model, with_runner_memory
 from builder.targets.keys import endpoint_headers
 
 LOG_MAX_BYTES = 20 << 20  # the serve log is rotated to serve.log.1 beyond this

@@ -211,7 +211,8 @@ class SingleTarget(ContainerTarget):
             engine.remove_volume(f"{project}_models")
 
     def status(self, blueprint: Blueprint, engine, lock_sha256: str | None) -> dict:
-        from builder.targets.common import container_probe, status_report
+        from builder.targets.common import container_probe
+        from builder.targets.status import status_report
 
         info = engine.container(blueprint.config.project)
         state = {"state": "absent"} if info is None else {
