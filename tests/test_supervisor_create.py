@@ -366,4 +366,7 @@ def test_num_gpu_auto_comes_from_the_environment_and_a_new_number_does_not_rewri
     assert create(runtime) == 0
     out = capsys.readouterr().out
     assert "ollama rewrote the 3 shard(s) into one blob" in out
+    assert ("create: the config no longer sets model.parameters.temperature; ollama keeps what the old tiny:latest set when "
+            "it creates a model from itself, so tiny:latest is created from its shards again (ollama rewrites them all). "
+            "Next time, keep it in the config with the value you want instead") in out, out
     assert model_and_params()[1] == {"num_gpu": 61}

@@ -169,8 +169,14 @@ def _create_locked(runtime: dict, store: str) -> int:
     if recorded == identity and os.path.isfile(manifest_path(store, model)):
         log(f"create: {model} is up to date with {source} and its create request; nothing to do")
         return 0
-    if current and _only_the_request_changed(recorded, identity, entry, create_request(runtime)) and os.path.isfile(manifest_path(store, model)):
-        return _recreate_from_itself(runtime, store, records, identity)
+    if current and os.path.isfile(manifest_path(store, model)):
+        if _only_the_request_changed(recorded, identity, entry, create_request(runtime)):
+            return _recreate_from_itself(runtime, store, records, identity)
+        dropped = _dropped_keys(entry, create_request(runtime)) if _same_shards(recorded, identity) else []
+        if dropped:
+            log(f"create: the config no longer sets {', '.join(dropped)}; ollama keeps what the old {model} set when it "
+                f"creates a model from itself, so {model} is created from its shards again (ollama rewrites them all). "
+                f"Next time, keep {'it' if len(dropped) == 1 else 'them'} in the config with the value you want instead")
     previous = manifest_digests(manifest_path(store, model))
     before = io_counters()
     placed: dict[str, tuple[str, str]] = {}
@@ -212,19 +218,31 @@ def _create_locked(runtime: dict, store: str) -> int:
     return 0
 
 
+def _same_shards(recorded: dict | None, identity: dict) -> bool:
+    """The recorded identity is this one but for the create request."""
+    if not isinstance(recorded, dict):
+        return False
+    return {k: v for k, v in recorded.items() if k != "request_sha256"} == {k: v for k, v in identity.items() if k != "request_sha256"}
+
+
+def _dropped_keys(entry, request: dict) -> list[str]:
+    """What the recorded request set and this one does not: parameters
+    (`parameters.NAME`), `template`, `system`."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+        return []
+    old = entry["request"]
+    gone = [f"model.parameters.{k}" for k in sorted(set(old.get("parameters") or {}) - set(request.get("parameters") or {}))]
+    return gone + [f"model.{key}" for key in ("template", "system") if key in old and key not in request]
+
+
 def _only_the_request_changed(recorded: dict | None, identity: dict, entry, request: dict) -> bool:
     """The shards are as they were and the new request keeps every parameter,
     the template and the system prompt the old one set: ollama 0.30+ can then
     create the model from itself (its parameters merge into the old ones, so
     a dropped one would survive: then the shards are created again)."""
-    if not isinstance(recorded, dict) or not isinstance(entry, dict) or not isinstance(entry.get("request"), dict):
+    if not isinstance(entry, dict) or not isinstance(entry.get("request"), dict) or not _same_shards(recorded, identity):
         return False
-    if {k: v for k, v in recorded.items() if k != "request_sha256"} != {k: v for k, v in identity.items() if k != "request_sha256"}:
-        return False
-    old = entry["request"]
-    if set(old.get("parameters") or {}) - set(request.get("parameters") or {}):
-        return False
-    return all(key in request for key in ("template", "system") if key in old)
+    return not _dropped_keys(entry, request)
 
 
 def _recreate_from_itself(runtime: dict, store: str, records: dict, identity: dict) -> int:
