@@ -701,15 +701,15 @@ def test_a_load_out_of_gpu_memory_says_what_was_tried_and_what_to_set(models: Pa
     over = assess(load_config(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24,), num_gpu=str(planned + 1))), whole=False)
     line = load_failure(over, cause, "builder logs --target host")
     assert line.startswith(
-        f"r1 did not load with num_gpu {planned + 1}: out of GPU memory. Fix: set model.parameters.num_gpu to {planned} (or auto): "
-        f"`builder plan` fits {planned} on the GPUs here (plan.gpu_memory_gib). The stack is left up for `builder logs --target host`. "
+        f"r1 did not load with num_gpu {planned + 1}: out of GPU memory. Fix: set model.parameters.num_gpu to {planned} (or auto), "
+        "what `builder plan` fits on the GPUs here. The stack is left up for `builder logs --target host`. "
         "ollama said: llama runner process has terminated: cudaMalloc failed"), line
     assert line.endswith("...") and "\n" not in line and len(line) < 700, line
 
     auto = assess(load_config(config_for(models, "DeepSeek-R1-UD-IQ1_M", (24,))), whole=False)
     line = load_failure(auto, cause, "builder logs")
-    assert line.startswith(f"r1 did not load with num_gpu {planned} (auto): out of GPU memory. Fix: the plan ({planned} layers for "
-                           "plan.gpu_memory_gib) did not fit here"), line
+    assert line.startswith(f"r1 did not load with num_gpu {planned} (auto): out of GPU memory. Fix: the plan ({planned} layers) "
+                           "did not fit here: something else took GPU memory since, or the plan is wrong"), line
     assert f"raise plan.margin_gib or set model.parameters.num_gpu below {planned}" in line
 
     assert load_failure(auto, "error loading model: bad magic", "builder logs") == (

@@ -159,6 +159,26 @@ class Run:
                 continue
         return found
 
+    def capture(self, title: str) -> dict:
+        """`builder status` (text and --json), nvidia-smi's per-process rows
+        (pid, gpu_uuid, used_memory) as builder reads them, and each runner's
+        /proc/PID/cmdline, for comparing status/up with the real GPU."""
+        _, text, _ = self.builder(f"status {title}", "status", "-c", str(self.cfg), "--target", "host")
+        _, js, _ = self.builder(f"status --json {title}", "status", "-c", str(self.cfg), "--target", "host", "--json")
+        apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,gpu_uuid,used_memory", "--format=csv,noheader,nounits"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True).stdout
+        runners = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if argv and argv[0].endswith(b"ollama_llama_server") or b"runner" in argv[1:2]:
+                    runners[pid] = " ".join(a.decode(errors="replace") for a in argv if a)
+        self.raw.write(f"\n===== nvidia-smi compute-apps {title}\n{apps}\n===== runner cmdlines {title}\n{json.dumps(runners, indent=1)}\n")
+        return {"status_text": text.strip().splitlines(), "status_json": js, "apps_raw": apps.strip().splitlines(), "runners": runners}
+
     # -- the card ------------------------------------------------------------
     def hold(self, card: float) -> dict:
         self.release()
@@ -249,6 +269,7 @@ gpus: [0]
                                       "--offline", "--from", str(self.work / "carried"))
         row["up_rc"], row["up_seconds"] = rc, round(secs, 1)
         row["up_tail"] = text.strip().splitlines()[-8:]
+        row_up_text = text
         code, ver, _ = self.api("/api/version")
         row["ollama_version"] = ver.get("version") if isinstance(ver, dict) else None
         row["serve_env"] = self.serve_env()
@@ -271,6 +292,8 @@ gpus: [0]
             row["generate_error"] = str(body)[:500]
         rc, text, _ = self.builder(f"status card {card:g} ctx {ctx}", "status", "-c", str(self.cfg), "--target", "host")
         row["status"] = [ln for ln in text.splitlines() if re.search(r"load|gpu|GPU|share|running|restarts", ln)][:8]
+        row["up_output"] = row_up_text.strip().splitlines()
+        row["capture"] = self.capture(f"card {card:g} ctx {ctx}")
         code, ps, _ = self.api("/api/ps")
         if isinstance(ps, dict) and ps.get("models"):
             m0 = ps["models"][0]
@@ -280,7 +303,9 @@ gpus: [0]
         # search upward from the plan
         probes = []
         start = row["planned"] if row["planned"] is not None else 0
-        if row["up_rc"] != 0:
+        if self.args.no_search:
+            probes.append({"num_gpu": start, "ok": row["up_rc"] == 0, "by": "up"})
+        elif row["up_rc"] != 0:
             # the plan did not load: walk down
             n = start
             while n >= 0 and self.time_left() > 75:
@@ -319,6 +344,8 @@ gpus: [0]
         time.sleep(3)
         rc2, text2, _ = self.builder("status after OOM", "status", "-c", str(self.cfg), "--target", "host")
         row["status_after"] = text2.strip().splitlines()[:12]
+        row["up_output_all"] = text.strip().splitlines()
+        row["capture"] = self.capture("after OOM")
         code, ver, _ = self.api("/api/version")
         row["serve_answers_after"] = code == 200
         row["log"] = [ln for ln in self.log_since(off, f"OOM case num_gpu {n}") if re.search(r"out of memory|alloc|error|offloaded|buffer size|terminated", ln, re.I)][-20:]
@@ -376,6 +403,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--gib-override", action="store_true", help="plan.gpu_memory_gib: [CARD] in the config")
     ap.add_argument("--oom-case", default=None, help="CARD:CTX")
     ap.add_argument("--blocks", type=int, default=14, help="the model make_r1_model.py wrote: WORK/models/r1-<blocks>b")
+    ap.add_argument("--no-search", action="store_true", help="no probes: the plan that `up` loaded counts as the largest that loads")
     ap.add_argument("--no-hold", action="store_true", help="no card emulation (a dry run)")
     ap.add_argument("--end-epoch", type=float, default=0, help="wall-clock end (epoch seconds); wins over --deadline")
     ap.add_argument("--deadline", type=float, default=3600, help="seconds from start; no new case or probe after")

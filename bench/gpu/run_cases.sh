@@ -36,8 +36,9 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # the live checkout's builder, unless it does not import (another engineer may be mid-edit):
 # then the last commit's, carried as .gpu/builder-head (git archive HEAD builder ...)
-if ! python3 -c 'import builder.cli, builder.targets.host, builder.preflight.report' 2>&1; then
-  echo "the checkout's builder does not import: using .gpu/builder-head (HEAD $(cat .gpu/builder-head/HEAD 2>/dev/null))"
+# (BENCH_USE_HEAD=1: always the carried copy, so edits in progress in the checkout play no part)
+if [ -n "${BENCH_USE_HEAD:-}" ] || ! python3 -c 'import builder.cli, builder.targets.host, builder.preflight.report' 2>&1; then
+  echo "using .gpu/builder-head (HEAD $(cat .gpu/builder-head/HEAD 2>/dev/null)), not the checkout's builder"
   export BENCH_BUILDER_ROOT=$PWD/.gpu/builder-head PYTHONPATH=/tmp/site:$PWD/.gpu/builder-head
 fi
 python3 -c 'import builder; print("builder", builder.__version__, builder.__file__)' || true

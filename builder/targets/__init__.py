@@ -129,10 +129,10 @@ def load_failure(preflight, cause: str, logs: str) -> str:
     else:
         planned = plan_for(config, preflight.facts.shape, list(preflight.gpu_memory)).num_gpu
         if auto or not isinstance(used, int) or used <= planned:
-            fix = (f"the plan ({planned} layers for {preflight.gpu_source}) did not fit here: something else took GPU memory "
-                   f"since, or the plan is wrong; raise plan.margin_gib or set model.parameters.num_gpu below {used}")
+            fix = (f"the plan ({planned} layers) did not fit here: something else took GPU memory since, or the plan is wrong "
+                   f"(`builder plan` shows what it planned from); raise plan.margin_gib or set model.parameters.num_gpu below {used}")
         else:
-            fix = f"set model.parameters.num_gpu to {planned} (or auto): `builder plan` fits {planned} on the GPUs here ({preflight.gpu_source})"
+            fix = f"set model.parameters.num_gpu to {planned} (or auto), what `builder plan` fits on the GPUs here"
     said = cause if len(cause) <= 300 else cause[:297] + "..."
     return f"{name} did not load{tried}: out of GPU memory. Fix: {fix}. The stack is left up for `{logs}`. ollama said: {said}"
 
