@@ -81,7 +81,9 @@ def test_a_restart_reads_nothing_from_the_share(project: HostProject, share: Pat
     assert f"merge: {merged} is up to date with its 3 shards; nothing to do" in again.stderr
     assert "load: tiny:latest loaded in " in again.stderr
     again_read = rclone_reads(mount) - read
-    assert again_read < MIB, f"a restart read {again_read} bytes from the share (the shards' headers are a few KiB)"
+    # rclone's count holds its FUSE requests (a few hundred bytes for the
+    # stats); the three shards' headers alone are about 80 KiB.
+    assert again_read < 4096, f"a restart read {again_read} bytes from the share: no file should be read, only stat()ed"
     assert post(f"{project.url}/api/generate", {"model": "tiny", "prompt": PROMPT, "stream": False,
                                                  "options": {"num_predict": 8}})["response"] == expected
 

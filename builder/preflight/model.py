@@ -1,7 +1,8 @@
 """The model's facts, read once from the shards' GGUF headers (never their
 tensor data): which files, how long, which architecture and tokenizer, the
 blocks and tensor sizes the planner needs. Every later check takes this
-value; nothing after it opens a shard again.
+value; nothing after it opens a shard again, and with a model cache that is
+up to date nothing opens one at all.
 """
 
 from __future__ import annotations
@@ -65,6 +66,26 @@ def shard_folder(config: Config, override: Path | None = None) -> Path | None:
     return None
 
 
+def _cached_header(config: Config, folder: Path, names: list[str], merged: Path) -> GGUFHeader | None:
+    """ollama 0.5.7 with a model cache: a merged file there whose merge record
+    still matches the shards (a stat of each: size and time) stands for them.
+    Its header is read from the cache and nothing from the model volume, so a
+    restart reads no byte of the shards. None when anything differs: then the
+    shards are read and checked as on a first deploy."""
+    from builder.supervisor.common import StepError
+    from builder.supervisor.gguf import check_file
+    from builder.supervisor.merge import shard_states, up_to_date
+
+    if not config.storage.model_cache or config.ollama_generation != LEGACY:
+        return None
+    try:
+        if not up_to_date(shard_states(str(folder), names), str(merged)):
+            return None
+        return check_file(str(merged), merged.stat().st_size)
+    except (StepError, GGUFError, OSError):
+        return None
+
+
 def _problem(config: Config, key: str, message: str) -> ConfigError:
     return ConfigError(Problem(key, message, None, config.source))
 
@@ -75,7 +96,9 @@ def read_model(config: Config, folder: Path | None = None, whole: bool = True) -
     split, exactly as the merge step checks them; without it (`plan` over
     header-only copies), only the headers are needed. Either way the model
     must be one the chosen ollama can load. None when the shards cannot be
-    read from here (NFS, no plan.shards_dir)."""
+    read from here (NFS, no plan.shards_dir). With a model cache whose merged
+    file still matches its record, that file's header stands for the shards
+    (_cached_header): a restart reads nothing from the model volume."""
     from builder.supervisor.common import StepError
     from builder.supervisor.gguf import check_file, read_header_file
     from builder.supervisor.loadable import NotLoadable, check_loadable
@@ -90,15 +113,20 @@ def read_model(config: Config, folder: Path | None = None, whole: bool = True) -
         listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise _problem(config, "model.shards", f"{len(missing)} of {len(names)} shard(s) missing in {folder}: {listed}; copy them there and run again")
     count = config.model.shards.count
+    merged = merged_here(config, folder)
+    cached = _cached_header(config, folder, names, merged) if whole and count else None
     try:
-        if whole and count:
+        if cached is not None:
+            headers = [cached]
+        elif whole and count:
             states = shard_states(str(folder), names)
             headers, _ = check_shards(str(folder), states, count)
         elif whole:
             headers = [check_file(str(folder / names[0]), (folder / names[0]).stat().st_size)]
         else:
             headers = [read_header_file(str(folder / name)) for name in names]
-        architecture = check_loadable([(str(folder / name), header) for name, header in zip(names, headers)], config.ollama_generation)
+        read = [(str(merged), cached)] if cached is not None else [(str(folder / name), header) for name, header in zip(names, headers)]
+        architecture = check_loadable(read, config.ollama_generation)
         shape = model_shape(headers)
     except StepError as exc:
         raise _problem(config, "model.shards", str(exc).removeprefix("merge: ")) from None
@@ -106,9 +134,8 @@ def read_model(config: Config, folder: Path | None = None, whole: bool = True) -
         raise _problem(config, "model.shards", f"{folder / names[0]} {exc}") from None
     except (NotLoadable, ValueError) as exc:
         raise _problem(config, "model.shards", str(exc)) from None
-    merged = merged_here(config, folder)
-    present = False
-    if whole and count and merged.is_file() and config.ollama_generation == LEGACY:  # 0.30+ never reads it
+    present = cached is not None
+    if whole and count and not present and merged.is_file() and config.ollama_generation == LEGACY:  # 0.30+ never reads it
         try:
             check_file(str(merged), merged.stat().st_size)
             present = True
