@@ -714,3 +714,14 @@ def test_a_load_out_of_gpu_memory_says_what_was_tried_and_what_to_set(models: Pa
 
     assert load_failure(auto, "error loading model: bad magic", "builder logs") == (
         "r1 did not load: error loading model: bad magic; the stack is left up for `builder logs`")
+
+
+def test_a_stack_without_gpus_is_planned_for_the_cpu(tmp_path: Path) -> None:
+    assert run_builder("init", "--preset", "tiny", cwd=tmp_path).returncode == 0  # gpus: none
+    assert run_builder("sample-model", cwd=tmp_path).returncode == 0
+    result = run_builder("plan", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].startswith("num_gpu 0 of 2 layers: no GPU, the model runs on the CPU; each layer's KV cache is "), lines
+    assert not any(line.startswith(("gpu ", "memory from")) for line in lines), lines
+    assert json.loads(run_builder("plan", "--json", cwd=tmp_path).stdout)["gpu_memory_source"] == "gpus: none"

@@ -82,7 +82,7 @@ def assess(config: Config, folder: Path | None = None, whole: bool = True, syste
             raise
         facts = None
     needs_gpus = (gpus_required or parameters.get("num_gpu") == "auto") and config.gpus.kind != "none" and facts is not None
-    memory, source = gpu_memory(config, required=needs_gpus, stores=local_stores(config)) if config.gpus.kind != "none" else ([], "")
+    memory, source = gpu_memory(config, required=needs_gpus, stores=local_stores(config)) if config.gpus.kind != "none" else ([], "gpus: none")
     config, reason = resolve_num_gpu(config, facts, memory, source)
     if facts is None:
         return Preflight(config, None, tuple(memory), source, notes=tuple(filter(None, [reason])))

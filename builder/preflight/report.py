@@ -63,7 +63,7 @@ class OffloadReport:
                 f"+ compute {gpu.compute / MIB:.0f} ({gpu.compute_point}) + CUDA {gpu.overhead / MIB:.0f} "
                 f"= peak {gpu.used / MIB:.0f} of {gpu.memory / MIB:.0f} MiB (CUDA{gpu.position})"
             )
-        out += [result.summary(), f"memory from {self.source}"] + ([self.caveat] if self.caveat else [])
+        out += [result.summary()] + ([f"memory from {self.source}"] if result.gpus else []) + ([self.caveat] if self.caveat else [])
         if self.ram:
             out += [f"ram     {self.ram}", f"ram     {self.ram_rule}"]
         out += list(self.read_lines)

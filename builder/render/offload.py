@@ -352,6 +352,9 @@ class OffloadPlan:
     split: tuple[int, ...] = ()  # ollama's --tensor-split, in CUDA order
 
     def summary(self) -> str:
+        if not self.gpus:
+            return (f"num_gpu 0 of {self.block_count} layers: no GPU, the model runs on the CPU; each layer's KV cache "
+                    f"is {self.kv_per_layer / MIB:.0f} MiB at num_ctx {self.num_ctx}" + (f" x {self.parallel} sequences" if self.parallel != 1 else ""))
         memory = " + ".join(f"{g.memory / GIB:.0f}" for g in self.gpus)
         used = [g for g in sorted(self.gpus, key=lambda g: g.position if g.position is not None else len(self.gpus)) if g.position is not None]
         where = ", ".join(f"{len(g.blocks)} on GPU {g.index}" for g in used) or "none on the GPUs"
