@@ -90,6 +90,8 @@ def test_host_target_serves_without_an_engine(project: HostProject) -> None:
     assert status["target"] == "host" and status["model_listed"] is True and status["loaded"]["size"] > 0
     assert status["services"]["serve"]["state"] == "running" and status["services"]["serve"]["restarts"] == 0
     assert status["services"]["merge"]["state"] == "done" and status["services"]["create"]["state"] == "done"
+    model_line = next(line for line in project.builder("status").stdout.splitlines() if line.startswith("model "))
+    assert model_line.startswith("model     loaded: ") and ", on the CPU (gpus: none), kept loaded" in model_line, model_line
     first = project.pid()
 
     again = project.builder("up")

@@ -48,8 +48,8 @@ def runner_gpu_memory(config: Config) -> int | None:
 
 
 def with_runner_memory(loaded: dict | None, config: Config) -> dict | None:
-    """An /api/ps entry with `gpu_held` (runner_gpu_memory) added."""
-    return loaded if loaded is None else dict(loaded, gpu_held=runner_gpu_memory(config))
+    """An /api/ps entry with `gpu_held` (runner_gpu_memory) and `cpu_only` (gpus: none) added."""
+    return loaded if loaded is None else dict(loaded, gpu_held=runner_gpu_memory(config), cpu_only=config.gpus.kind == "none")
 
 
 def status_lines(report: dict) -> list[str]:
@@ -77,8 +77,8 @@ def status_lines(report: dict) -> list[str]:
     loaded = report["loaded"]
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
-        out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {gpu_words(loaded.get('size_vram') or 0, share, loaded.get('gpu_held'))}, "
-                   f"{until_words(loaded.get('expires_at'))}")
+        where = "on the CPU (gpus: none)" if loaded.get("cpu_only") else gpu_words(loaded.get("size_vram") or 0, share, loaded.get("gpu_held"))
+        out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {where}, {until_words(loaded.get('expires_at'))}")
     elif report.get("load_failed"):
         out.append(f"model     not loaded: the supervisor's load failed: {report['load_failed']} (`builder logs` has the rest; "
                    "a request loads it again)")
