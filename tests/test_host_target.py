@@ -90,7 +90,9 @@ def test_host_target_serves_without_an_engine(project: HostProject) -> None:
     assert status["target"] == "host" and status["model_listed"] is True and status["loaded"]["size"] > 0
     assert status["services"]["serve"]["state"] == "running" and status["services"]["serve"]["restarts"] == 0
     assert status["services"]["merge"]["state"] == "done" and status["services"]["create"]["state"] == "done"
-    model_line = next(line for line in project.builder("status").stdout.splitlines() if line.startswith("model "))
+    lines = project.builder("status").stdout.splitlines()
+    assert lines[0] == f"prefix    {project.prefix} (no image: the host target runs without a container engine)", lines
+    model_line = next(line for line in lines if line.startswith("model "))
     assert model_line.startswith("model     loaded: ") and ", on the CPU (gpus: none), kept loaded" in model_line, model_line
     first = project.pid()
 

@@ -57,7 +57,10 @@ def status_lines(report: dict) -> list[str]:
     from builder.supervisor.common import human_bytes
 
     current = f", stale: {report['image_stale']}" if report["image_stale"] else ""
-    out = [f"image     {report['image']} ({report['image_id'] or 'not built'}{current})"]
+    if report.get("target") == "host":
+        out = [f"prefix    {report['prefix']} (no image: the host target runs without a container engine)"]
+    else:
+        out = [f"image     {report['image']} ({report['image_id'] or 'not built'}{current})"]
     for name, service in report["services"].items():
         state = service.get("state")
         extra = f", exit {service['exit_code']}" if state == "exited" else ""
