@@ -209,8 +209,16 @@ def test_curl_answers_with_a_key_401_without_and_403_for_a_store_change(stack: S
     assert not gin_lines(stack, "/api/delete") and not gin_lines(stack, "/api/copy"), "refused at the gate"
 
 
-def gate_lines_for(stack: Stack, text: str) -> list[str]:
-    return [line for line in stack.gate_log.read_text().splitlines() if text in line]
+def gate_lines_for(stack: Stack, text: str, wait: float = 5.0) -> list[str]:
+    """The gate's log lines holding `text`, waiting up to `wait` seconds for
+    one: the gate logs a request after answering it, and a client may have
+    exited before the line is written."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = [line for line in stack.gate_log.read_text().splitlines() if text in line]
+        if lines or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
 
 
 def test_openai_sdk_and_ollama_client_and_the_ollama_cli(stack: Stack) -> None:
