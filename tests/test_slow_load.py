@@ -129,7 +129,12 @@ def test_the_double_resets_its_load_timer_on_progress_and_aborts_when_the_client
     # A load that takes several load timeouts finishes: the timer is reset
     # while the runner reads.
     started = time.monotonic()
-    answer = httpx.post(f"{base}/api/generate", json={"model": "tiny"}, timeout=120, trust_env=False)
+    try:
+        answer = httpx.post(f"{base}/api/generate", json={"model": "tiny"}, timeout=120, trust_env=False)
+    except httpx.HTTPError as exc:  # seen once in CI (no answer at all): keep what ollama said
+        raise AssertionError(f"{exc!r} after {time.monotonic() - started:.1f} s; ollama serve "
+                             f"{'exited ' + str(server.returncode) if server.poll() is not None else 'still runs'}; "
+                             f"its log ends:\n{log.read_text()[-4000:]}") from exc
     took = time.monotonic() - started
     assert answer.status_code == 200, answer.text
     assert took > 2 * LOAD_TIMEOUT, f"the load took {took:.1f} s: the throttle did not slow it"

@@ -28,7 +28,7 @@
 #      beside the b4610 zip
 #   5. OUT/: the built payload, compressed, to bring back (lib-cpu.tar.xz,
 #      libggml-cuda.so.xz.part-*), and the build logs (logs.tar.gz)
-# BLOCKS (env): model blocks (default: 12 if WORK has 58 GiB free, else 10).
+# BLOCKS (env): model blocks (default by free space for create's 2x peak: 14 from 62 GiB, 12 from 53, 10 from 43, else 8).
 set -uo pipefail
 WORK=${1:?WORK dir}; OUT=${2:?OUT dir}
 REPO=$(pwd)
@@ -87,7 +87,7 @@ fi
 
 if [ -z "${BLOCKS:-}" ]; then
   free_g=$(df -BG --output=avail "$WORK" | tail -1 | tr -dc 0-9)
-  BLOCKS=$( [ "$free_g" -ge 58 ] && echo 12 || { [ "$free_g" -ge 44 ] && echo 10 || echo 8; } )
+  BLOCKS=$( [ "$free_g" -ge 62 ] && echo 14 || { [ "$free_g" -ge 53 ] && echo 12 || { [ "$free_g" -ge 43 ] && echo 10 || echo 8; }; } )
 fi
 echo "BLOCKS=$BLOCKS" > "$WORK/blocks"
 if [ ! -s "$WORK/models/r1-${BLOCKS}b/r1-${BLOCKS}b-00003-of-00003.gguf" ]; then
@@ -126,9 +126,9 @@ print("archive", dst, os.path.getsize(dst))
 PY
   cp .gpu/llama-b4610-bin-ubuntu-x64.zip "$WORK/carried/"
   say "archive assembled"
-  # bring back the payload (each file < 16 MiB)
-  [ -s .gpu/lib-cpu-local.tar.xz ] || tar -C "$WORK/dist" --exclude=./lib/ollama/cuda_v13 -cf - ./lib | xz -T0 -6 > "$OUT/lib-cpu.tar.xz"
-  xz -T0 -6 -c "$WORK/dist/lib/ollama/cuda_v13/libggml-cuda.so" | split -b 15m - "$OUT/libggml-cuda.so.xz.part-"
+  # bring back the payload (each file < 16 MiB); NO_PAYLOAD=1 (env) skips it
+  [ -n "${NO_PAYLOAD:-}" ] || [ -s .gpu/lib-cpu-local.tar.xz ] || tar -C "$WORK/dist" --exclude=./lib/ollama/cuda_v13 -cf - ./lib | xz -T0 -6 > "$OUT/lib-cpu.tar.xz"
+  [ -n "${NO_PAYLOAD:-}" ] || xz -T0 -6 -c "$WORK/dist/lib/ollama/cuda_v13/libggml-cuda.so" | split -b 15m - "$OUT/libggml-cuda.so.xz.part-"
   tar -C "$WORK" -czf "$OUT/logs.tar.gz" cfg-cuda.log cfg-cpu.log build-cuda.log build-cpu.log install-cpu.log cuda.done cpu.done 2>/dev/null
   ls -la "$OUT"
   say "payload packed"
