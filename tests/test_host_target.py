@@ -52,6 +52,23 @@ class HostProject:
     def builder(self, *args: str, timeout: int = 300):
         return run_builder(*args, cwd=self.root, env=self.env, timeout=timeout)
 
+    def use_current_ollama(self, carried: Path) -> Path:
+        """Switch the config to ollama 0.32.15 and carry its archive (the
+        double's) and llama.cpp's into `carried`, for `up --offline --from`."""
+        import yaml
+
+        from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
+        from tests.fixtures.ollama_release import ollama_release_tar_zst
+
+        config = self.root / "builder.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["ollama"] = {"version": "0.32.15"}
+        config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        carried.mkdir(exist_ok=True)
+        (carried / "ollama-linux-amd64.tar.zst").write_bytes(ollama_release_tar_zst("0.32.15"))
+        (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+        return carried
+
     def pid(self) -> int:
         return json.loads((self.prefix / "run" / "serve.pid").read_text())["pid"]
 

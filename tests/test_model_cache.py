@@ -200,18 +200,8 @@ def test_current_ollama_copies_the_shards_into_the_cache_once(project: HostProje
     from the share to the cache: each shard is read from the share once (an
     upload to ollama's store in the cache), ollama rewrites them there, and
     a restart reads nothing from the share."""
-    from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
-    from tests.fixtures.ollama_release import ollama_release_tar_zst
-
     cache = with_cache(project)
-    config = project.root / "builder.yaml"
-    data = yaml.safe_load(config.read_text())
-    data["ollama"] = {"version": "0.32.15"}
-    config.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-    carried = tmp_path / "carried"
-    carried.mkdir()
-    (carried / "ollama-linux-amd64.tar.zst").write_bytes(ollama_release_tar_zst("0.32.15"))
-    (carried / "llama-b4610-bin-ubuntu-x64.zip").write_bytes(llama_cpp_release_zip().read_bytes())
+    carried = project.use_current_ollama(tmp_path / "carried")
     before = tree(share)
     shards = sum(size for size, _ in before.values())
     mount = project.root / "models"

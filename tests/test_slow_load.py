@@ -340,3 +340,52 @@ def test_the_load_watch_reads_what_a_runner_reads(tmp_path: Path) -> None:
             server.wait()
             for child in loadwatch.children(server.pid):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_the_warm_up_leaves_a_reload_by_another_request_alone(tmp_path: Path) -> None:
+    """ollama 0.30+ lists a model in /api/ps only once its load is done
+    (server/sched.go:627 and 727). A request with other runner options makes
+    ollama load the model again; the supervisor must not take the unlisted
+    model for unloaded and load it a third time with the Modelfile's options
+    (on a GPU: another full read of the model, and the client's load undone)."""
+    from tests.engine.conftest import LLAMA_PATH, OLLAMA_PATH
+    from tests.fixtures.artifact_server import ArtifactServer
+    from tests.fixtures.llama_cpp_release import llama_cpp_release_zip
+    from tests.fixtures.ollama_release import ollama_release_tgz
+    from tests.test_host_target import HostProject
+
+    server = ArtifactServer(files={OLLAMA_PATH: ollama_release_tgz(), LLAMA_PATH: llama_cpp_release_zip().read_bytes()}).start()
+    project = HostProject(tmp_path, server)
+    carried = project.use_current_ollama(tmp_path / "carried")
+    big_model(tmp_path / "models" / "tiny")
+    store = tmp_path / "models" / "ollama"
+    try:
+        first = project.builder("up", "--offline", "--from", str(carried))
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert project.builder("down").returncode == 0
+        source = tmp_path / "blobs-source"
+        os.rename(store / "blobs", source)
+        serve_log = project.prefix / "run" / "serve.log"
+        before = len(serve_log.read_text())
+        with throttled(source, store / "blobs", RATE, tmp_path / "rclone.log"):
+            again = project.builder("up", "--offline", "--from", str(carried))
+            assert again.returncode == 0, again.stderr[-3000:]
+            # Another runner option: ollama stops the runner and loads the model again, through the throttle.
+            started = time.monotonic()
+            answer = httpx.post(f"{project.url}/api/generate", json={"model": "tiny", "prompt": "a", "stream": False,
+                                                                      "options": {"num_predict": 2, "num_ctx": 256}},
+                                timeout=120, trust_env=False)
+            took = time.monotonic() - started
+            assert answer.status_code == 200, answer.text
+            assert took > 6, f"the client's load took {took:.1f} s: the supervisor (polling every 5 s) may not have seen it"
+            log = serve_log.read_text()[before:]
+            assert "serve: tiny:latest is being loaded again by a request with other options; waiting for that load" in log, log[-3000:]
+            assert "is no longer loaded; loading it again" not in log, log[-3000:]
+            time.sleep(6)  # one more poll of the supervisor's, with the model listed again
+            log = serve_log.read_text()[before:]
+            assert log.count("serve: loading tiny:latest") == 1, "the supervisor loaded the model once, at its start"
+            status = json.loads(project.builder("status", "--json").stdout)
+            assert status["loaded"] is not None and status["load_failed"] is None, status
+    finally:
+        project.builder("down")
+        server.stop()

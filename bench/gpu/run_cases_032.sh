@@ -12,6 +12,9 @@
 # builder: .gpu/builder-head (git archive HEAD builder ...) when present, so
 # edits in progress in the checkout play no part; else the checkout's.
 # END_EPOCH (env): wall-clock end for run_cases_032.py.
+# WORK must be OUTSIDE the repository (e.g. /tmp/g32): the device's copy of the
+# work tree honours .gitignore but not .git/info/exclude, and a second call
+# found $PWD/g32 half-gone (no archive, a build folder ninja no longer knew).
 set -uo pipefail
 WORK=${1:?WORK}; OUT=${2:?OUT}; shift 2
 mkdir -p "$WORK" "$OUT"

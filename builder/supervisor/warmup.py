@@ -6,7 +6,9 @@ run out of memory) fails in front of the first user. The serve role runs a
 Warmer beside ollama: once ollama answers, it loads the model the documented
 way (`POST /api/generate` with the model and no prompt), records the outcome
 in a state file (`health --loaded` and `builder up` read it), and loads it
-again whenever ollama restarted or unloaded it. A failed load is not retried
+again whenever ollama restarted or unloaded it (not while another request
+is loading it again with other options: ollama 0.30+ does not list a model
+in /api/ps until its load is done, but its runner is there). A failed load is not retried
 until ollama itself restarts: the same request would fail the same way.
 
 The load request has no deadline of its own: OLLAMA_LOAD_TIMEOUT is a stall
@@ -140,6 +142,7 @@ class Warmer(threading.Thread):
 
     def run(self) -> None:
         tried = None  # the ollama generation a load was last tried in
+        reloading = False  # another request is loading the model again (said once)
         while not self.stop.is_set():
             current = self.generation()
             try:
@@ -153,13 +156,25 @@ class Warmer(threading.Thread):
             # ollama lists a model in /api/ps while it is still loading: only
             # an answered load request says it is loaded.
             if entry is not None and self.state.get("state") == "loaded":
+                reloading = False
                 self.stop.wait(POLL_SECONDS)
                 continue
             if self.state.get("state") == "failed" and tried == current:
                 self.stop.wait(POLL_SECONDS)
                 continue
             if self.state.get("state") == "loaded":
+                if self._runner_alive():
+                    # Unlisted, yet its runner lives: another request is loading
+                    # it again with other options (ollama 0.30+ lists a model
+                    # only once it is loaded). A second load would undo that
+                    # one and cost another full read of the model; wait for it.
+                    if not reloading:
+                        log(f"serve: {self.model} is being loaded again by a request with other options; waiting for that load")
+                    reloading = True
+                    self.stop.wait(POLL_SECONDS)
+                    continue
                 log(f"serve: {self.model} is no longer loaded; loading it again")
+            reloading = False
             tried = current
             self._load(current)
 
@@ -276,17 +291,43 @@ class Warmer(threading.Thread):
                 message += f" (HTTP {status}); {advice}"
                 return self._failed(message)
             return self._failed(f"{message} (HTTP {status})")
-        try:
-            entry = ps_entry(self.base, self.model)
-        except (OSError, ValueError):
-            entry = None
+        entry = self._listed_after_load()
         if entry is None:
+            if self.stop.is_set():
+                return
             return self._failed("ollama answered the load but does not list the model in /api/ps")
         if runner is None:
             runner = loadwatch.find_runner(self.server_pid())
         if runner is not None:
             read = max(read, loadwatch.bytes_read(runner))
         self._loaded(entry, time.monotonic() - started, runner, read)
+
+    def _listed_after_load(self) -> dict | None:
+        """The model's /api/ps entry once the load was answered. ollama 0.30+
+        lists a model only when its load is done, so a request with other
+        options that came in meanwhile (another num_gpu, say) may already be
+        loading it again: while a runner lives, wait for the listing rather
+        than call the load failed."""
+        while True:
+            try:
+                entry = ps_entry(self.base, self.model)
+            except (OSError, ValueError):
+                entry = None
+            if entry is not None or self.stop.is_set() or not self._runner_alive():
+                return entry
+            self.stop.wait(1.0)
+
+    def _runner_alive(self) -> bool:
+        """Whether a runner of ollama's runs this model (its --model is the
+        model's blob; any runner where the store is not known here)."""
+        runner = loadwatch.find_runner(self.server_pid())
+        if runner is None:
+            return False
+        blob = loadwatch.model_blob(self.store, self.model) if self.store else None
+        try:
+            return blob is None or os.path.samefile(runner.model, blob)
+        except OSError:
+            return False
 
     def _down(self) -> bool:
         try:

@@ -3130,9 +3130,12 @@ class Scheduler:
             self._reap()
 
     def loaded(self) -> list[Runner]:
-        """s.sched.loaded: loading runners too."""
+        """s.sched.loaded. v0.5.7 adds a runner before WaitUntilRunning, so a
+        loading one is listed; v0.32.15 adds it only after llama.Load returned
+        (server/sched.go:627 and 727), and llamaServerRunner.Load waits until
+        llama-server runs (llm/llama_server.go:1047-1050): not while loading."""
         with self.lock:
-            return [r for r in self.runners.values() if r.loading or r.alive()]
+            return [r for r in self.runners.values() if (r.loading and not CURRENT) or (not r.loading and r.alive())]
 
     def stop_all(self) -> None:
         with self.lock:
