@@ -82,3 +82,17 @@ def test_the_host_target_hands_ollama_the_machine_s_library_path(project: HostPr
     environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{servers[0]}/environ").read_bytes().split(b"\0") if b"=" in item)
     assert environ.get(b"LD_LIBRARY_PATH") == str(cuda).encode(), environ.get(b"LD_LIBRARY_PATH")
     assert b"BUILDER_OLLAMA_LD_LIBRARY_PATH" not in environ
+
+
+def test_ollama_s_gpu_figure_is_named_for_what_it_is() -> None:
+    """ollama 0.5.7's /api/ps size_vram is its estimate before the load;
+    0.30+'s is the buffers llama-server logged (seen on a real 0.32.15, an
+    H100: 20311.64 MiB = model + KV + compute, nvidia-smi 0.6 GiB more)."""
+    from builder.targets.common import gpu_words
+
+    gib = 1 << 30
+    assert gpu_words(8 * gib, "30%", 14 * gib) == "14.0 GiB held in GPU memory (nvidia-smi; ollama estimated 8.0 GiB, 30% of the model)"
+    assert gpu_words(20 * gib, "61%", 21 * gib, current=True) == \
+        "21.0 GiB held in GPU memory (nvidia-smi; llama-server's GPU buffers 20.0 GiB per ollama, 61% of its size)"
+    assert gpu_words(20 * gib, "61%", None, current=True) == "20.0 GiB (61%) in GPU memory (llama-server's buffers, per ollama)"
+    assert "estimate" not in gpu_words(20 * gib, "61%", None, current=True)

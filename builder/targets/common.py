@@ -302,22 +302,30 @@ def load_line(model: str, state: dict, elapsed: float) -> str:
 
 
 def describe_load(blueprint: Blueprint, load: Load) -> str:
-    from builder.supervisor.common import human_bytes
+    from builder.supervisor.common import CURRENT, human_bytes
 
     planned = dict(blueprint.config.model.parameters).get("num_gpu")
     share = f"{load.size_vram * 100 // load.size}%" if load.size else "0%"
-    where = f"{gpu_words(load.size_vram, share, load.gpu_held)}" + (f"; planned num_gpu {planned}" if planned is not None else "")
+    current = blueprint.config.ollama_generation == CURRENT
+    where = f"{gpu_words(load.size_vram, share, load.gpu_held, current)}" + (f"; planned num_gpu {planned}" if planned is not None else "")
     if blueprint.config.gpus.kind == "none":
         where = "on the CPU (gpus: none)"
     read = f"; {human_bytes(load.read)} read ({load.mode})" if load.mode else ""
     return f"{blueprint.config.model.name} loaded in {load.seconds:.1f} s: {human_bytes(load.size)}, {where}{read}"
 
 
-def gpu_words(size_vram: int, share: str, held: int | None) -> str:
-    """`14.5 GiB held in GPU memory (nvidia-smi; ollama estimated 8.6 GiB, 30%)`, or ollama's estimate alone."""
+def gpu_words(size_vram: int, share: str, held: int | None, current: bool = False) -> str:
+    """`14.5 GiB held in GPU memory (nvidia-smi; ollama estimated 8.6 GiB, 30%)`, or ollama's figure alone.
+    /api/ps's size_vram is ollama 0.5.7's estimate made before the load; ollama
+    0.30+ reports the GPU buffers llama-server logged (weights, KV cache and
+    compute buffer, without the CUDA context: seen on an H100, 2026-12-06)."""
     from builder.supervisor.common import human_bytes
 
+    figure = (f"llama-server's GPU buffers {human_bytes(size_vram)} per ollama, {share} of its size" if current
+              else f"ollama estimated {human_bytes(size_vram)}, {share} of the model")
     if held:
-        return f"{human_bytes(held)} held in GPU memory (nvidia-smi; ollama estimated {human_bytes(size_vram)}, {share} of the model)"
+        return f"{human_bytes(held)} held in GPU memory (nvidia-smi; {figure})"
+    if current:
+        return f"{human_bytes(size_vram)} ({share}) in GPU memory (llama-server's buffers, per ollama)"
     return f"{human_bytes(size_vram)} ({share}) in GPU memory (ollama's estimate)"
 

@@ -48,8 +48,12 @@ def runner_gpu_memory(config: Config) -> int | None:
 
 
 def with_runner_memory(loaded: dict | None, config: Config) -> dict | None:
-    """An /api/ps entry with `gpu_held` (runner_gpu_memory) and `cpu_only` (gpus: none) added."""
-    return loaded if loaded is None else dict(loaded, gpu_held=runner_gpu_memory(config), cpu_only=config.gpus.kind == "none")
+    """An /api/ps entry with `gpu_held` (runner_gpu_memory), `cpu_only` (gpus: none) and
+    `vram_measured` (ollama 0.30+: size_vram is llama-server's buffers, not an estimate) added."""
+    from builder.supervisor.common import CURRENT
+
+    return loaded if loaded is None else dict(loaded, gpu_held=runner_gpu_memory(config), cpu_only=config.gpus.kind == "none",
+                                              vram_measured=config.ollama_generation == CURRENT)
 
 
 def status_lines(report: dict) -> list[str]:
@@ -80,7 +84,7 @@ def status_lines(report: dict) -> list[str]:
     loaded = report["loaded"]
     if loaded:
         share = f"{loaded['size_vram'] * 100 // loaded['size']}%" if loaded.get("size") else "0%"
-        where = "on the CPU (gpus: none)" if loaded.get("cpu_only") else gpu_words(loaded.get("size_vram") or 0, share, loaded.get("gpu_held"))
+        where = "on the CPU (gpus: none)" if loaded.get("cpu_only") else gpu_words(loaded.get("size_vram") or 0, share, loaded.get("gpu_held"), bool(loaded.get("vram_measured")))
         out.append(f"model     loaded: {human_bytes(loaded['size'] or 0)}, {where}, {until_words(loaded.get('expires_at'))}")
     elif report.get("load_failed"):
         out.append(f"model     not loaded: the supervisor's load failed: {report['load_failed']} (`builder logs` has the rest; "
