@@ -88,8 +88,10 @@ def offload_report(preflight: Preflight, num_ctx: int | None) -> OffloadReport:
     limits.update({k: v for k, v in config.serve.env if k in limits})
     caveat = ""
     if config.ollama_generation == CURRENT:
-        caveat = (f"note    ollama {config.ollama.version} runs a newer llama-server, which splits the layers by the GPUs' free "
-                  "memory: planned with ollama 0.5.7's split and llama.cpp b4610's buffers (the same for equal GPUs; not measured)"
+        caveat = (f"note    ollama {config.ollama.version} runs a newer llama-server: planned with ollama 0.5.7's split and "
+                  "llama.cpp b4610's buffers, which err on the safe side there (on one H100 with 0.32.15 the plan loaded and so did "
+                  "one layer more: llama-server puts the output layer on the GPU first, so num_gpu N holds N-1 blocks and the "
+                  "head); with several GPUs it splits by their free memory (not measured)"
                   + ("" if "num_ctx" in dict(config.model.parameters) else f"; num_ctx is ollama's default for {sum(memory) / (1 << 30):.0f} GiB of GPUs: {result.num_ctx}"))
     ram = preflight.ram
     needed = None if ram is None or preflight.system is None else {
