@@ -8,8 +8,9 @@ way (`POST /api/generate` with the model and no prompt), records the outcome
 in a state file (`health --loaded` and `builder up` read it), and loads it
 again whenever ollama restarted or unloaded it (not while another request
 is loading it again with other options: ollama 0.30+ does not list a model
-in /api/ps until its load is done, but its runner is there). A failed load is not retried
-until ollama itself restarts: the same request would fail the same way.
+in /api/ps until its load is done, but its runner is there). A failed load
+is not retried until ollama itself restarts: the same request would fail
+the same way.
 
 The load request has no deadline of its own: OLLAMA_LOAD_TIMEOUT is a stall
 timer in ollama (reset while the load progresses), so ollama decides when a
@@ -153,8 +154,8 @@ class Warmer(threading.Thread):
             if current is None:
                 self.stop.wait(0.5)
                 continue
-            # ollama lists a model in /api/ps while it is still loading: only
-            # an answered load request says it is loaded.
+            # ollama 0.5.7 lists a model in /api/ps while it is still loading
+            # (0.30+ only once loaded): only an answered load request says it is loaded.
             if entry is not None and self.state.get("state") == "loaded":
                 reloading = False
                 self.stop.wait(POLL_SECONDS)
