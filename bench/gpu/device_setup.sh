@@ -28,19 +28,7 @@ df -h "$WORK" | tail -1
 grep -E 'MemTotal|MemAvailable|SwapFree' /proc/meminfo
 # Some of these VMs start with little RAM and grow it as it is used (H200.md): ollama 0.5.7
 # and builder both compare the CPU part of the model with MemAvailable, so grow it first.
-python3 - <<'PY'
-import numpy as np
-def mem():
-    d = dict((l.split(':')[0], int(l.split()[1]) >> 20) for l in open('/proc/meminfo'))
-    return d['MemTotal'], d['MemAvailable']
-total, avail = mem()
-held = []
-while total < 100 and avail > 6 and len(held) < 30:
-    held.append(np.ones(4 << 30, dtype=np.uint8))
-    total, avail = mem()
-del held
-print(f"RAM: MemTotal {mem()[0]} GiB, MemAvailable {mem()[1]} GiB")
-PY
+python3 bench/gpu/grow_ram.py
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 
